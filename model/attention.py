@@ -1,0 +1,140 @@
+"""Attention: one module covers MHA, GQA and MQA (through n_kv_heads), with optional
+QK-norm, biases, sliding window, ALiBi and logit soft-capping.
+
+MLA and linear attention live in their own files (model/mla.py, model/linear_attention.py)
+and follow the same call signature.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.config import ModelConfig
+from model.norms import RMSNorm
+from model.positions import apply_rotary
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """Head slopes m_h of ALiBi (Press et al. 2022): a geometric sequence 2^(-8h/n).
+
+    For a head count that is not a power of two, take the slopes of the closest lower power
+    of two and interleave every other slope of the next one (the paper's recipe).
+    """
+
+    def powers(n: int) -> list[float]:
+        start = 2 ** (-8 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    closest = 2 ** math.floor(math.log2(n_heads))
+    slopes = powers(closest)
+    if closest < n_heads:
+        slopes += powers(2 * closest)[0::2][: n_heads - closest]
+    return torch.tensor(slopes)
+
+
+class AttnMask:
+    """Masks for one forward, built once and shared by every layer.
+
+    Query i may see key j when k_pos[j] <= q_pos[i], the key is valid (not padding) and,
+    with a sliding window W, q_pos[i] - k_pos[j] < W. When nothing but plain causality
+    applies, ``get`` returns (None, True) so SDPA takes its fused causal path.
+    """
+
+    def __init__(self, q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: Optional[torch.Tensor]):
+        self.q_pos, self.k_pos, self.k_valid = q_pos, k_pos, k_valid
+        T, Tk = q_pos.shape[1], k_pos.shape[1]
+        self.plain_causal = k_valid is None and T == Tk
+        self.plain_full = k_valid is None and T == 1  # one new token sees every cached key
+        self._cache: dict[Optional[int], torch.Tensor] = {}
+
+    def dist(self) -> torch.Tensor:
+        # (B, 1, Tq, Tk): how far each key lies behind each query
+        return (self.q_pos[:, :, None] - self.k_pos[:, None, :])[:, None]
+
+    def get(self, window: Optional[int]) -> tuple[Optional[torch.Tensor], bool]:
+        if window is None and self.plain_causal:
+            return None, True
+        if window is None and self.plain_full:
+            return None, False
+        if window not in self._cache:
+            d = self.dist()
+            allowed = d >= 0
+            if window is not None:
+                allowed = allowed & (d < window)
+            if self.k_valid is not None:
+                allowed = allowed & self.k_valid[:, None, None, :]
+            self._cache[window] = allowed
+        return self._cache[window], False
+
+    def bool_mask(self, window: Optional[int]) -> torch.Tensor:
+        """Always an explicit (B, 1, Tq, Tk) boolean mask (for paths that cannot use is_causal)."""
+        mask, _ = self.get(window)
+        if mask is not None:
+            return mask
+        d = self.dist()
+        return d >= 0
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.window = cfg.layer_window(layer)
+        self.softcap = cfg.attn_logit_softcap
+        self.dropout = cfg.dropout
+        scalar = cfg.query_pre_attn_scalar or cfg.head_dim
+        self.scale = scalar**-0.5
+        q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, q_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q_dim, cfg.d_model, bias=cfg.attn_out_bias)
+        if cfg.qk_norm:  # per-head RMSNorm on q and k (Qwen3, Gemma-3)
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_unit_offset)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_unit_offset)
+        else:
+            self.q_norm = self.k_norm = None
+        if cfg.pos_emb == "alibi":
+            self.register_buffer("alibi", alibi_slopes(cfg.n_heads), persistent=False)
+        else:
+            self.alibi = None
+
+    def forward(self, x, rope, mask: AttnMask, cache=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, Hkv, Tk, D)
+        y = self.attend(q, k, v, mask)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def attend(self, q, k, v, mask: AttnMask) -> torch.Tensor:
+        dropout = self.dropout if self.training else 0.0
+        if self.softcap is None and self.alibi is None:
+            m, causal = mask.get(self.window)
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=m, is_causal=causal, dropout_p=dropout, scale=self.scale, enable_gqa=True
+            )
+        # Explicit path: ALiBi adds -m_h * distance, Gemma-2 soft-caps the logits (tanh),
+        # neither of which SDPA's fused kernels expose.
+        groups = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = (q @ k.transpose(-2, -1)).float() * self.scale  # (B, H, Tq, Tk)
+        if self.softcap is not None:
+            scores = self.softcap * torch.tanh(scores / self.softcap)
+        if self.alibi is not None:
+            scores = scores - self.alibi.view(1, -1, 1, 1) * mask.dist().float()
+        scores = scores.masked_fill(~mask.bool_mask(self.window), float("-inf"))
+        probs = F.dropout(scores.softmax(-1), dropout, self.training).type_as(q)
+        return probs @ v

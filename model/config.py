@@ -1,0 +1,144 @@
+"""ModelConfig: the one description of an architecture.
+
+A named architecture (Llama-3, Qwen3, Mistral, Gemma, GPT-2, DeepSeek-V3) is a set of
+values for this dataclass, not a new class. Derived sizes (head_dim, d_ff, n_kv_heads)
+are computed in ``__post_init__`` so recipes name only what they choose.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional
+
+from utils.errors import UserError
+
+NORMS = ("rmsnorm", "layernorm")
+FFNS = ("swiglu", "geglu", "gelu_mlp", "moe")
+POSITIONS = ("rope", "learned", "alibi", "none")
+ATTENTIONS = ("standard", "mla", "linear")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+
+
+@dataclass
+class ModelConfig:
+    # sizes
+    vocab_size: int = 4096
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None -> n_heads (MHA); 1 -> MQA; between -> GQA
+    head_dim: Optional[int] = None  # None -> d_model // n_heads
+    d_ff: Optional[int] = None  # None -> 4*d_model (MLP) or 8/3*d_model rounded (gated)
+    max_seq_len: int = 512
+    # parts
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    norm_unit_offset: bool = False  # Gemma: weight stored as w, applied as (1 + w)
+    ffn: str = "swiglu"
+    activation: str = "silu"
+    attention: str = "standard"
+    pos_emb: str = "rope"
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # e.g. {"type": "yarn", "factor": 4.0, "original_max_seq_len": 512}
+    partial_rotary: float = 1.0  # fraction of head_dim that is rotated
+    sliding_window: Optional[int] = None  # tokens each query sees (incl. itself)
+    sliding_window_pattern: int = 1  # every k-th layer is global (Gemma alternates); 1 -> all windowed
+    qk_norm: bool = False  # Qwen3 / Gemma-3: RMSNorm on q and k per head
+    qkv_bias: bool = False  # Qwen2 / GPT-2
+    attn_out_bias: bool = False
+    mlp_bias: bool = False
+    norm_bias: bool = True  # only used by LayerNorm
+    tie_embeddings: bool = False
+    embed_scale: bool = False  # Gemma: multiply embeddings by sqrt(d_model)
+    post_norms: bool = False  # Gemma-2/3: extra norm after attention and after FFN
+    attn_logit_softcap: Optional[float] = None
+    final_logit_softcap: Optional[float] = None
+    query_pre_attn_scalar: Optional[float] = None  # attention scale = this ** -0.5 when set
+    dropout: float = 0.0
+    init_std: float = 0.02
+    # MoE (DeepSeekMoE)
+    moe: Optional[dict] = None
+    # MLA (DeepSeek-V2/V3)
+    mla: Optional[dict] = None
+    extra: dict = field(default_factory=dict)  # free-form notes (e.g. source of published dims)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise UserError(
+                    f"model: d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                    "choose sizes that divide, or set head_dim explicitly."
+                )
+            self.head_dim = self.d_model // self.n_heads
+        if self.d_ff is None:
+            if self.ffn in ("swiglu", "geglu"):
+                # 2/3 of 4*d keeps the parameter count of a 4*d MLP; round up to 64 (Llama).
+                self.d_ff = 64 * ((int(8 * self.d_model / 3) + 63) // 64)
+            else:
+                self.d_ff = 4 * self.d_model
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(msg: str) -> None:
+            raise UserError(f"model: {msg}")
+
+        for name, value, allowed in (
+            ("norm", self.norm, NORMS),
+            ("ffn", self.ffn, FFNS),
+            ("pos_emb", self.pos_emb, POSITIONS),
+            ("attention", self.attention, ATTENTIONS),
+            ("activation", self.activation, ACTIVATIONS),
+        ):
+            if value not in allowed:
+                bad(f"{name}={value!r} is not one of {', '.join(allowed)}.")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                bad(f"{name} must be positive, got {getattr(self, name)}.")
+        if self.n_heads % self.n_kv_heads:
+            bad(
+                f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; "
+                "each KV head must serve a whole group of query heads (GQA)."
+            )
+        if self.pos_emb == "rope" and self.rotary_dim % 2:
+            bad(f"the rotated part of head_dim ({self.rotary_dim}) must be even for RoPE.")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            bad(f"sliding_window must be positive or null, got {self.sliding_window}.")
+        if self.attention == "mla":
+            if self.mla is None:
+                bad("attention='mla' needs an 'mla' block (q_lora_rank, kv_lora_rank, qk_rope_head_dim, ...).")
+            if self.pos_emb == "alibi":
+                bad("MLA uses decoupled RoPE keys; it cannot be combined with pos_emb='alibi'.")
+        if self.ffn == "moe":
+            if self.moe is None:
+                bad("ffn='moe' needs a 'moe' block (n_routed_experts, n_experts_per_tok, ...).")
+            n_exp, k = self.moe.get("n_routed_experts", 0), self.moe.get("n_experts_per_tok", 0)
+            if not (0 < k <= n_exp):
+                bad(f"MoE top-k n_experts_per_tok={k} must be between 1 and n_routed_experts={n_exp}.")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("type")
+            if kind not in ("linear", "yarn", "llama3"):
+                bad(f"rope_scaling.type={kind!r} is not one of linear, yarn, llama3.")
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary)
+
+    def layer_window(self, layer: int) -> Optional[int]:
+        """Sliding window of one layer; with pattern k, every k-th layer (1-based) is global."""
+        if self.sliding_window is None:
+            return None
+        if self.sliding_window_pattern > 1 and (layer + 1) % self.sliding_window_pattern == 0:
+            return None
+        return self.sliding_window
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"model config has unknown keys {unknown}; known keys: {sorted(known)}.")
+        return cls(**d)

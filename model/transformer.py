@@ -1,0 +1,140 @@
+"""The one decoder-only Transformer. Every architecture is a ModelConfig.
+
+Reading order: Block (norm -> attention -> residual, norm -> FFN -> residual), then
+Transformer (embed -> blocks -> norm -> head).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from model.attention import Attention, AttnMask
+from model.config import ModelConfig
+from model.ffn import make_ffn
+from model.norms import make_norm
+from model.positions import Rotary
+
+
+def make_attention(cfg: ModelConfig, layer: int) -> nn.Module:
+    if cfg.attention == "mla":
+        from model.mla import MLAttention
+
+        return MLAttention(cfg, layer)
+    if cfg.attention == "linear":
+        from model.linear_attention import LinearAttention
+
+        return LinearAttention(cfg, layer)
+    return Attention(cfg, layer)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block; with ``post_norms`` (Gemma-2/3) each sublayer's output is
+    normalised again before it joins the residual stream."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = make_attention(cfg, layer)
+        self.ffn_norm = make_norm(cfg)
+        self.ffn = make_ffn(cfg, layer)
+        if cfg.post_norms:
+            self.attn_post_norm, self.ffn_post_norm = make_norm(cfg), make_norm(cfg)
+        else:
+            self.attn_post_norm = self.ffn_post_norm = None
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, mask: AttnMask, cache=None) -> torch.Tensor:
+        h = self.attn(self.attn_norm(x), rope, mask, cache)
+        if self.attn_post_norm is not None:
+            h = self.attn_post_norm(h)
+        x = x + self.drop(h)
+        h = self.ffn(self.ffn_norm(x))
+        if self.ffn_post_norm is not None:
+            h = self.ffn_post_norm(h)
+        return x + self.drop(h)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos_emb == "learned" else None
+        self.rotary = Rotary(cfg) if cfg.pos_emb == "rope" or cfg.attention == "mla" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                # GPT-2: residual projections scaled by 1/sqrt(2 * n_layers) so the stream's
+                # variance does not grow with depth.
+                scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
+                nn.init.normal_(p, mean=0.0, std=std * scale)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+        for m in self.modules():
+            if hasattr(m, "reset_extra_parameters"):
+                m.reset_extra_parameters()
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        positions: Optional[torch.Tensor] = None,
+        cache=None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, vocab) (or final hidden states (B, T, d_model)).
+
+        ``positions`` (B, T) defaults to 0..T-1 after whatever the cache already holds.
+        With a cache, the new keys/values are appended and the cache advances by T.
+        """
+        B, T = idx.shape
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
+        if cache is not None:
+            k_pos, k_valid = cache.key_positions(positions)
+        else:
+            k_pos, k_valid = positions, None
+        mask = AttnMask(positions, k_pos, k_valid)
+
+        x = self.embed(idx)
+        if self.cfg.embed_scale:  # Gemma scales by sqrt(d) in the activation dtype
+            x = x * torch.tensor(self.cfg.d_model**0.5, dtype=x.dtype)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        x = self.drop(x)
+        rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
+        for block in self.layers:
+            x = block(x, rope, mask, cache)
+        if cache is not None:
+            cache.advance(T)
+        x = self.norm(x)
+        if return_hidden:
+            return x
+        return self.logits(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden)
+        cap = self.cfg.final_logit_softcap
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed.weight.numel()
+            if self.pos_embed is not None:
+                n -= self.pos_embed.weight.numel()
+        return n
