@@ -72,3 +72,19 @@ def test_round_trip_from_hf(name):
     again.load_state_dict(back_state)
     for k, v in ours.state_dict().items():
         assert torch.equal(v, again.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("name", ["llama3", "gpt2", "qwen3"])
+def test_export_hf_loads_with_auto_model(tmp_path, name):
+    from model.hf_interop import export_hf, load_hf_dir
+
+    cfg = CONFIGS[name]
+    ours = Transformer(cfg).eval()
+    randomize(ours)
+    export_hf(ours, tmp_path / "hf")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    idx = torch.randint(0, cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+        assert (ours(idx) - theirs(idx).logits).abs().max().item() <= 1e-4
+    state, back_cfg = load_hf_dir(tmp_path / "hf")
+    assert back_cfg == cfg

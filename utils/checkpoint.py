@@ -1,0 +1,201 @@
+"""Checkpoints: safe, self-describing, portable.
+
+A checkpoint is a directory that the next stage rebuilds from alone:
+
+    model.safetensors     weights (tied lm_head stored once, as the embedding)
+    model_config.json     the ModelConfig
+    recipe.yaml           the stage recipe that produced it (optional)
+    train_state.pt        optimizer / scheduler / RNG / data position (optional), read with weights_only=True
+    meta.json             step, tokens seen, kind ("model" or "adapter"), free-form extras
+    tokenizer.json        copied beside the weights (optional)
+
+It is written into a temporary sibling directory and renamed, so a crash mid-write never
+leaves a half checkpoint that later loads. A run directory keeps the last K checkpoints as
+``step_00000100/`` and a ``latest`` file naming the newest complete one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from model.config import ModelConfig
+from utils.errors import UserError
+from utils.fs import atomic_dir, atomic_file
+
+WEIGHTS, MODEL_CONFIG, RECIPE, TRAIN_STATE, META, TOKENIZER = (
+    "model.safetensors", "model_config.json", "recipe.yaml", "train_state.pt", "meta.json", "tokenizer.json",
+)
+
+
+def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with shared tensors stored once (safetensors refuses aliases)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    *,
+    recipe: Any = None,
+    train_state: Optional[dict] = None,
+    meta: Optional[dict] = None,
+    tokenizer_path: Optional[str | os.PathLike] = None,
+    weights: Optional[dict[str, torch.Tensor]] = None,
+) -> Path:
+    """Write a checkpoint directory atomically. ``weights`` overrides the model's state
+    (e.g. LoRA adapters only); ``model.cfg`` is always stored."""
+    from safetensors.torch import save_file
+
+    from utils.config import save_yaml
+
+    path = Path(path)
+    state = weights if weights is not None else model_state_for_saving(model)
+    with atomic_dir(path) as tmp:
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / MODEL_CONFIG).write_text(json.dumps(model.cfg.to_dict(), indent=2))
+        if recipe is not None:
+            save_yaml(recipe, tmp / RECIPE)
+        if train_state is not None:
+            torch.save(train_state, tmp / TRAIN_STATE)
+        (tmp / META).write_text(json.dumps({"kind": "model", **(meta or {})}, indent=2, default=str))
+        if tokenizer_path is not None and Path(tokenizer_path).is_file():
+            shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
+    return path
+
+
+def _require_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise UserError(f"checkpoint {str(path)!r} does not exist; point at a directory written by a training stage.")
+    for name in (WEIGHTS, MODEL_CONFIG):
+        if not (path / name).is_file():
+            raise UserError(f"checkpoint {str(path)!r} has no {name}; it is incomplete or not a checkpoint directory.")
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    return json.loads((path / META).read_text()) if (path / META).is_file() else {}
+
+
+def load_model_config(path: str | os.PathLike) -> ModelConfig:
+    path = Path(path)
+    _require_dir(path)
+    try:
+        return ModelConfig.from_dict(json.loads((path / MODEL_CONFIG).read_text()))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path / MODEL_CONFIG} is not valid JSON ({err}); the checkpoint is damaged.") from None
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = Path(path) / WEIGHTS
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(
+            f"{file} cannot be read ({err}); the file is truncated or damaged. "
+            "Use an earlier checkpoint or re-run the stage that wrote it."
+        ) from None
+
+
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load weights with a clear error when they belong to another architecture."""
+    own = model.state_dict()
+    tied = getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings
+    missing = [k for k in own if k not in state and not (tied and k == "lm_head.weight")]
+    unexpected = [k for k in state if k not in own]
+    wrong_shape = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}")
+        if wrong_shape:
+            parts.append(f"shape mismatch {wrong_shape[:3]}")
+        raise UserError(
+            f"weights in {source} do not fit this model ({'; '.join(parts)}). "
+            "The checkpoint was written for a different architecture; check the recipe's model section "
+            "or point at a checkpoint of the same model."
+        )
+    model.load_state_dict(state, strict=False)
+    if tied:
+        model.lm_head.weight = model.embed.weight
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None):
+    """Rebuild the Transformer of a checkpoint from its directory alone."""
+    from model.transformer import Transformer
+
+    path = Path(path)
+    cfg = load_model_config(path)
+    if read_meta(path).get("kind") == "adapter":
+        raise UserError(f"{path} holds LoRA adapters only; load its base model and apply the adapter (finetune.lora).")
+    state = load_weights(path)
+    model = Transformer(cfg)
+    load_into(model, state, str(path))
+    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+
+
+def load_train_state(path: str | os.PathLike) -> Optional[dict]:
+    file = Path(path) / TRAIN_STATE
+    if not file.is_file():
+        return None
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # a damaged pickle raises many types; all mean the same to the user
+        raise UserError(f"{file} cannot be read ({type(err).__name__}: {err}); the checkpoint is damaged.") from None
+
+
+# ----------------------------------------------------------------------------- run directories
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointManager:
+    """Keeps ``run_dir/step_XXXXXXXX`` checkpoints, the last ``keep_last`` of them, and a
+    ``latest`` file that is only updated after a checkpoint is complete."""
+
+    def __init__(self, run_dir: str | os.PathLike, keep_last: int = 3):
+        self.run_dir = Path(run_dir)
+        self.keep_last = keep_last
+
+    def path_for(self, step: int) -> Path:
+        return self.run_dir / f"step_{step:08d}"
+
+    def save(self, step: int, model: torch.nn.Module, **kwargs) -> Path:
+        path = save_checkpoint(self.path_for(step), model, meta={"step": step, **kwargs.pop("meta", {})}, **kwargs)
+        with atomic_file(self.run_dir / "latest") as f:
+            f.write(path.name + "\n")
+        self._prune()
+        return path
+
+    def latest(self) -> Optional[Path]:
+        marker = self.run_dir / "latest"
+        if marker.is_file():
+            candidate = self.run_dir / marker.read_text().strip()
+            if (candidate / WEIGHTS).is_file():
+                return candidate
+        steps = self.steps()
+        return self.path_for(steps[-1]) if steps else None
+
+    def steps(self) -> list[int]:
+        if not self.run_dir.is_dir():
+            return []
+        found = [int(m.group(1)) for p in self.run_dir.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / WEIGHTS).is_file()]
+        return sorted(found)
+
+    def _prune(self) -> None:
+        for step in self.steps()[: -self.keep_last] if self.keep_last > 0 else []:
+            shutil.rmtree(self.path_for(step), ignore_errors=True)

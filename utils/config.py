@@ -1,0 +1,240 @@
+"""Recipes: YAML files mapped onto typed dataclasses, validated before any work starts.
+
+    cfg = load_config(PretrainConfig, "configs/.../0_pretrain.yaml", ["optim.lr=3e-4"])
+
+Every problem (unknown key, wrong type, missing required key, missing file) is collected
+and reported at once, each line naming the file, the dotted key and what was expected,
+with the closest valid key for a typo. Overrides use the same dotted keys and YAML values.
+A field whose metadata says ``{"path": "file"}`` or ``{"path": "dir"}`` must exist on disk;
+``{"path": "file?"}`` may be empty (None or "").
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Optional, Sequence, TypeVar, Union
+
+import yaml
+
+from utils.errors import UserError
+
+T = TypeVar("T")
+
+
+def _closest(name: str, options: Sequence[str]) -> str:
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return repr(tp).replace("typing.", "")
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+class _Builder:
+    """Turns a nested dict into a nested dataclass, collecting every problem."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.problems: list[str] = []
+
+    def fail(self, key: str, msg: str) -> None:
+        self.problems.append(f"{self.source}: {key}: {msg}")
+
+    def build(self, cls: type, data: Any, key: str) -> Any:
+        if not isinstance(data, dict):
+            self.fail(key or "<top>", f"expected a mapping of keys for {cls.__name__}, got {type(data).__name__}")
+            return None
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        kwargs = {}
+        for name, value in data.items():
+            sub = f"{key}.{name}" if key else str(name)
+            if name not in fields:
+                self.fail(sub, f"unknown key{_closest(str(name), fields)}; valid keys here: {', '.join(fields)}")
+                continue
+            kwargs[name] = self.convert(hints[name], value, sub, fields[name])
+        for name, f in fields.items():
+            missing_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if missing_default and name not in data:
+                self.fail(f"{key}.{name}" if key else name, f"required key is missing ({_type_name(hints[name])})")
+        if self.problems:
+            return None
+        try:
+            return cls(**kwargs)
+        except UserError as err:
+            self.fail(key or "<top>", str(err))
+        except (TypeError, ValueError) as err:
+            self.fail(key or "<top>", str(err))
+        return None
+
+    def convert(self, tp: Any, value: Any, key: str, f: Optional[dataclasses.Field] = None) -> Any:
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if origin in (Union, types.UnionType):
+            if value is None and type(None) in args:
+                return None
+            non_none = [a for a in args if a is not type(None)]
+            if len(non_none) == 1:
+                return self.convert(non_none[0], value, key, f)
+            for a in non_none:  # first arm that accepts the value without complaint
+                probe = _Builder(self.source)
+                out = probe.convert(a, value, key, f)
+                if not probe.problems:
+                    return out
+            self.fail(key, f"expected {_type_name(tp)}, got {value!r}")
+            return None
+        if origin is typing.Literal:
+            if value not in args:
+                self.fail(key, f"expected one of {', '.join(map(repr, args))}, got {value!r}{_closest(str(value), [str(a) for a in args])}")
+            return value
+        if dataclasses.is_dataclass(tp):
+            return self.build(tp, value, key)
+        if origin in (list, tuple, Sequence) or tp in (list, tuple):
+            if not isinstance(value, (list, tuple)):
+                self.fail(key, f"expected a list, got {value!r}")
+                return None
+            item = args[0] if args else Any
+            return [self.convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        if origin is dict or tp is dict:
+            if not isinstance(value, dict):
+                self.fail(key, f"expected a mapping, got {value!r}")
+            return value
+        if tp is Any:
+            return value
+        value = self.scalar(tp, value, key)
+        if f is not None and value is not None and f.metadata.get("path"):
+            self.check_path(f.metadata["path"], value, key)
+        return value
+
+    def scalar(self, tp: Any, value: Any, key: str) -> Any:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+        elif tp is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        elif tp is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+        elif tp is str:
+            if isinstance(value, str):
+                return value
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+        else:
+            return value
+        self.fail(key, f"expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        return None
+
+    def check_path(self, kind: str, value: str, key: str) -> None:
+        optional = kind.endswith("?")
+        kind = kind.rstrip("?")
+        if optional and value in ("", None):
+            return
+        p = Path(value)
+        if kind == "file" and not p.is_file():
+            self.fail(key, f"file {value!r} does not exist")
+        elif kind == "dir" and not p.is_dir():
+            self.fail(key, f"directory {value!r} does not exist")
+
+
+def config_from_dict(cls: type[T], data: dict, source: str = "<dict>") -> T:
+    builder = _Builder(source)
+    cfg = builder.build(cls, data, "")
+    if builder.problems:
+        raise UserError(f"invalid recipe ({len(builder.problems)} problem(s)):\n  " + "\n  ".join(builder.problems))
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise UserError(f"override {text!r} must look like key.sub=value (e.g. optim.lr=3e-4).")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                raise UserError(f"override {text!r}: {part!r} is not a mapping in the recipe.")
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe {str(path)!r} does not exist; pass --config_path pointing at a YAML file under configs/.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"recipe {str(path)!r} is not valid YAML{where}: {getattr(err, 'problem', err)}.") from None
+    except UnicodeDecodeError:
+        raise UserError(f"recipe {str(path)!r} is not UTF-8 text.") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"recipe {str(path)!r} must be a mapping of keys at the top, got {type(data).__name__}.")
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None, overrides: Sequence[str] = ()) -> T:
+    """Read a YAML recipe (or start empty when path is None), apply overrides, validate."""
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides)
+    return config_from_dict(cls, data, source=str(path) if path else "<command line>")
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_yaml(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg, sort_keys=False))
+
+
+def parse_args(cls: type[T], description: str = "", argv: Optional[Sequence[str]] = None, add_args=None) -> tuple[T, argparse.Namespace]:
+    """The command line every stage script shares.
+
+    ``--config_path recipe.yaml`` plus overrides, either ``--set optim.lr=3e-4`` (repeatable)
+    or bare ``optim.lr=3e-4`` words. ``add_args(parser)`` may add script-specific flags.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config_path", help="YAML recipe")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    if add_args is not None:
+        add_args(parser)
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    unknown = [r for r in rest if "=" not in r or r.startswith("-")]
+    if unknown:
+        raise UserError(f"unknown command-line argument(s) {unknown}; overrides look like key.sub=value or --set key.sub=value.")
+    cfg = load_config(cls, args.config_path, list(args.sets) + list(rest))
+    return cfg, args
