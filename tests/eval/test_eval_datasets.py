@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import eval.datasets as ds
+import eval.data as ds
 from utils.errors import UserError
 
 GSM = [{"question": "Tom has 3 apples and buys 2. How many?", "answer": "3+2=5\n#### 5"},
@@ -174,15 +174,3 @@ def test_hf_path_names_the_real_sets_and_maps_records(monkeypatch):
     assert dev[0]["answer"] == 3 and len(test) == 3
     assert ds.load_humaneval("hf", limit=1) == HE
     assert all(streaming for *_, streaming in calls)
-
-
-def test_real_hf_datasets_is_imported_even_with_eval_dir_on_sys_path():
-    # `python eval/gsm8k.py` puts eval/ first on sys.path, where eval/datasets.py
-    # would shadow HF's `datasets` for a plain import.
-    repo = Path(ds.__file__).resolve().parents[1]
-    code = (f"import sys; sys.path[:0] = [{str(repo / 'eval')!r}, {str(repo)!r}]\n"
-            "import eval.datasets as ds\n"
-            "m = ds._import_hf_datasets()\n"
-            "assert hasattr(m, 'load_dataset'), m.__file__\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr[-2000:]

@@ -112,21 +112,9 @@ def _offline_error(name: str, detail: str) -> UserError:
 
 
 def _import_hf_datasets():
-    """Import HuggingFace `datasets`, not this file.
+    """HuggingFace `datasets`, imported only when the hf source is used."""
+    import datasets
 
-    `python eval/some_script.py` puts eval/ on sys.path, where this module's file
-    name would shadow the library for a plain `import datasets`.
-    """
-    here = Path(__file__).resolve().parent
-    shadow = sys.modules.get("datasets")
-    if shadow is not None and getattr(shadow, "__file__", None) == __file__:
-        del sys.modules["datasets"]
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != here]
-    try:
-        import datasets
-    finally:
-        sys.path[:] = saved
     return datasets
 
 
