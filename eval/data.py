@@ -23,7 +23,6 @@ import itertools
 import json
 import os
 import socket
-import sys
 import urllib.parse
 from pathlib import Path
 from typing import Iterable, Optional

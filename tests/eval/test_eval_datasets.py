@@ -2,8 +2,6 @@
 import csv
 import gzip
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
