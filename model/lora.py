@@ -1,0 +1,313 @@
+"""LoRA (Hu et al. 2021): a frozen linear layer plus a trainable low-rank update.
+
+    y = W x + b + s * B A dropout(x),    A (r, in), B (out, r), s = alpha / r  (rsLoRA: alpha / sqrt(r))
+
+A starts kaiming-uniform and B at zero (PEFT's defaults), so the wrapped model computes
+exactly what the base did until training moves B. The wrapper holds the base layer as
+``base`` (an ``nn.Linear`` or a bitsandbytes ``Linear4bit`` for QLoRA); the adapter is the
+two matrices ``lora_A`` and ``lora_B``.
+
+    names = apply_lora(model, ["q_proj", "v_proj"], r=8, alpha=16)   # or "all-linear"
+    ...train...
+    save_adapter("runs/x/adapter", model, LoRAConfig(...))           # adapters only, small
+    load_lora(fresh_model, "runs/x/adapter")                          # checks the base matches
+    merge_and_unload(model); export_hf(model, "hf_out")               # plain weights, HF layout
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+
+from utils.errors import UserError
+
+Targets = Union[str, list[str]]
+
+
+@dataclass
+class LoRAConfig:
+    """What an adapter is: rank, scale, dropout and which linear layers it wraps."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False  # scale alpha/sqrt(r) (Kalajdzievski 2023) instead of alpha/r
+    targets: Targets = "all-linear"  # name patterns (fnmatch, e.g. "q_proj", "layers.*.ffn.*") or "all-linear"
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise UserError(f"lora.r must be a positive rank, got {self.r}; typical values are 4 to 64.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout}.")
+        if isinstance(self.targets, list) and not self.targets:
+            raise UserError("lora.targets is an empty list; name patterns such as [q_proj, v_proj] or use 'all-linear'.")
+
+
+def _is_4bit(layer: nn.Module) -> bool:
+    return type(layer).__name__ == "Linear4bit"  # bitsandbytes is optional; avoid importing it here
+
+
+def is_linear(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.Linear) or _is_4bit(layer)
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``base`` linear layer plus ``scaling * B @ A`` (see the module docstring)."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False, name: str = "layer"):
+        super().__init__()
+        in_f, out_f = base.in_features, base.out_features
+        if r <= 0 or r > min(in_f, out_f):
+            raise UserError(
+                f"LoRA rank r={r} does not fit {name} ({in_f} -> {out_f}); "
+                f"choose 1 <= r <= {min(in_f, out_f)} (a rank above min(in, out) adds nothing but parameters)."
+            )
+        self.base = base
+        self.in_features, self.out_features = in_f, out_f
+        self.r, self.alpha, self.rslora = r, alpha, rslora
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        w = base.weight
+        # Adapters stay in full precision even over a 4-bit base (QLoRA); else follow the base dtype.
+        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
+        self.lora_A = nn.Parameter(torch.empty(r, in_f, device=w.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_f, r, device=w.device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear (and PEFT) initialise
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update the adapter adds to W: scaling * B @ A, shape (out, in)."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        h = self.dropout(x).to(self.lora_A.dtype)
+        return y + ((h @ self.lora_A.t()) @ self.lora_B.t() * self.scaling).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
+
+
+# ----------------------------------------------------------------------------- choosing targets
+
+
+def match_linears(model: nn.Module, targets: Targets) -> list[str]:
+    """Names of the linear layers that ``targets`` selects, in module order.
+
+    ``"all-linear"``: every linear layer except ``lm_head`` (the output head is usually tied
+    or too large to be worth adapting). Otherwise a list of fnmatch patterns; a pattern
+    matches a full module name (``layers.*.attn.q_proj``) or its trailing part (``q_proj``,
+    ``attn.*``). A pattern that matches no linear layer is a UserError.
+    """
+    linears = [n for n, m in model.named_modules() if is_linear(m) and not isinstance(m, LoRALinear)]
+    if targets == "all-linear":
+        chosen = [n for n in linears if n.split(".")[-1] != "lm_head"]
+        if not chosen:
+            raise UserError("targets='all-linear' found no linear layers besides lm_head in this model.")
+        return chosen
+    if isinstance(targets, str):
+        targets = [targets]
+    chosen: set[str] = set()
+    for pattern in targets:
+        hits = [n for n in linears if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, "*." + pattern)]
+        if not hits:
+            kinds = sorted({n.split(".")[-1] for n in linears})
+            raise UserError(
+                f"LoRA target pattern {pattern!r} matches no linear layer of this model; "
+                f"linear layers are named like {kinds} (full names like {linears[0]!r}), or use 'all-linear'."
+            )
+        chosen.update(hits)
+    return [n for n in linears if n in chosen]
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def apply_lora(
+    model: nn.Module, targets: Targets = "all-linear", r: int = 8, alpha: float = 16.0,
+    dropout: float = 0.0, rslora: bool = False,
+) -> list[str]:
+    """Wrap the selected linear layers in LoRALinear and freeze everything but the adapters.
+
+    Returns the wrapped module names. Call it after the base weights are loaded (and after
+    ``model.quant.quantize_model`` for QLoRA).
+    """
+    if r <= 0:
+        raise UserError(f"LoRA rank r must be positive, got {r}.")
+    if lora_layers(model):
+        raise UserError("this model already has LoRA adapters; merge_and_unload it or start from the base model.")
+    names = match_linears(model, targets)
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and getattr(cfg, "tie_embeddings", False) and "lm_head" in names:
+        raise UserError("lm_head shares its weight with the embedding (tie_embeddings); leave it out of lora.targets.")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        wrapper = LoRALinear(model.get_submodule(name), r, alpha, dropout, rslora, name=name)
+        _set_module(model, name, wrapper.train(model.training))  # a new module would start in train mode
+    return names
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# ----------------------------------------------------------------------------- merge / unmerge
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every adapter into its base weight in place (W += s B A); reversible by unmerge_lora."""
+    for name, layer in lora_layers(model).items():
+        if layer.merged:
+            continue
+        if _is_4bit(layer.base):
+            raise UserError(
+                f"{name} has a 4-bit base; merging in place would re-quantize it. "
+                "Use merge_and_unload(model), which dequantizes the base first."
+            )
+        with torch.no_grad():
+            layer.base.weight += layer.delta_weight().to(layer.base.weight.dtype)
+        layer.merged = True
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Undo merge_lora (W -= s B A), restoring the base weights up to float rounding."""
+    for layer in lora_layers(model).values():
+        if layer.merged:
+            with torch.no_grad():
+                layer.base.weight -= layer.delta_weight().to(layer.base.weight.dtype)
+            layer.merged = False
+
+
+def merge_and_unload(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Replace each LoRALinear by a plain nn.Linear holding W + s B A; returns the model.
+
+    A 4-bit base is dequantized first. The result has the base model's parameter names,
+    so ``model.hf_interop.export_hf`` and ``utils.checkpoint.save_checkpoint`` write it as is.
+    """
+    from model.quant import dequantized_weight
+
+    for name, layer in lora_layers(model).items():
+        base = layer.base
+        w = dequantized_weight(base) if _is_4bit(base) else base.weight.detach()
+        if not layer.merged or _is_4bit(base):
+            w = w + layer.delta_weight().detach().to(w.dtype)
+        out_dtype = dtype or (w.dtype if not _is_4bit(base) else layer.lora_A.dtype)
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, device=w.device, dtype=out_dtype)
+        with torch.no_grad():
+            plain.weight.copy_(w)
+            if base.bias is not None:
+                plain.bias.copy_(base.bias.detach())
+        _set_module(model, name, plain)
+    return model
+
+
+# ----------------------------------------------------------------------------- saving / loading
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter tensors only: ``{name}.lora_A`` (r, in) and ``{name}.lora_B`` (out, r)."""
+    state = {}
+    for name, layer in lora_layers(model).items():
+        state[f"{name}.lora_A"] = layer.lora_A.detach().cpu().contiguous()
+        state[f"{name}.lora_B"] = layer.lora_B.detach().cpu().contiguous()
+    return state
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """A hash of the base model's parameter names and logical shapes.
+
+    Adapters, the LoRA wrapper's ``.base`` level and 4-bit packing are looked through, so a
+    plain, a LoRA-wrapped and a quantized copy of one architecture share a fingerprint.
+    """
+    wrapped = set(lora_layers(model))
+    shapes = []
+    for mod_name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            continue  # its base layer is visited as a child
+        owner = mod_name[: -len(".base")] if mod_name.endswith(".base") and mod_name[: -len(".base")] in wrapped else mod_name
+        for p_name, p in m.named_parameters(recurse=False):
+            shape = [m.out_features, m.in_features] if _is_4bit(m) and p_name == "weight" else list(p.shape)
+            shapes.append((f"{owner}.{p_name}" if owner else p_name, shape))
+    return hashlib.sha256(json.dumps(sorted(shapes)).encode()).hexdigest()[:16]
+
+
+def adapter_meta(model: nn.Module, lora_cfg: LoRAConfig, **extra) -> dict:
+    """The meta.json of an adapter checkpoint: kind, LoRA settings, wrapped layers, base fingerprint."""
+    return {
+        "kind": "adapter",
+        "lora": asdict(lora_cfg),
+        "lora_layers": sorted(lora_layers(model)),
+        "base_fingerprint": base_fingerprint(model),
+        **extra,
+    }
+
+
+def save_adapter(path: str | os.PathLike, model: nn.Module, lora_cfg: LoRAConfig, **meta) -> Path:
+    """Write the adapters alone (a small checkpoint dir whose meta.json says kind=adapter), atomically."""
+    from utils.checkpoint import save_checkpoint
+
+    return save_checkpoint(path, model, weights=lora_state_dict(model), meta=adapter_meta(model, lora_cfg, **meta))
+
+
+def read_adapter_config(path: str | os.PathLike) -> LoRAConfig:
+    from utils.checkpoint import read_meta
+
+    meta = read_meta(path)
+    if meta.get("kind") != "adapter" or "lora" not in meta:
+        raise UserError(f"{path} is not a LoRA adapter checkpoint (its meta.json has no kind=adapter and lora settings).")
+    return LoRAConfig(**meta["lora"])
+
+
+def load_lora(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Wrap ``model`` as the adapter at ``path`` says and load its A/B weights.
+
+    ``model`` is the base (plain or quantized). The adapter's stored base ModelConfig and
+    shape fingerprint must match, otherwise UserError: an adapter only means something on
+    the base it was trained on.
+    """
+    from utils.checkpoint import load_model_config, load_weights, read_meta
+
+    lora_cfg = read_adapter_config(path)
+    meta = read_meta(path)
+    base_cfg = load_model_config(path)
+    own_cfg = getattr(model, "cfg", None)
+    if own_cfg is not None and own_cfg.to_dict() != base_cfg.to_dict():
+        diff = [k for k, v in base_cfg.to_dict().items() if own_cfg.to_dict().get(k) != v]
+        raise UserError(
+            f"adapter {path} was trained on a different base model (config differs in {diff[:6]}); "
+            "load the base checkpoint it was made for (see its model_config.json)."
+        )
+    if not lora_layers(model):
+        apply_lora(model, meta["lora_layers"], lora_cfg.r, lora_cfg.alpha, lora_cfg.dropout, lora_cfg.rslora)
+    if base_fingerprint(model) != meta.get("base_fingerprint"):
+        raise UserError(f"adapter {path} was trained on a base with different weight shapes; load the base it was made for.")
+    state = load_weights(path)
+    layers = lora_layers(model)
+    expected = {f"{n}.lora_{ab}" for n in layers for ab in "AB"}
+    if set(state) != expected:
+        raise UserError(f"adapter {path} holds {len(state)} tensors but this model's adapters need {len(expected)}; the adapter does not fit.")
+    with torch.no_grad():
+        for name, layer in layers.items():
+            for ab in "AB":
+                dst, src = getattr(layer, f"lora_{ab}"), state[f"{name}.lora_{ab}"]
+                if dst.shape != src.shape:
+                    raise UserError(f"adapter {path}: {name}.lora_{ab} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}.")
+                dst.copy_(src)
+    return sorted(layers)
