@@ -1,0 +1,478 @@
+"""OpenAI-compatible HTTP server over the inference engine (FastAPI + uvicorn).
+
+    python inference/server.py --checkpoint runs/sft/step_00001000 --port 8000 [--api-key KEY]
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions (both streaming SSE or not),
+GET /v1/models, GET /health, and a chat web page at /. Chat prompts are rendered only by
+the project's chat template, so serving sees exactly the format the model was trained on.
+
+Every bad request is answered in the OpenAI error shape with a 4xx status, never a 500:
+400 invalid request, 401 missing/wrong API key, 404 unknown model or route, 413 body too
+large, 503 overloaded or shutting down. A client that disconnects aborts its request so
+the engine frees its KV blocks. On SIGTERM uvicorn stops accepting connections and lets
+in-flight requests finish (``--shutdown-timeout``) before the engine thread stops.
+"""
+from __future__ import annotations
+
+import sys, pathlib  # noqa: E401
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # repo root
+
+import argparse
+import asyncio
+import hmac
+import json
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from inference import api_protocol as P
+from inference.async_engine import AsyncEngine, EngineDead, EngineOverloaded, RequestStream, TextStream
+from inference.sampling_params import SamplingParams
+from utils.errors import UserError
+
+WEB_DIR = Path(__file__).resolve().parent / "web"
+
+
+@dataclass
+class ServerSettings:
+    model_name: str
+    max_model_len: int
+    api_key: Optional[str] = None
+    max_tokens_cap: int = 4096
+    n_cap: int = 8
+    max_body_bytes: int = 1 << 20
+
+
+class ApiError(Exception):
+    """An error answered to the client in the OpenAI shape."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(P.error_body(self.message, self.type, self.param, self.code), status_code=self.status)
+
+
+def chat_format() -> tuple[Any, Any]:
+    """The project's one chat template (imported late: the server also serves plain completions)."""
+    from data_pipeline.tokenizer.chat_template import chat_stop_ids, render_chat
+
+    return render_chat, chat_stop_ids
+
+
+# ----------------------------------------------------------------------------- request plumbing
+
+
+def check_auth(request: Request, settings: ServerSettings) -> None:
+    if settings.api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    given = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    # compare_digest: the time taken does not reveal how many leading characters matched.
+    if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+        raise ApiError(401, "missing or invalid API key; send 'Authorization: Bearer <key>'.", "authentication_error", code="invalid_api_key")
+
+
+async def read_json(request: Request, max_bytes: int) -> dict:
+    """The request body as a JSON object; 413 past ``max_bytes`` (checked while reading, so a
+    lying or absent Content-Length cannot make the server buffer more)."""
+    too_big = ApiError(413, f"request body is larger than {max_bytes} bytes; send a shorter prompt.", code="body_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_big
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except (ValueError, RecursionError) as err:  # bad JSON, bad UTF-8, absurd nesting
+        raise ApiError(400, f"request body is not valid JSON ({str(err)[:120]}).", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def parse(model: type[BaseModel], body: dict) -> Any:
+    try:
+        return model.model_validate(body)
+    except ValidationError as err:
+        message, param = P.describe_validation_error(err)
+        raise ApiError(400, message, param=param, code="invalid_value") from None
+
+
+def sampling_params(req: P._SamplingFields, prompt_len: int, settings: ServerSettings, stop_ids: list[int],
+                    logprobs: bool, top_logprobs: int, max_tokens: Optional[int]) -> SamplingParams:
+    """Map an OpenAI request onto SamplingParams, enforcing the caps and the context length."""
+    room = settings.max_model_len - prompt_len
+    if room < 1:
+        raise ApiError(400, f"the prompt is {prompt_len} tokens but the context is {settings.max_model_len}; shorten it.", param="messages", code="context_length_exceeded")
+    if max_tokens is None:
+        max_tokens = min(room, settings.max_tokens_cap)
+    elif max_tokens > settings.max_tokens_cap:
+        raise ApiError(400, f"max_tokens={max_tokens} is over this server's cap of {settings.max_tokens_cap}.", param="max_tokens")
+    elif max_tokens > room:
+        raise ApiError(400, f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the context of {settings.max_model_len} tokens; lower max_tokens.", param="max_tokens", code="context_length_exceeded")
+    if req.n > settings.n_cap:
+        raise ApiError(400, f"n={req.n} is over this server's cap of {settings.n_cap}.", param="n")
+    params = SamplingParams(
+        max_tokens=max_tokens, temperature=req.temperature, top_k=max(req.top_k, 0), top_p=req.top_p,
+        repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty, seed=req.seed, stop=req.stop_list(), stop_token_ids=list(stop_ids),
+        n=req.n, logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=req.ignore_eos,
+    )
+    try:
+        return params.validate(settings.max_model_len)
+    except UserError as err:
+        raise ApiError(400, str(err)) from None
+
+
+async def until_disconnect(request: Request, work: Any) -> Any:
+    """Await ``work``; if the client hangs up first, cancel it (which aborts its engine requests)."""
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        raise asyncio.CancelledError  # nobody is listening; uvicorn drops the response
+    return task.result()
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+@dataclass
+class ChoiceEvent:
+    index: int
+    text: str
+    finish_reason: Optional[str]
+    token_ids: list[int]
+    logprobs: Any  # engine's per-token logprob entries for the new tokens, or None
+
+
+class Generation:
+    """Runs one or more engine requests (one per prompt) and yields text events per choice.
+
+    Choice ``k * n + i`` is sample ``i`` of prompt ``k``. A choice ends when the engine
+    finishes it or its text hits a stop string; a request whose choices have all ended is
+    aborted so no compute is spent on tokens nobody will see.
+    """
+
+    def __init__(self, streams: list[RequestStream], texts: list[TextStream], prompt_lens: list[int]):
+        self.streams, self.texts, self.prompt_lens = streams, texts, prompt_lens
+        self.n = streams[0].n
+        self.completion_tokens = [0] * len(texts)
+        self.finished = [False] * len(texts)
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.close()
+
+    def usage(self) -> P.Usage:
+        prompt, completion = sum(self.prompt_lens), sum(self.completion_tokens)
+        return P.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    async def events(self) -> AsyncIterator[ChoiceEvent]:
+        try:
+            async for k, out in self._merged():
+                key = k * self.n + out.index
+                if self.finished[key]:
+                    continue
+                text = self.texts[key]
+                delta = text.push(out.new_token_ids, final=out.finished)
+                self.completion_tokens[key] = len(out.output_token_ids)
+                reason = "stop" if text.stopped else (out.finish_reason if out.finished else None)
+                if reason is not None:
+                    self.finished[key] = True
+                    if all(self.finished[k * self.n : (k + 1) * self.n]):
+                        self.streams[k].close()
+                yield ChoiceEvent(key, delta, reason, list(out.new_token_ids), getattr(out, "logprobs", None))
+        finally:
+            for stream in self.streams:
+                stream.close()
+
+    async def _merged(self) -> AsyncIterator[tuple[int, Any]]:
+        if len(self.streams) == 1:
+            async for out in self.streams[0]:
+                yield 0, out
+            return
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(k: int, stream: RequestStream) -> None:
+            try:
+                async for out in stream:
+                    await merged.put((k, out))
+                await merged.put((k, None))
+            except BaseException as err:
+                await merged.put((k, err))
+
+        tasks = [asyncio.ensure_future(pump(k, s)) for k, s in enumerate(self.streams)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                k, item = await merged.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield k, item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+
+def sse(payload: BaseModel | dict) -> str:
+    data = payload.model_dump_json(exclude_none=False) if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+def token_logprobs(tok: Any, entries: Any) -> list[P.TokenLogprob]:
+    """Engine logprob entries -> OpenAI chat logprobs. An entry is (token_id, logprob, {alt_id: logprob})."""
+    result = []
+    for token_id, logprob, top in entries or []:
+        alts = [P.TopLogprob(token=tok.decode([t]), logprob=float(lp)) for t, lp in (top or {}).items()]
+        result.append(P.TokenLogprob(token=tok.decode([token_id]), logprob=float(logprob), top_logprobs=alts))
+    return result
+
+
+class GenerationResponse(StreamingResponse):
+    """A streaming response that always releases its engine requests, even when the client
+    disconnects before the body iterator starts (its ``finally`` would then never run)."""
+
+    def __init__(self, content: AsyncIterator[str], generation: Generation):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.generation = generation
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.generation.close()
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+def build_app(engine: AsyncEngine, tokenizer: Any, settings: ServerSettings, *, shutdown_timeout: float = 30.0) -> FastAPI:
+    """The FastAPI app. ``engine`` is started and stopped by the app's lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        await engine.shutdown(shutdown_timeout)
+
+    app = FastAPI(title="llm-framework", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    eos = getattr(tokenizer, "eos_id", None)
+
+    # -- errors: every failure leaves in the OpenAI shape; only bugs are 500.
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, err: ApiError) -> JSONResponse:
+        return err.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return ApiError(err.status_code, f"{request.method} {request.url.path}: {err.detail}", code=str(err.status_code)).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+        return ApiError(400, f"invalid request: {str(err)[:300]}").response()
+
+    @app.exception_handler(UserError)
+    async def _user_error(request: Request, err: UserError) -> JSONResponse:
+        return ApiError(400, str(err)).response()
+
+    @app.exception_handler(EngineOverloaded)
+    async def _overloaded(request: Request, err: EngineOverloaded) -> JSONResponse:
+        return ApiError(503, f"server overloaded: {err}; retry later.", "server_error", code="overloaded").response()
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, err: Exception) -> JSONResponse:
+        return ApiError(500, f"internal server error ({type(err).__name__}); this is a bug, please report it.", "server_error").response()
+
+    def check_model(name: str) -> None:
+        if name != settings.model_name:
+            raise ApiError(404, f"model {name!r} does not exist; this server serves {settings.model_name!r} (GET /v1/models).", param="model", code="model_not_found")
+
+    async def start(prompts: list[list[int]], params: SamplingParams, hidden_ids: list[int]) -> Generation:
+        streams: list[RequestStream] = []
+        try:
+            for ids in prompts:
+                streams.append(await engine.submit(ids, params))
+        except BaseException:
+            for stream in streams:
+                stream.close()
+            raise
+        texts = [TextStream(tokenizer, params.stop, hidden_ids) for _ in range(len(prompts) * params.n)]
+        return Generation(streams, texts, [len(ids) for ids in prompts])
+
+    async def collect(gen: Generation) -> tuple[list[str], list[Optional[str]], list[list]]:
+        texts, reasons, logprobs = [""] * len(gen.texts), [None] * len(gen.texts), [[] for _ in gen.texts]
+        async for ev in gen.events():
+            texts[ev.index] += ev.text
+            logprobs[ev.index].extend(ev.logprobs or [])
+            reasons[ev.index] = ev.finish_reason or reasons[ev.index]
+        return texts, reasons, logprobs
+
+    # -- routes
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = engine.healthy
+        return JSONResponse({"status": "ok" if ok else "engine stopped", "in_flight": engine.num_in_flight}, status_code=200 if ok else 503)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        check_auth(request, settings)
+        card = P.ModelCard(id=settings.model_name, created=P.now(), max_model_len=settings.max_model_len)
+        return P.ModelList(data=[card]).model_dump()
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str, request: Request) -> dict:
+        check_auth(request, settings)
+        check_model(name)
+        return P.ModelCard(id=name, created=P.now(), max_model_len=settings.max_model_len).model_dump()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        check_auth(request, settings)
+        req = parse(P.ChatCompletionRequest, await read_json(request, settings.max_body_bytes))
+        check_model(req.model)
+        if req.top_logprobs and not req.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs=true.", param="top_logprobs")
+        render_chat, chat_stop_ids = chat_format()
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        try:
+            prompt_ids, _ = render_chat(tokenizer, messages, add_generation_prompt=True)
+        except UserError as err:
+            raise ApiError(400, str(err), param="messages") from None
+        stop_ids = [] if req.ignore_eos else list(chat_stop_ids(tokenizer))
+        params = sampling_params(req, len(prompt_ids), settings, stop_ids, req.logprobs, req.top_logprobs or 0,
+                                 req.max_completion_tokens or req.max_tokens)
+        gen = await start([list(prompt_ids)], params, list(chat_stop_ids(tokenizer)) + ([eos] if eos is not None else []))
+        rid, created = P.new_id("chatcmpl"), P.now()
+
+        def chunk(choices: list[P.ChatChunkChoice], usage: Optional[P.Usage] = None) -> str:
+            return sse(P.ChatCompletionChunk(id=rid, created=created, model=settings.model_name, choices=choices, usage=usage))
+
+        def lp(entries: list) -> Optional[P.ChoiceLogprobs]:
+            return P.ChoiceLogprobs(content=token_logprobs(tokenizer, entries)) if req.logprobs else None
+
+        async def stream_body() -> AsyncIterator[str]:
+            try:
+                for i in range(len(gen.texts)):
+                    yield chunk([P.ChatChunkChoice(index=i, delta=P.Delta(role="assistant", content=""))])
+                async for ev in gen.events():
+                    if ev.text or ev.finish_reason or (req.logprobs and ev.logprobs):
+                        delta = P.Delta(content=ev.text) if ev.text else P.Delta()
+                        yield chunk([P.ChatChunkChoice(index=ev.index, delta=delta, finish_reason=ev.finish_reason, logprobs=lp(ev.logprobs or []))])
+                if req.stream_options is not None and req.stream_options.include_usage:
+                    yield chunk([], gen.usage())
+            except EngineDead as err:
+                yield sse(P.error_body(f"engine failed: {err}", "server_error"))
+            yield "data: [DONE]\n\n"
+
+        if req.stream:
+            return GenerationResponse(stream_body(), gen)
+        try:
+            texts, reasons, logprobs = await until_disconnect(request, collect(gen))
+        finally:
+            gen.close()
+        choices = [P.ChatChoice(index=i, message=P.AssistantMessage(content=t), finish_reason=r, logprobs=lp(logprobs[i]))
+                   for i, (t, r) in enumerate(zip(texts, reasons))]
+        return P.ChatCompletion(id=rid, created=created, model=settings.model_name, choices=choices, usage=gen.usage()).model_dump()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        check_auth(request, settings)
+        req = parse(P.CompletionRequest, await read_json(request, settings.max_body_bytes))
+        check_model(req.model)
+        if req.echo or req.suffix:
+            raise ApiError(400, "echo and suffix are not supported by this server.", param="echo" if req.echo else "suffix")
+        prompts = encode_prompts(req.prompt, tokenizer)
+        if len(prompts) > engine.max_concurrent:
+            raise ApiError(400, f"{len(prompts)} prompts in one request; the limit is {engine.max_concurrent}.", param="prompt")
+        params = sampling_params(req, max(map(len, prompts)), settings, [], req.logprobs is not None, req.logprobs or 0, req.max_tokens)
+        gen = await start(prompts, params, [eos] if eos is not None else [])
+        rid, created = P.new_id("cmpl"), P.now()
+
+        def lp(entries: list) -> Optional[P.CompletionLogprobs]:
+            return completion_logprobs(tokenizer, entries) if req.logprobs is not None else None
+
+        async def stream_body() -> AsyncIterator[str]:
+            try:
+                async for ev in gen.events():
+                    if ev.text or ev.finish_reason:
+                        choice = P.CompletionChoice(index=ev.index, text=ev.text, finish_reason=ev.finish_reason, logprobs=lp(ev.logprobs or []))
+                        yield sse(P.Completion(id=rid, created=created, model=settings.model_name, choices=[choice]))
+                if req.stream_options is not None and req.stream_options.include_usage:
+                    yield sse(P.Completion(id=rid, created=created, model=settings.model_name, choices=[], usage=gen.usage()))
+            except EngineDead as err:
+                yield sse(P.error_body(f"engine failed: {err}", "server_error"))
+            yield "data: [DONE]\n\n"
+
+        if req.stream:
+            return GenerationResponse(stream_body(), gen)
+        try:
+            texts, reasons, logprobs = await until_disconnect(request, collect(gen))
+        finally:
+            gen.close()
+        choices = [P.CompletionChoice(index=i, text=t, finish_reason=r, logprobs=lp(logprobs[i])) for i, (t, r) in enumerate(zip(texts, reasons))]
+        return P.Completion(id=rid, created=created, model=settings.model_name, choices=choices, usage=gen.usage()).model_dump()
+
+    @app.get("/")
+    async def index() -> FileResponse:
+        return FileResponse(WEB_DIR / "index.html")
+
+    app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
+    return app
+
+
+def encode_prompts(prompt: Any, tokenizer: Any) -> list[list[int]]:
+    """/v1/completions prompt (str | list[str] | list[int] | list[list[int]]) -> token-id lists."""
+    if isinstance(prompt, str):
+        prompts = [tokenizer.encode(prompt)]
+    elif prompt and isinstance(prompt[0], str):
+        prompts = [tokenizer.encode(p) for p in prompt]
+    elif prompt and isinstance(prompt[0], int):
+        prompts = [list(prompt)]
+    else:
+        prompts = [list(p) for p in prompt]
+    vocab = tokenizer.vocab_size if hasattr(tokenizer, "vocab_size") else None
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ApiError(400, "prompt is empty; send at least one token of text.", param="prompt")
+    if vocab is not None and any(not 0 <= t < vocab for p in prompts for t in p):
+        raise ApiError(400, f"prompt token ids must be in [0, {vocab}).", param="prompt")
+    return [list(map(int, p)) for p in prompts]
+
+
+def completion_logprobs(tok: Any, entries: list) -> P.CompletionLogprobs:
+    chat = token_logprobs(tok, entries)
+    offsets, pos = [], 0
+    for t in chat:
+        offsets.append(pos)
+        pos += len(t.token)
+    return P.CompletionLogprobs(
+        tokens=[t.token for t in chat], token_logprobs=[t.logprob for t in chat],
+        top_logprobs=[{a.token: a.logprob for a in t.top_logprobs} for t in chat], text_offset=offsets,
+    )

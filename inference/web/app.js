@@ -1,0 +1,125 @@
+// Chat page: keeps the conversation in memory, sends it to /v1/chat/completions with
+// stream=true and appends the streamed deltas (Server-Sent Events read via fetch) as they come.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const history = [];          // [{role, content}] sent with every request
+let modelName = null;
+let controller = null;       // AbortController of the request in flight
+
+const keyBox = $("api-key");
+keyBox.value = localStorage.getItem("apiKey") || "";
+keyBox.addEventListener("change", () => localStorage.setItem("apiKey", keyBox.value));
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  if (keyBox.value) h["Authorization"] = "Bearer " + keyBox.value;
+  return h;
+}
+
+function addMessage(role, text) {
+  const div = document.createElement("div");
+  div.className = "msg " + role;
+  div.textContent = text;
+  $("messages").appendChild(div);
+  div.scrollIntoView({ block: "end" });
+  return div;
+}
+
+async function errorText(resp) {
+  try { return (await resp.json()).error.message; } catch (e) { return resp.status + " " + resp.statusText; }
+}
+
+async function loadModel() {
+  const resp = await fetch("/v1/models", { headers: headers() });
+  if (!resp.ok) { addMessage("error", "Could not list models: " + (await errorText(resp))); return; }
+  modelName = (await resp.json()).data[0].id;
+  $("model").textContent = modelName;
+}
+
+// Yields the JSON payload of each `data: ...` SSE event until `data: [DONE]`.
+async function* sseEvents(body) {
+  const reader = body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const event = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      for (const line of event.split("\n")) {
+        if (!line.startsWith("data:")) continue;
+        const data = line.slice(5).trim();
+        if (data === "[DONE]") return;
+        yield JSON.parse(data);
+      }
+    }
+  }
+}
+
+async function send(text) {
+  if (!modelName) await loadModel();
+  if (!modelName) return;
+  history.push({ role: "user", content: text });
+  addMessage("user", text);
+  const bubble = addMessage("assistant", "");
+  bubble.dataset.state = "streaming";
+  controller = new AbortController();
+  $("send").disabled = true;
+  $("stop").hidden = false;
+  let reply = "";
+  try {
+    const resp = await fetch("/v1/chat/completions", {
+      method: "POST",
+      headers: headers(),
+      signal: controller.signal,
+      body: JSON.stringify({
+        model: modelName,
+        messages: history,
+        stream: true,
+        temperature: Number($("temperature").value),
+        max_tokens: Number($("max-tokens").value),
+      }),
+    });
+    if (!resp.ok) throw new Error(await errorText(resp));
+    for await (const chunk of sseEvents(resp.body)) {
+      if (chunk.error) throw new Error(chunk.error.message);
+      const choice = chunk.choices && chunk.choices[0];
+      if (choice && choice.delta && choice.delta.content) {
+        reply += choice.delta.content;
+        bubble.textContent = reply;
+        bubble.scrollIntoView({ block: "end" });
+      }
+      if (choice && choice.finish_reason) bubble.dataset.finishReason = choice.finish_reason;
+    }
+  } catch (err) {
+    if (err.name !== "AbortError") addMessage("error", String(err.message || err));
+  } finally {
+    history.push({ role: "assistant", content: reply });
+    bubble.dataset.state = "done";
+    controller = null;
+    $("send").disabled = false;
+    $("stop").hidden = true;
+  }
+}
+
+$("composer").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const text = $("input").value.trim();
+  if (!text || controller) return;
+  $("input").value = "";
+  send(text);
+});
+$("input").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("composer").requestSubmit(); }
+});
+$("stop").addEventListener("click", () => controller && controller.abort());
+$("reset").addEventListener("click", () => {
+  if (controller) controller.abort();
+  history.length = 0;
+  $("messages").replaceChildren();
+});
+loadModel();
