@@ -1,0 +1,474 @@
+"""The one training loop every stage uses (pretrain, SFT/LoRA/QLoRA, reward/DPO/ORPO/KTO, PPO/GRPO).
+
+Stages pass in what differs; the loop owns everything else:
+
+    result = train(model, batches, loss_fn, train_cfg, optim_cfg,
+                   eval_fn=None, recipe=None, params=None, weights_fn=None,
+                   checkpoint_meta=None, tokenizer_path=None, flops_per_token=None)
+
+- ``batches``: iterator of micro-batches (tensors, tuples/lists or dicts of tensors) with
+  ``state_dict()`` / ``load_state_dict()`` for exact resume; it must already be sharded by
+  rank (build it with ``utils.distributed.setup(...)``'s rank/world_size) and never run out.
+- ``loss_fn(model, batch) -> (loss, metrics)``: batch already on the device; ``loss`` is the
+  MEAN loss of the micro-batch (scalar tensor); ``metrics`` a dict of floats / 0-d tensors,
+  averaged over micro-batches and ranks and logged. Two optional keys steer the loop:
+  ``n_tokens`` (tokens processed, for tokens/s and MFU; default: numel of the first tensor
+  of the batch) and ``loss_weight`` (this micro-batch's weight in the global-batch mean,
+  e.g. its count of target tokens; default 1, i.e. micro-batches weigh equally).
+  The model passed is the wrapped one (DDP / compiled); ``utils.distributed.unwrap`` gives
+  the plain module.
+- ``eval_fn(model) -> dict[str, float]``: run every ``eval_every`` steps and at the end under
+  ``torch.no_grad`` in eval mode on the plain module; it reduces across ranks itself
+  (``utils.distributed.all_reduce_mean``). Every rank calls it (FSDP needs all ranks).
+- ``params``: trainable parameters (LoRA: adapters); default every ``requires_grad`` param.
+- ``weights_fn(model) -> dict[str, Tensor]`` of LIVE tensors to save (LoRA: adapters only);
+  resume copies saved values back into them. Default: the full model state.
+- Returns ``TrainResult``; writes ``{out_dir}/step_XXXXXXXX`` (resumable, last ``keep_last``),
+  ``{out_dir}/final`` (weights, config, recipe, tokenizer), ``metrics.jsonl``, ``loss.png``.
+
+Each optimizer step: accumulate gradients over micro-batches (DDP syncs only on the last),
+all-reduce loss/flags, normalise the gradient by the total loss weight, clip, then step
+only when loss and grad norm are finite and the spike detector is quiet.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Optional
+
+import torch
+import torch.nn as nn
+
+from utils import distributed as D
+from utils import flops as F
+from utils import train_state as S
+from utils.checkpoint import CheckpointManager, save_checkpoint
+from utils.errors import UserError
+from utils.logging import MetricsLogger, read_records
+from utils.optim import LRSchedule, OptimConfig, build_optimizer
+from utils.plots import plot_loss_curve
+from utils.spike import SpikeConfig, SpikeDetector
+
+__all__ = ["TrainConfig", "SpikeConfig", "OptimConfig", "TrainResult", "train", "grad_accum_steps"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    """Recipe section ``train``."""
+
+    out_dir: str
+    max_steps: int
+    batch_size: int  # micro-batch rows per process
+    seq_len: int
+    global_batch_tokens: Optional[int] = None  # tokens per optimizer step over all processes
+    global_batch_size: Optional[int] = None  # or: rows per optimizer step over all processes
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_batches: int = 20
+    save_every: int = 0  # 0: checkpoint only at the end (and on Ctrl-C)
+    keep_last: int = 2
+    seed: int = 1337
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    compile: bool = False
+    distributed: Literal["none", "ddp", "fsdp"] = "none"
+    resume: str = "auto"  # "auto" (latest in out_dir) | "never" | path to a step checkpoint
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
+    tensorboard: bool = False
+    peak_flops: Optional[float] = None  # per-device peak FLOPs/s for MFU; None: device table
+    progress: bool = True  # tqdm bar on rank 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "seq_len"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"train.{name} must be positive, got {getattr(self, name)}.")
+        if self.global_batch_tokens is not None and self.global_batch_size is not None:
+            raise UserError("train: set global_batch_tokens or global_batch_size, not both.")
+        if self.log_every <= 0:
+            raise UserError(f"train.log_every must be positive, got {self.log_every}.")
+
+
+@dataclass
+class TrainResult:
+    final_step: int
+    history: list[dict]  # one record per optimizer step (loss, lr, grad_norm, tok_per_s, ...)
+    checkpoint: Optional[Path]  # {out_dir}/final
+    final_eval: dict
+    events: list[dict] = field(default_factory=list)  # nonfinite / spike / rollback events
+
+
+def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
+    """Micro-batches per process per optimizer step, so the global batch stays fixed."""
+    per_micro_rows = cfg.batch_size * world_size
+    if cfg.global_batch_tokens is not None:
+        unit, total, what = per_micro_rows * cfg.seq_len, cfg.global_batch_tokens, "global_batch_tokens"
+    elif cfg.global_batch_size is not None:
+        unit, total, what = per_micro_rows, cfg.global_batch_size, "global_batch_size"
+    else:
+        return 1
+    if total % unit or total < unit:
+        raise UserError(
+            f"train.{what}={total} does not divide into micro-batches of {unit} "
+            f"(batch_size {cfg.batch_size}{' x seq_len ' + str(cfg.seq_len) if what.endswith('tokens') else ''} "
+            f"x {world_size} process(es)); choose a multiple of {unit} or change batch_size."
+        )
+    return total // unit
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def _first_tensor(batch: Any) -> Optional[torch.Tensor]:
+    if torch.is_tensor(batch):
+        return batch
+    items = ([batch["input_ids"]] if "input_ids" in batch else list(batch.values())) if isinstance(batch, dict) else batch
+    if isinstance(items, (list, tuple)):
+        for v in items:
+            t = _first_tensor(v)
+            if t is not None:
+                return t
+    return None
+
+
+def _resolve_dtype(cfg: TrainConfig, device: torch.device) -> str:
+    if cfg.dtype != "auto":
+        if cfg.dtype == "fp16" and device.type != "cuda":
+            raise UserError("train.dtype=fp16 needs a CUDA device; use bf16 or fp32 on CPU.")
+        return cfg.dtype
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+class _Interrupt:
+    """First Ctrl-C asks the loop to stop after this step and checkpoint; a second one aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._prev = None
+
+    def __enter__(self) -> "_Interrupt":
+        try:
+            self._prev = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._prev = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._prev is not None:
+            signal.signal(signal.SIGINT, self._prev)
+
+
+@dataclass
+class _Run:
+    """Everything one call of ``train`` holds; passed to the helpers below."""
+
+    cfg: TrainConfig
+    optim_cfg: OptimConfig
+    env: D.DistEnv
+    raw: nn.Module  # plain module (FSDP2 shards it in place)
+    model: nn.Module  # what loss_fn calls: DDP / compiled wrapper
+    params: list
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    scaler: Optional[torch.amp.GradScaler]
+    spike: SpikeDetector
+    batches: Iterator
+    loss_fn: Callable
+    accum: int
+    amp_dtype: Optional[torch.dtype]
+    manager: CheckpointManager
+    logger: MetricsLogger
+    step: int = 0
+    tokens_seen: int = 0
+    rollbacks: int = 0
+    events: list = field(default_factory=list)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.amp_dtype)
+
+    def event(self, kind: str, **info) -> None:
+        self.events.append({"step": self.step, "event": kind, **info})
+        self.logger.event(self.step, kind, **info)
+
+
+def _train_step(run: _Run, stop_requested: bool) -> tuple[dict, bool, bool]:
+    """One optimizer step over ``accum`` micro-batches; returns (record, spiked, stop)."""
+    env, model = run.env, run.model
+    model.train()
+    t0 = time.perf_counter()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+    weight_sum, tokens, metric_sums = 0.0, 0, {}
+    for i in range(run.accum):
+        try:
+            batch = next(run.batches)
+        except StopIteration:
+            raise UserError(f"the batch iterator ran out at step {run.step}; training loaders must cycle over epochs "
+                            "(or lower train.max_steps).") from None
+        batch = to_device(batch, env.device)
+        last = i == run.accum - 1
+        sync = contextlib.nullcontext() if last or env.kind != "ddp" else model.no_sync()
+        with sync:
+            with run.autocast():
+                loss, metrics = run.loss_fn(model, batch)
+            metrics = dict(metrics or {})
+            weight = float(metrics.pop("loss_weight", 1.0))
+            n_tok = metrics.pop("n_tokens", None)
+            scaled = loss.float() * weight if weight != 1.0 else loss.float()
+            (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+        loss_sum += loss.detach().double() * weight
+        weight_sum += weight
+        tokens += int(n_tok) if n_tok is not None else (_first_tensor(batch).numel() if _first_tensor(batch) is not None else 0)
+        for k, v in metrics.items():
+            metric_sums[k] = metric_sums.get(k, 0.0) + (v.detach().double() if torch.is_tensor(v) else float(v)) * weight
+
+    # One all-reduce carries the loss, weights, token count, metrics and the Ctrl-C flag.
+    keys = sorted(metric_sums)
+    stats = torch.stack([loss_sum, torch.tensor(weight_sum, dtype=torch.float64, device=env.device),
+                         torch.tensor(float(tokens), dtype=torch.float64, device=env.device),
+                         torch.tensor(float(stop_requested), dtype=torch.float64, device=env.device)]
+                        + [torch.as_tensor(metric_sums[k], dtype=torch.float64, device=env.device) for k in keys])
+    stats = D.all_reduce_sum(stats, env).tolist()
+    total_w = stats[1]
+    loss = stats[0] / total_w
+    metrics = {k: v / total_w for k, v in zip(keys, stats[4:])}
+
+    # DDP/FSDP average gradients over ranks; rescale so the gradient is the weighted mean
+    # over every micro-batch of every rank: sum_i w_i grad(L_i) / sum_i w_i.
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)
+    factor = env.world_size / total_w
+    grads = [p.grad for p in run.params if p.grad is not None]
+    if factor != 1.0:
+        for g in grads:
+            g.mul_(factor)
+    max_norm = run.optim_cfg.grad_clip if run.optim_cfg.grad_clip > 0 else math.inf
+    norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm, foreach=None)
+    if D.is_dtensor(norm):
+        norm = norm.full_tensor()
+    grad_norm = float(norm)
+
+    lr_mult = run.schedule.apply(run.optimizer, run.step)
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    spike_z = run.spike.check(loss) if finite else None
+    do_update = finite and spike_z is None
+    if do_update:
+        if run.scaler is not None:
+            run.scaler.step(run.optimizer)
+        else:
+            run.optimizer.step()
+        run.spike.update(loss)
+    if run.scaler is not None:
+        run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+
+    dt = time.perf_counter() - t0
+    global_tokens = int(stats[2])
+    run.tokens_seen += global_tokens
+    record = {"step": run.step + 1, "loss": loss, "lr": run.optim_cfg.lr * lr_mult, "grad_norm": grad_norm,
+              "tok_per_s": global_tokens / dt, "tokens": run.tokens_seen, "dt_ms": 1000 * dt, **metrics}
+    if not finite:
+        run.event("nonfinite", loss=loss, grad_norm=grad_norm, action="skipped update")
+    elif spike_z is not None:
+        record["spike_z"] = spike_z
+    return record, spike_z is not None, stats[3] > 0
+
+
+def _expert_load(model: nn.Module) -> dict:
+    """Mean max/mean load ratio over MoE layers that expose ``last_load`` (per-expert counts)."""
+    ratios = []
+    for m in model.modules():
+        load = getattr(m, "last_load", None)
+        if torch.is_tensor(load) and load.numel() > 1 and float(load.float().mean()) > 0:
+            ratios.append(float(load.float().max() / load.float().mean()))
+    return {"expert_load_max_over_mean": sum(ratios) / len(ratios)} if ratios else {}
+
+
+def _evaluate(run: _Run, eval_fn: Optional[Callable]) -> dict:
+    if eval_fn is None:
+        return {}
+    run.raw.eval()
+    with torch.no_grad(), run.autocast():
+        out = eval_fn(run.raw)
+    run.raw.train()
+    return {k: float(v) for k, v in (out or {}).items()}
+
+
+def _save(run: _Run, extra: dict) -> Optional[Path]:
+    """Step checkpoint with full train state (collective; rank 0 writes)."""
+    weights = S.gather_weights(run.raw, run.env, extra["weights_fn"])
+    opt_state = S.optimizer_state(run.raw, run.optimizer, run.env)
+    ranks = D.all_gather_object({"rng": S.rng_state(run.env.device), "data": S.data_state(run.batches)}, run.env)
+    path = None
+    if run.env.is_main:
+        train_state = {"step": run.step, "world_size": run.env.world_size, "optimizer_name": run.optim_cfg.name,
+                       "optimizer": opt_state, "schedule": run.schedule.state_dict(), "spike": run.spike.state_dict(),
+                       "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+                       "tokens_seen": run.tokens_seen, "ranks": ranks}
+        path = run.manager.save(run.step, run.raw, recipe=extra["recipe"], train_state=train_state, weights=weights,
+                                meta={"tokens_seen": run.tokens_seen, **(extra["meta"] or {})},
+                                tokenizer_path=extra["tokenizer_path"])
+    D.barrier(run.env)
+    return path
+
+
+def _rollback(run: _Run, weights_fn) -> None:
+    latest = run.manager.latest()
+    if latest is None or run.rollbacks >= run.cfg.spike.max_rollbacks:
+        why = "no checkpoint yet" if latest is None else f"max_rollbacks={run.cfg.spike.max_rollbacks} reached"
+        run.event("spike_skip", reason=why)
+        return
+    from_step = run.step
+    # Weights and optimizer go back; the data stream does not, so the batches that caused
+    # the spike are not replayed (PaLM's recipe: restart earlier and skip the bad data).
+    state = S.load_train_state(latest)
+    S.load_weights_into(latest, run.raw, run.env, weights_fn)
+    S.load_optimizer_state(run.raw, run.optimizer, state["optimizer"], run.env)
+    run.step = int(state["step"])
+    run.schedule.scale *= run.cfg.spike.lr_drop
+    run.rollbacks += 1
+    run.event("rollback", from_step=from_step, to_step=run.step, lr_scale=run.schedule.scale, checkpoint=str(latest))
+
+
+def train(model: nn.Module, batches: Iterator, loss_fn: Callable, train_cfg: TrainConfig, optim_cfg: OptimConfig, *,
+          eval_fn: Optional[Callable] = None, recipe: Any = None, params=None, weights_fn: Optional[Callable] = None,
+          checkpoint_meta: Optional[dict] = None, tokenizer_path: Optional[str] = None,
+          flops_per_token: Optional[float] = None) -> TrainResult:
+    """Train ``model`` for ``train_cfg.max_steps`` optimizer steps (see the module docstring)."""
+    cfg = train_cfg
+    env = D.setup(cfg.distributed, cfg.device)
+    dtype = _resolve_dtype(cfg, env.device)
+    accum = grad_accum_steps(cfg, env.world_size)
+    S.seed_everything(cfg.seed + env.rank)
+    if env.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    raw = model.to(env.device)
+    wanted = None if params is None else {id(p) for p in params}
+    names = [n for n, p in raw.named_parameters() if p.requires_grad and (wanted is None or id(p) in wanted)]
+    if wanted is not None and len(names) != len(wanted):
+        raise UserError("train(params=...) holds tensors that are not parameters of the model.")
+
+    manager = CheckpointManager(cfg.out_dir, cfg.keep_last)
+    resume_path = None
+    if cfg.resume == "auto":
+        resume_path = manager.latest()
+    elif cfg.resume != "never":
+        resume_path = Path(cfg.resume)
+        if not resume_path.is_dir():
+            raise UserError(f"train.resume={cfg.resume!r} is not a checkpoint directory; use auto, never or a step_* path.")
+    state = S.read_resume_state(resume_path, raw, env, optim_cfg.name) if resume_path else None
+    if state is not None:  # weights go in before wrapping, so FSDP shards the resumed values
+        S.load_weights_into(resume_path, raw, D.DistEnv(env.rank, env.world_size, env.local_rank, env.device, "none"), weights_fn)
+
+    wrapped = D.wrap_model(raw, env)
+    by_name = dict(raw.named_parameters())  # FSDP2 replaced the Parameters: look them up again
+    trainable = [by_name[n] for n in names]
+    optimizer = build_optimizer(raw, trainable, optim_cfg, env.device)
+    run = _Run(cfg, optim_cfg, env, raw, torch.compile(wrapped) if cfg.compile else wrapped, trainable, optimizer,
+               LRSchedule(optim_cfg, cfg.max_steps), torch.amp.GradScaler("cuda") if dtype == "fp16" else None,
+               SpikeDetector(cfg.spike), batches, loss_fn, accum, None if dtype == "fp32" else DTYPES[dtype], manager,
+               MetricsLogger(cfg.out_dir, enabled=False))
+    if state is not None:
+        _restore_after_wrap(run, state)
+    extra = {"weights_fn": weights_fn, "recipe": recipe, "meta": checkpoint_meta, "tokenizer_path": tokenizer_path}
+
+    run.logger = MetricsLogger(cfg.out_dir, enabled=env.is_main, tensorboard=cfg.tensorboard, total_steps=cfg.max_steps,
+                               start_step=run.step, progress=cfg.progress)
+    history = read_records(Path(cfg.out_dir) / "metrics.jsonl", max_step=run.step) if state is not None else []
+    fpt = flops_per_token if flops_per_token is not None else F.flops_per_token(raw, cfg.seq_len)
+    peak = cfg.peak_flops or F.device_peak_flops(env.device, dtype)
+    n_train = sum(p.numel() for p in trainable)
+    run.logger.print(
+        f"train: {env.world_size} process(es) [{env.kind}] on {env.device} | dtype {dtype}{' | compiled' if cfg.compile else ''} | "
+        f"micro-batch {cfg.batch_size}x{cfg.seq_len} | grad accum {accum} | "
+        f"{cfg.batch_size * cfg.seq_len * accum * env.world_size:,} tokens/step | trainable params {n_train:,} | "
+        f"FLOPs/token {fpt:.3g} | peak {'n/a' if not peak else f'{peak:.3g}'} FLOPs/s"
+        + (f" | resumed from {resume_path} at step {run.step}" if state is not None else ""))
+
+    final_eval: dict = {}
+    with _Interrupt() as interrupt:
+        try:
+            while run.step < cfg.max_steps:
+                record, spiked, stop = _train_step(run, interrupt.requested)
+                record["mfu"] = F.mfu(record["tok_per_s"], fpt, peak, env.world_size)
+                if spiked:
+                    run.event("loss_spike", loss=record["loss"], z=record["spike_z"], policy=cfg.spike.policy)
+                    if cfg.spike.policy == "rollback":
+                        _rollback(run, weights_fn)
+                        continue
+                run.step += 1
+                record.update(_expert_load(raw))
+                if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < cfg.max_steps:
+                    record.update(_evaluate(run, eval_fn))
+                history.append(record)
+                run.logger.log(record)
+                run.logger.advance(record)
+                if run.step % cfg.log_every == 0 or run.step == 1:
+                    run.logger.console(record, ["step", "loss", "lr", "grad_norm", "tok_per_s", "mfu"]
+                                       + [k for k in record if k.startswith("val")])
+                if stop:
+                    path = _save(run, extra)
+                    run.logger.print(f"interrupted at step {run.step}; checkpoint {path or manager.path_for(run.step)} "
+                                     "saved. Run the same command again to resume.")
+                    raise KeyboardInterrupt
+                if cfg.save_every and run.step % cfg.save_every == 0 and run.step < cfg.max_steps:
+                    _save(run, extra)
+            final_eval = _evaluate(run, eval_fn)
+            if final_eval:
+                if history and history[-1]["step"] == run.step:
+                    history[-1].update(final_eval)
+                run.logger.log({"step": run.step, **final_eval})
+                run.logger.console({"step": run.step, **final_eval})
+            if manager.latest() is None or manager.latest() != manager.path_for(run.step):
+                _save(run, extra)
+            final = _save_final(run, extra)
+            if env.is_main:
+                plot_loss_curve(read_records(Path(cfg.out_dir) / "metrics.jsonl"), Path(cfg.out_dir) / "loss.png",
+                                title=Path(cfg.out_dir).name)
+        finally:
+            run.logger.close()
+    return TrainResult(run.step, history, final, final_eval, run.events)
+
+
+def _restore_after_wrap(run: _Run, state: dict) -> None:
+    """Resume: optimizer (needs the wrapped params), schedule, spike, scaler, RNG, data, step."""
+    S.load_optimizer_state(run.raw, run.optimizer, state["optimizer"], run.env)
+    run.step = int(state["step"])
+    run.schedule.load_state_dict(state["schedule"])
+    run.spike.load_state_dict(state["spike"])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    run.tokens_seen = int(state.get("tokens_seen", 0))
+    mine = state["ranks"][run.env.rank]
+    S.set_rng_state(mine["rng"], run.env.device)
+    S.restore_data_state(run.batches, mine["data"])
+
+
+def _save_final(run: _Run, extra: dict) -> Path:
+    """``{out_dir}/final``: weights + config + recipe + tokenizer, no train state."""
+    weights = S.gather_weights(run.raw, run.env, extra["weights_fn"])
+    path = Path(run.cfg.out_dir) / "final"
+    if run.env.is_main:
+        save_checkpoint(path, run.raw, recipe=extra["recipe"], weights=weights, tokenizer_path=extra["tokenizer_path"],
+                        meta={"step": run.step, "tokens_seen": run.tokens_seen, **(extra["meta"] or {})})
+    D.barrier(run.env)
+    return path

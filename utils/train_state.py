@@ -1,0 +1,186 @@
+"""Saving and restoring everything a run needs to continue exactly where it stopped.
+
+A step checkpoint (``utils.checkpoint`` layout) holds the weights plus ``train_state.pt``:
+
+    step, world_size, optimizer_name, optimizer, schedule, scaler, spike, tokens_seen,
+    ranks: [{"rng": {...}, "data": loader.state_dict()}, ...]   # one entry per rank
+
+Each rank has its own data position and RNG streams, so they are gathered to rank 0 and
+saved as a list; resuming with another process count is refused (the data shards would
+not line up). Under FSDP2 full (unsharded) weights and optimizer state are gathered with
+``torch.distributed.checkpoint.state_dict`` so a checkpoint does not depend on the sharding.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from utils.checkpoint import load_model_config, load_into, load_train_state, load_weights
+from utils.distributed import DistEnv, full_tensor
+from utils.errors import UserError
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def rng_state(device: torch.device) -> dict:
+    """RNG states of torch (CPU and CUDA), numpy and python, in weights_only-loadable types."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": random.getstate(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- weights and optimizer
+
+
+def _fsdp_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def gather_weights(model: nn.Module, env: DistEnv, weights_fn: Optional[Callable]) -> Optional[dict[str, torch.Tensor]]:
+    """Full CPU weights to save (collective under FSDP); None means "the model's own state"."""
+    if weights_fn is not None:
+        return {k: full_tensor(v) for k, v in weights_fn(model).items()}
+    if env.kind != "fsdp":
+        return None
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model, options=_fsdp_options(cpu_offload=True))
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv) -> dict:
+    if env.kind == "fsdp":
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer, options=_fsdp_options(cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, env: DistEnv) -> None:
+    if env.kind == "fsdp":
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=_fsdp_options())
+        return
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError) as err:
+        raise UserError(f"the checkpoint's optimizer state does not fit this run ({err}); "
+                        "the trainable parameters differ. Resume with the same recipe or set train.resume=never.") from None
+
+
+def check_same_model(path: Path, model: nn.Module) -> None:
+    """Refuse a checkpoint whose ModelConfig differs from the model being trained."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is None:
+        return
+    saved = load_model_config(path).to_dict()
+    ours = cfg.to_dict()
+    diff = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k) and k != "extra")
+    if diff:
+        shown = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs recipe {ours.get(k)!r}" for k in diff[:4])
+        raise UserError(f"checkpoint {str(path)!r} belongs to a different model ({shown}). "
+                        "Point train.resume at a checkpoint of this model, use another train.out_dir, or set train.resume=never.")
+
+
+def load_weights_into(path: Path, model: nn.Module, env: DistEnv, weights_fn: Optional[Callable]) -> None:
+    """Copy a checkpoint's weights into ``model`` (before or after FSDP sharding)."""
+    state = load_weights(path)
+    if weights_fn is not None:
+        targets = weights_fn(model)
+        if set(targets) != set(state):
+            missing, extra = sorted(set(targets) - set(state)), sorted(set(state) - set(targets))
+            raise UserError(f"weights in {path} do not match the trained tensors (missing {missing[:4]}, unexpected {extra[:4]}); "
+                            "resume with the same recipe or set train.resume=never.")
+        with torch.no_grad():
+            for k, t in targets.items():
+                if tuple(t.shape) != tuple(state[k].shape):
+                    raise UserError(f"weights in {path}: {k} has shape {tuple(state[k].shape)}, expected {tuple(t.shape)}.")
+                _copy_into(t, state[k])
+        return
+    if env.kind == "fsdp" and _is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        cfg = getattr(model, "cfg", None)
+        if cfg is not None and cfg.tie_embeddings and "lm_head.weight" not in state:
+            state["lm_head.weight"] = state["embed.weight"]
+        set_model_state_dict(model, state, options=_fsdp_options())
+        return
+    load_into(model, state, str(path))
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    from utils.distributed import is_dtensor
+
+    return any(is_dtensor(p) for p in model.parameters())
+
+
+def _copy_into(target: torch.Tensor, value: torch.Tensor) -> None:
+    from utils.distributed import is_dtensor
+
+    if is_dtensor(target):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value.to(target.device), target.device_mesh, target.placements)
+    target.copy_(value.to(dtype=target.dtype, device=target.device))
+
+
+def read_resume_state(path: Path, model: nn.Module, env: DistEnv, optimizer_name: str) -> dict:
+    """Validate a resume checkpoint against this run and return its train_state."""
+    path = Path(path)
+    check_same_model(path, model)
+    state = load_train_state(path)
+    if state is None:
+        raise UserError(f"{path} has no train_state.pt, so it cannot be resumed (it is an exported or final checkpoint). "
+                        "Resume from a step_* checkpoint, or set train.resume=never to start over.")
+    if state.get("world_size") != env.world_size:
+        raise UserError(f"checkpoint {str(path)!r} was written by {state.get('world_size')} process(es) but this run has "
+                        f"{env.world_size}; each process's data position and RNG are saved, so resume with "
+                        f"--nproc_per_node {state.get('world_size')} (or set train.resume=never).")
+    if state.get("optimizer_name") != optimizer_name:
+        raise UserError(f"checkpoint {str(path)!r} was trained with optim.name={state.get('optimizer_name')!r}, "
+                        f"this recipe says {optimizer_name!r}; use the same optimizer to resume.")
+    return state
+
+
+def data_state(batches: Any) -> Any:
+    return batches.state_dict() if hasattr(batches, "state_dict") else None
+
+
+def restore_data_state(batches: Any, state: Any) -> None:
+    if state is not None:
+        if not hasattr(batches, "load_state_dict"):
+            raise UserError("the checkpoint holds a data position but the batch iterator has no load_state_dict().")
+        batches.load_state_dict(state)
