@@ -152,6 +152,6 @@ def test_merge_and_unload_exports_to_hf(tmp_path):
     merge_and_unload(model)
     assert not lora_layers(model) and set(model.state_dict()) == set(tiny_model().state_dict())
     export_hf(model, tmp_path / "hf")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     with torch.no_grad():
         assert (hf(IDX).logits - adapted).abs().max().item() <= 1e-4
