@@ -35,7 +35,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inference import api_protocol as P
-from inference.async_engine import AsyncEngine, EngineDead, EngineOverloaded, RequestStream, TextStream
+from inference.async_engine import AsyncEngine, EngineDead, EngineOverloaded, RequestStream
 from inference.sampling_params import SamplingParams
 from utils.errors import UserError
 
@@ -171,18 +171,18 @@ class ChoiceEvent:
 
 
 class Generation:
-    """Runs one or more engine requests (one per prompt) and yields text events per choice.
+    """Runs one engine request per prompt and yields text events per choice.
 
-    Choice ``k * n + i`` is sample ``i`` of prompt ``k``. A choice ends when the engine
-    finishes it or its text hits a stop string; a request whose choices have all ended is
-    aborted so no compute is spent on tokens nobody will see.
+    Choice ``k * n + i`` is sample ``i`` of prompt ``k``. Text comes from the engine's
+    incremental detokenizer (``new_text``: UTF-8 complete, stop strings cut and never
+    half-sent, stop tokens not shown).
     """
 
-    def __init__(self, streams: list[RequestStream], texts: list[TextStream], prompt_lens: list[int]):
-        self.streams, self.texts, self.prompt_lens = streams, texts, prompt_lens
+    def __init__(self, streams: list[RequestStream], prompt_lens: list[int]):
+        self.streams, self.prompt_lens = streams, prompt_lens
         self.n = streams[0].n
-        self.completion_tokens = [0] * len(texts)
-        self.finished = [False] * len(texts)
+        self.num_choices = len(streams) * self.n
+        self.completion_tokens = [0] * self.num_choices
 
     def close(self) -> None:
         for stream in self.streams:
@@ -195,21 +195,14 @@ class Generation:
     async def events(self) -> AsyncIterator[ChoiceEvent]:
         try:
             async for k, out in self._merged():
+                if out.finish_reason == "error":  # cannot happen after submit's check, unless the engine changes
+                    raise UserError(out.error or "the engine could not run this request")
                 key = k * self.n + out.index
-                if self.finished[key]:
-                    continue
-                text = self.texts[key]
-                delta = text.push(out.new_token_ids, final=out.finished)
                 self.completion_tokens[key] = len(out.output_token_ids)
-                reason = "stop" if text.stopped else (out.finish_reason if out.finished else None)
-                if reason is not None:
-                    self.finished[key] = True
-                    if all(self.finished[k * self.n : (k + 1) * self.n]):
-                        self.streams[k].close()
-                yield ChoiceEvent(key, delta, reason, list(out.new_token_ids), getattr(out, "logprobs", None))
+                reason = out.finish_reason if out.finished else None
+                yield ChoiceEvent(key, out.new_text, reason, list(out.new_token_ids), out.logprobs)
         finally:
-            for stream in self.streams:
-                stream.close()
+            self.close()
 
     async def _merged(self) -> AsyncIterator[tuple[int, Any]]:
         if len(self.streams) == 1:
@@ -248,11 +241,16 @@ def sse(payload: BaseModel | dict) -> str:
 
 
 def token_logprobs(tok: Any, entries: Any) -> list[P.TokenLogprob]:
-    """Engine logprob entries -> OpenAI chat logprobs. An entry is (token_id, logprob, {alt_id: logprob})."""
+    """Engine TokenLogprob entries (token_id, logprob, top=[(id, logprob)]) -> OpenAI chat logprobs."""
+    def piece(token_id: int) -> tuple[str, list[int]]:
+        text = tok.decode([token_id])
+        return text, list(text.encode("utf-8", errors="replace"))
+
     result = []
-    for token_id, logprob, top in entries or []:
-        alts = [P.TopLogprob(token=tok.decode([t]), logprob=float(lp)) for t, lp in (top or {}).items()]
-        result.append(P.TokenLogprob(token=tok.decode([token_id]), logprob=float(logprob), top_logprobs=alts))
+    for entry in entries or []:
+        alts = [P.TopLogprob(token=piece(t)[0], logprob=float(lp), bytes=piece(t)[1]) for t, lp in entry.top]
+        text, raw = piece(entry.token_id)
+        result.append(P.TokenLogprob(token=text, logprob=float(entry.logprob), bytes=raw, top_logprobs=alts))
     return result
 
 
@@ -284,7 +282,6 @@ def build_app(engine: AsyncEngine, tokenizer: Any, settings: ServerSettings, *, 
         await engine.shutdown(shutdown_timeout)
 
     app = FastAPI(title="llm-framework", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    eos = getattr(tokenizer, "eos_id", None)
 
     # -- errors: every failure leaves in the OpenAI shape; only bugs are 500.
     @app.exception_handler(ApiError)
@@ -315,20 +312,19 @@ def build_app(engine: AsyncEngine, tokenizer: Any, settings: ServerSettings, *, 
         if name != settings.model_name:
             raise ApiError(404, f"model {name!r} does not exist; this server serves {settings.model_name!r} (GET /v1/models).", param="model", code="model_not_found")
 
-    async def start(prompts: list[list[int]], params: SamplingParams, hidden_ids: list[int]) -> Generation:
+    def start(prompts: list[list[int]], params: SamplingParams) -> Generation:
         streams: list[RequestStream] = []
         try:
             for ids in prompts:
-                streams.append(await engine.submit(ids, params))
+                streams.append(engine.submit(ids, params))
         except BaseException:
             for stream in streams:
                 stream.close()
             raise
-        texts = [TextStream(tokenizer, params.stop, hidden_ids) for _ in range(len(prompts) * params.n)]
-        return Generation(streams, texts, [len(ids) for ids in prompts])
+        return Generation(streams, [len(ids) for ids in prompts])
 
     async def collect(gen: Generation) -> tuple[list[str], list[Optional[str]], list[list]]:
-        texts, reasons, logprobs = [""] * len(gen.texts), [None] * len(gen.texts), [[] for _ in gen.texts]
+        texts, reasons, logprobs = [""] * gen.num_choices, [None] * gen.num_choices, [[] for _ in range(gen.num_choices)]
         async for ev in gen.events():
             texts[ev.index] += ev.text
             logprobs[ev.index].extend(ev.logprobs or [])
@@ -369,7 +365,7 @@ def build_app(engine: AsyncEngine, tokenizer: Any, settings: ServerSettings, *, 
         stop_ids = [] if req.ignore_eos else list(chat_stop_ids(tokenizer))
         params = sampling_params(req, len(prompt_ids), settings, stop_ids, req.logprobs, req.top_logprobs or 0,
                                  req.max_completion_tokens or req.max_tokens)
-        gen = await start([list(prompt_ids)], params, list(chat_stop_ids(tokenizer)) + ([eos] if eos is not None else []))
+        gen = start([list(prompt_ids)], params)
         rid, created = P.new_id("chatcmpl"), P.now()
 
         def chunk(choices: list[P.ChatChunkChoice], usage: Optional[P.Usage] = None) -> str:
@@ -380,7 +376,7 @@ def build_app(engine: AsyncEngine, tokenizer: Any, settings: ServerSettings, *, 
 
         async def stream_body() -> AsyncIterator[str]:
             try:
-                for i in range(len(gen.texts)):
+                for i in range(gen.num_choices):
                     yield chunk([P.ChatChunkChoice(index=i, delta=P.Delta(role="assistant", content=""))])
                 async for ev in gen.events():
                     if ev.text or ev.finish_reason or (req.logprobs and ev.logprobs):
@@ -388,8 +384,8 @@ def build_app(engine: AsyncEngine, tokenizer: Any, settings: ServerSettings, *, 
                         yield chunk([P.ChatChunkChoice(index=ev.index, delta=delta, finish_reason=ev.finish_reason, logprobs=lp(ev.logprobs or []))])
                 if req.stream_options is not None and req.stream_options.include_usage:
                     yield chunk([], gen.usage())
-            except EngineDead as err:
-                yield sse(P.error_body(f"engine failed: {err}", "server_error"))
+            except (EngineDead, UserError) as err:  # headers are sent: report in-band, as OpenAI does
+                yield sse(P.error_body(str(err), "server_error" if isinstance(err, EngineDead) else "invalid_request_error"))
             yield "data: [DONE]\n\n"
 
         if req.stream:
@@ -413,7 +409,7 @@ def build_app(engine: AsyncEngine, tokenizer: Any, settings: ServerSettings, *, 
         if len(prompts) > engine.max_concurrent:
             raise ApiError(400, f"{len(prompts)} prompts in one request; the limit is {engine.max_concurrent}.", param="prompt")
         params = sampling_params(req, max(map(len, prompts)), settings, [], req.logprobs is not None, req.logprobs or 0, req.max_tokens)
-        gen = await start(prompts, params, [eos] if eos is not None else [])
+        gen = start(prompts, params)
         rid, created = P.new_id("cmpl"), P.now()
 
         def lp(entries: list) -> Optional[P.CompletionLogprobs]:
@@ -422,13 +418,13 @@ def build_app(engine: AsyncEngine, tokenizer: Any, settings: ServerSettings, *, 
         async def stream_body() -> AsyncIterator[str]:
             try:
                 async for ev in gen.events():
-                    if ev.text or ev.finish_reason:
+                    if ev.text or ev.finish_reason or (req.logprobs is not None and ev.logprobs):
                         choice = P.CompletionChoice(index=ev.index, text=ev.text, finish_reason=ev.finish_reason, logprobs=lp(ev.logprobs or []))
                         yield sse(P.Completion(id=rid, created=created, model=settings.model_name, choices=[choice]))
                 if req.stream_options is not None and req.stream_options.include_usage:
                     yield sse(P.Completion(id=rid, created=created, model=settings.model_name, choices=[], usage=gen.usage()))
-            except EngineDead as err:
-                yield sse(P.error_body(f"engine failed: {err}", "server_error"))
+            except (EngineDead, UserError) as err:  # headers are sent: report in-band, as OpenAI does
+                yield sse(P.error_body(str(err), "server_error" if isinstance(err, EngineDead) else "invalid_request_error"))
             yield "data: [DONE]\n\n"
 
         if req.stream:

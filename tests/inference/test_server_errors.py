@@ -23,7 +23,7 @@ def tok(tmp_path_factory):
 
 
 def serve(tok, api_key=None, max_concurrent=64, step_delay=0.002, max_body_bytes=20_000):
-    engine = H.FakeEngine(tok.vocab_size, max_model_len=128, eos_id=tok.eos_id, step_delay=step_delay)
+    engine = H.slow_down(H.tiny_engine(tok, 128), step_delay)
     settings_ = server.ServerSettings(model_name=MODEL, max_model_len=128, api_key=api_key, max_tokens_cap=64, n_cap=4, max_body_bytes=max_body_bytes)
     return H.LiveServer(server.build_app(AsyncEngine(engine, max_concurrent=max_concurrent), tok, settings_))
 

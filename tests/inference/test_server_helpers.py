@@ -1,17 +1,14 @@
 """Shared pieces for the server tests (no tests here): a tiny byte-level BPE tokenizer,
-a fake engine with the LLMEngine interface, and a live uvicorn server on a free port."""
+a tiny random-weight model and engine, and a live uvicorn server on a free port."""
 from __future__ import annotations
 
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import uvicorn
 
-from utils.errors import UserError
 
 CORPUS = [
     "Once upon a time there was a little robot who loved to count numbers.",
@@ -64,86 +61,46 @@ def chat_stop_ids(tok):
     return [tok.tok.token_to_id("<|im_end|>")]
 
 
-# ----------------------------------------------------------------------------- fake engine
+# ----------------------------------------------------------------------------- tiny model
 
 
-@dataclass
-class FakeOutput:
-    request_id: str
-    index: int
-    new_token_ids: list
-    output_token_ids: list
-    finished: bool
-    finish_reason: Optional[str]
-    prompt_len: int
-    logprobs: Optional[list] = None
+def tiny_model(vocab_size: int, max_seq_len: int = 256, seed: int = 0):
+    """A 2-layer width-32 random-weight Llama-style Transformer (the engine's test size)."""
+    import torch
+
+    from model.config import ModelConfig
+    from model.transformer import Transformer
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=vocab_size, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=max_seq_len)
+    return Transformer(cfg).eval()
 
 
-@dataclass
-class _Seq:
-    request_id: str
-    index: int
-    ids: list
-    prompt_len: int
-    params: object
-    blocks: int = 0
-    out: list = field(default_factory=list)
+def tiny_engine(tok, max_seq_len: int = 256, **kw):
+    from inference.engine import LLMEngine
+
+    kw.setdefault("max_num_seqs", 8)
+    return LLMEngine(tiny_model(tok.vocab_size, max_seq_len), tokenizer=tok, **kw)
 
 
-class FakeEngine:
-    """The LLMEngine interface with a deterministic toy 'model' (next = (7*last + 3*len + index) % V),
-    one token per sequence per step, at most ``max_num_seqs`` running, KV blocks counted."""
+def tiny_checkpoint(path: Path, tokenizer_json: Path, max_seq_len: int = 256) -> Path:
+    """A checkpoint directory (weights, config, tokenizer.json) the CLI entry points can load."""
+    from utils.checkpoint import save_checkpoint
 
-    def __init__(self, vocab_size: int, max_model_len: int = 256, block_size: int = 4, num_blocks: int = 1024,
-                 max_num_seqs: int = 8, step_delay: float = 0.002, eos_id: Optional[int] = None):
-        self.vocab_size, self.max_model_len, self.block_size = vocab_size, max_model_len, block_size
-        self.num_blocks = self.num_free_blocks = num_blocks
-        self.max_num_seqs, self.step_delay, self.eos_id = max_num_seqs, step_delay, eos_id
-        self.seqs: list[_Seq] = []
-        self.aborted: list[FakeOutput] = []
-        self.added = 0
+    tok = HFTokenizer(tokenizer_json)
+    return save_checkpoint(path, tiny_model(tok.vocab_size, max_seq_len), tokenizer_path=tokenizer_json)
 
-    def add_request(self, prompt_ids, params, request_id=None):
-        params.validate(self.max_model_len)
-        if len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise UserError("prompt + max_tokens is longer than max_model_len")
-        self.added += 1
-        for i in range(params.n):
-            self.seqs.append(_Seq(request_id, i, list(prompt_ids), len(prompt_ids), params))
-        return request_id
 
-    def abort(self, request_id):
-        for s in [s for s in self.seqs if s.request_id == request_id]:
-            self._free(s)
-            self.aborted.append(FakeOutput(request_id, s.index, [], s.out, True, "abort", s.prompt_len))
+def slow_down(engine, seconds: float):
+    """Make every engine step take at least ``seconds`` (to hold requests in flight in a test)."""
+    step = engine.step
 
-    def has_unfinished(self):
-        return bool(self.seqs) or bool(self.aborted)
+    def slow_step():
+        time.sleep(seconds)
+        return step()
 
-    def _free(self, s):
-        self.num_free_blocks += s.blocks
-        s.blocks = 0
-        self.seqs.remove(s)
-
-    def step(self):
-        time.sleep(self.step_delay)
-        outputs, self.aborted = self.aborted, []
-        for s in list(self.seqs[: self.max_num_seqs]):
-            nxt = (7 * s.ids[-1] + 3 * len(s.ids) + s.index) % self.vocab_size
-            s.ids.append(nxt)
-            s.out = s.ids[s.prompt_len :]
-            need = -(-len(s.ids) // self.block_size)
-            self.num_free_blocks -= need - s.blocks
-            s.blocks = need
-            reason = None
-            if nxt in s.params.stop_token_ids or (nxt == self.eos_id and not s.params.ignore_eos):
-                reason = "stop"
-            elif len(s.out) >= s.params.max_tokens:
-                reason = "length"
-            if reason:
-                self._free(s)
-            outputs.append(FakeOutput(s.request_id, s.index, [nxt], list(s.out), reason is not None, reason, s.prompt_len))
-        return outputs
+    engine.step = slow_step
+    return engine
 
 
 # ----------------------------------------------------------------------------- live server
