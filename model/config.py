@@ -17,6 +17,43 @@ POSITIONS = ("rope", "learned", "alibi", "none")
 ATTENTIONS = ("standard", "mla", "linear")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 
+# Sub-blocks with their defaults; None marks a key the recipe must give. Filled in by
+# __post_init__ so a saved config states every value it ran with.
+MLA_DEFAULTS: dict[str, Any] = {
+    "q_lora_rank": None,  # None/0: queries are projected at full rank (DeepSeek-V2-Lite)
+    "kv_lora_rank": None,  # width of the cached latent c_kv
+    "qk_nope_head_dim": None,  # per-head query/key channels without position
+    "qk_rope_head_dim": None,  # decoupled RoPE channels (one key shared by all heads)
+    "v_head_dim": None,
+}
+MOE_DEFAULTS: dict[str, Any] = {
+    "n_routed_experts": None,
+    "n_shared_experts": 0,
+    "n_experts_per_tok": None,  # top-k
+    "moe_d_ff": None,  # hidden width of one expert (and of one shared expert)
+    "scoring": "softmax",  # "softmax" (DeepSeek-V2) | "sigmoid" (DeepSeek-V3)
+    "norm_topk_prob": True,  # renormalise the k selected scores to sum to 1
+    "routed_scaling_factor": 1.0,
+    "n_group": 1,  # node-limited routing: experts split in groups, only topk_group groups eligible
+    "topk_group": 1,
+    "first_k_dense": 0,  # layers [0, first_k_dense) use a dense gated MLP of width d_ff
+    "aux_free_bias_update_rate": 0.0,  # DeepSeek-V3 gamma; 0 disables bias balancing
+    "seq_aux_loss_coef": 0.0,  # DeepSeek-V3 alpha of the sequence-wise balance loss
+}
+
+
+def _fill(block: Optional[dict], defaults: dict[str, Any], name: str) -> Optional[dict]:
+    if block is None:
+        return None
+    unknown = sorted(set(block) - set(defaults))
+    if unknown:
+        raise UserError(f"model: {name} has unknown keys {unknown}; known keys: {sorted(defaults)}.")
+    out = {**defaults, **block}
+    missing = [k for k, v in out.items() if v is None and k != "q_lora_rank"]
+    if missing:
+        raise UserError(f"model: {name} needs values for {missing}.")
+    return out
+
 
 @dataclass
 class ModelConfig:
@@ -62,6 +99,23 @@ class ModelConfig:
     extra: dict = field(default_factory=dict)  # free-form notes (e.g. source of published dims)
 
     def __post_init__(self) -> None:
+        self.mla = _fill(self.mla, MLA_DEFAULTS, "mla") if self.attention == "mla" else self.mla
+        self.moe = _fill(self.moe, MOE_DEFAULTS, "moe") if self.ffn == "moe" else self.moe
+        if self.attention == "mla" and self.mla is not None:
+            # MLA has one latent shared by every head, so there are no KV heads to choose, and
+            # the query/key head size is fixed by the mla block.
+            if self.n_kv_heads not in (None, self.n_heads):
+                raise UserError(
+                    f"model: attention='mla' shares one latent across heads; n_kv_heads={self.n_kv_heads} "
+                    "does not apply (leave it unset)."
+                )
+            qk_dim = self.mla["qk_nope_head_dim"] + self.mla["qk_rope_head_dim"]
+            if self.head_dim not in (None, qk_dim):
+                raise UserError(
+                    f"model: with MLA head_dim is qk_nope_head_dim + qk_rope_head_dim = {qk_dim}; "
+                    f"got head_dim={self.head_dim} (leave it unset)."
+                )
+            self.head_dim = qk_dim
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
@@ -105,23 +159,64 @@ class ModelConfig:
         if self.sliding_window is not None and self.sliding_window <= 0:
             bad(f"sliding_window must be positive or null, got {self.sliding_window}.")
         if self.attention == "mla":
-            if self.mla is None:
-                bad("attention='mla' needs an 'mla' block (q_lora_rank, kv_lora_rank, qk_rope_head_dim, ...).")
-            if self.pos_emb == "alibi":
-                bad("MLA uses decoupled RoPE keys; it cannot be combined with pos_emb='alibi'.")
+            self._validate_mla(bad)
+        if self.attention == "linear":
+            for what, on in (
+                ("pos_emb='alibi'", self.pos_emb == "alibi"),
+                ("sliding_window", self.sliding_window is not None),
+                ("attn_logit_softcap", self.attn_logit_softcap is not None),
+            ):
+                if on:
+                    bad(f"attention='linear' has no attention matrix to apply {what} to; remove one of them.")
         if self.ffn == "moe":
-            if self.moe is None:
-                bad("ffn='moe' needs a 'moe' block (n_routed_experts, n_experts_per_tok, ...).")
-            n_exp, k = self.moe.get("n_routed_experts", 0), self.moe.get("n_experts_per_tok", 0)
-            if not (0 < k <= n_exp):
-                bad(f"MoE top-k n_experts_per_tok={k} must be between 1 and n_routed_experts={n_exp}.")
+            self._validate_moe(bad)
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("type")
             if kind not in ("linear", "yarn", "llama3"):
                 bad(f"rope_scaling.type={kind!r} is not one of linear, yarn, llama3.")
 
+    def _validate_mla(self, bad) -> None:
+        if self.mla is None:
+            bad("attention='mla' needs an 'mla' block (q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim).")
+        if self.pos_emb == "alibi":
+            bad("MLA uses decoupled RoPE keys; it cannot be combined with pos_emb='alibi'.")
+        if self.pos_emb != "rope":
+            bad(f"MLA needs pos_emb='rope' (its decoupled RoPE key carries the positions), got {self.pos_emb!r}.")
+        if self.qk_norm or self.attn_logit_softcap is not None:
+            bad("MLA does not support qk_norm or attn_logit_softcap (its latent norms play that role).")
+        for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if not isinstance(self.mla[key], int) or self.mla[key] <= 0:
+                bad(f"mla.{key} must be a positive integer, got {self.mla[key]!r}.")
+        if self.mla["q_lora_rank"] is not None and self.mla["q_lora_rank"] < 0:
+            bad(f"mla.q_lora_rank must be >= 0 or null, got {self.mla['q_lora_rank']}.")
+
+    def _validate_moe(self, bad) -> None:
+        m = self.moe
+        if m is None:
+            bad("ffn='moe' needs a 'moe' block (n_routed_experts, n_experts_per_tok, moe_d_ff, ...).")
+        n_exp, k = m["n_routed_experts"], m["n_experts_per_tok"]
+        if not (0 < k <= n_exp):
+            bad(f"MoE top-k n_experts_per_tok={k} must be between 1 and n_routed_experts={n_exp}.")
+        if m["moe_d_ff"] <= 0 or m["n_shared_experts"] < 0:
+            bad(f"moe.moe_d_ff must be positive and n_shared_experts >= 0, got {m['moe_d_ff']}, {m['n_shared_experts']}.")
+        if m["scoring"] not in ("softmax", "sigmoid"):
+            bad(f"moe.scoring={m['scoring']!r} is not one of softmax, sigmoid.")
+        g, tg = m["n_group"], m["topk_group"]
+        if g <= 0 or n_exp % g:
+            bad(f"moe.n_group={g} must divide n_routed_experts={n_exp}.")
+        if not (0 < tg <= g):
+            bad(f"moe.topk_group={tg} must be between 1 and n_group={g}.")
+        if k > tg * (n_exp // g):
+            bad(f"moe: top-k={k} experts cannot be chosen from topk_group={tg} groups of {n_exp // g} experts.")
+        if not (0 <= m["first_k_dense"] <= self.n_layers):
+            bad(f"moe.first_k_dense={m['first_k_dense']} must be between 0 and n_layers={self.n_layers}.")
+        if m["aux_free_bias_update_rate"] < 0 or m["seq_aux_loss_coef"] < 0:
+            bad("moe.aux_free_bias_update_rate and moe.seq_aux_loss_coef must be >= 0.")
+
     @property
     def rotary_dim(self) -> int:
+        if self.attention == "mla" and self.mla is not None:
+            return self.mla["qk_rope_head_dim"]  # only the decoupled part is rotated
         return int(self.head_dim * self.partial_rotary)
 
     def layer_window(self, layer: int) -> Optional[int]:

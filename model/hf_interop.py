@@ -5,8 +5,8 @@ state dict. Nothing here imports `transformers`; the config is written as plain 
 an exported directory loads with ``AutoModelForCausalLM.from_pretrained`` (and with vLLM or
 the llama.cpp converters, which read the same files).
 
-Families: llama, mistral (sliding window), qwen2 (qkv bias), qwen3 (QK-norm), gpt2.
-Further families (gemma, deepseek_v3) register themselves in FAMILIES from their own module.
+Families: llama, mistral (sliding window), qwen2 (qkv bias), qwen3 (QK-norm), gpt2 here;
+gemma2 and deepseek_v3 in model/hf_families.py, which registers them in FAMILIES.
 """
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ class Family:
     to_hf_state: Callable[[dict, ModelConfig], dict]
     from_hf_state: Callable[[dict, ModelConfig], dict]
     matches: Callable[[ModelConfig], bool]
+    # When set, from_hf_state is called as f(hf_state, cfg, hf_config) (DeepSeek-V3 reads
+    # rope_interleave, which changes the weights but not our config).
+    state_needs_hf_config: bool = False
 
 
 FAMILIES: dict[str, Family] = {}
@@ -380,7 +383,10 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
 def from_hf(hf_state: dict, hf_config: dict) -> tuple[dict, ModelConfig]:
     """HF (state dict, config dict) -> (our state dict, ModelConfig)."""
     cfg = config_from_hf(hf_config)
-    return FAMILIES[hf_config["model_type"]].from_hf_state(hf_state, cfg), cfg
+    fam = FAMILIES[hf_config["model_type"]]
+    if fam.state_needs_hf_config:
+        return fam.from_hf_state(hf_state, cfg, hf_config), cfg
+    return fam.from_hf_state(hf_state, cfg), cfg
 
 
 def export_hf(model: torch.nn.Module, out_dir: str | os.PathLike) -> Path:

@@ -19,6 +19,25 @@ CONFIGS = {
     "qwen3": ModelConfig(**TINY, n_kv_heads=2, d_ff=96, qk_norm=True, head_dim=32, norm_eps=1e-6),
     "qwen2": ModelConfig(**TINY, n_kv_heads=2, d_ff=96, qkv_bias=True),
     "mistral": ModelConfig(**TINY, n_kv_heads=2, d_ff=96, sliding_window=8),
+    "gemma2": ModelConfig(
+        **TINY, n_kv_heads=2, head_dim=32, d_ff=96, norm_eps=1e-6, norm_unit_offset=True, ffn="geglu",
+        activation="gelu_tanh", embed_scale=True, post_norms=True, attn_logit_softcap=50.0, final_logit_softcap=30.0,
+        query_pre_attn_scalar=24, sliding_window=8, sliding_window_pattern=2, tie_embeddings=True,
+    ),
+    # MLA + DeepSeekMoE: dense first layer, shared expert, sigmoid group-limited routing, YaRN with mscale.
+    "deepseek_v3": ModelConfig(
+        **{**TINY, "n_layers": 3}, d_ff=96, norm_eps=1e-6, attention="mla",
+        mla=dict(q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16),
+        ffn="moe",
+        moe=dict(n_routed_experts=8, n_shared_experts=1, n_experts_per_tok=2, moe_d_ff=32, scoring="sigmoid",
+                 n_group=4, topk_group=2, first_k_dense=1, routed_scaling_factor=2.5),
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_seq_len": 16, "mscale": 0.707, "mscale_all_dim": 0.707},
+    ),
+    # MLA without query compression and with dense FFNs (DeepSeek-V2-Lite-like attention).
+    "deepseek_v3_mla_dense": ModelConfig(
+        **TINY, d_ff=96, norm_eps=1e-6, attention="mla",
+        mla=dict(q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=16, v_head_dim=12),
+    ),
     "gpt2": ModelConfig(
         **TINY, norm="layernorm", ffn="gelu_mlp", activation="gelu_tanh", pos_emb="learned",
         qkv_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True,
@@ -27,23 +46,33 @@ CONFIGS = {
 
 
 def randomize(model: torch.nn.Module) -> None:
-    # Non-trivial norms and biases so a mis-mapped weight cannot hide behind ones and zeros.
+    # Non-trivial norms, biases and MoE balance biases so a mis-mapped weight cannot hide
+    # behind ones and zeros.
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if p.dim() == 1 and p.shape[0] in (32, 64) else 0.0))
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if name.endswith("norm.weight") else 0.0))
+        for name, b in model.named_buffers():
+            if name.endswith("expert_bias"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
 
 
 def hf_model(hf_state, hf_config):
-    cfg = transformers.AutoConfig.for_model(**hf_config)
-    cfg._attn_implementation = "eager"
-    model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32).eval()
-    missing, unexpected = model.load_state_dict(hf_state, strict=False)
-    assert not unexpected, unexpected
-    assert all("rotary" in m or (hf_config.get("tie_word_embeddings") and "lm_head" in m) for m in missing), missing
-    if hf_config.get("tie_word_embeddings"):
-        model.tie_weights()
-    return model
+    """Load through the real path: files on disk + from_pretrained (key conversions included)."""
+    import json
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as d:
+        save_file({k: v.contiguous() for k, v in hf_state.items()}, f"{d}/model.safetensors", metadata={"format": "pt"})
+        with open(f"{d}/config.json", "w") as f:
+            json.dump(hf_config, f)
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            d, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
+        )
+    assert not info["unexpected_keys"] and not info["missing_keys"], info
+    return model.eval()
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -74,7 +103,7 @@ def test_round_trip_from_hf(name):
         assert torch.equal(v, again.state_dict()[k]), k
 
 
-@pytest.mark.parametrize("name", ["llama3", "gpt2", "qwen3"])
+@pytest.mark.parametrize("name", ["llama3", "gpt2", "qwen3", "gemma2", "deepseek_v3"])
 def test_export_hf_loads_with_auto_model(tmp_path, name):
     from model.hf_interop import export_hf, load_hf_dir
 
@@ -82,7 +111,7 @@ def test_export_hf_loads_with_auto_model(tmp_path, name):
     ours = Transformer(cfg).eval()
     randomize(ours)
     export_hf(ours, tmp_path / "hf")
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     idx = torch.randint(0, cfg.vocab_size, (2, 20))
     with torch.no_grad():
         assert (ours(idx) - theirs(idx).logits).abs().max().item() <= 1e-4
