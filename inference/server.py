@@ -152,9 +152,10 @@ async def until_disconnect(request: Request, work: Any) -> Any:
     finally:
         watcher.cancel()
         if not task.done():
-            task.cancel()
+            task.cancel()  # the work's finally blocks abort its engine requests
+            await asyncio.wait({task})
     if task.cancelled():
-        raise asyncio.CancelledError  # nobody is listening; uvicorn drops the response
+        raise ApiError(499, "client closed the request", code="client_closed")  # nobody reads this answer
     return task.result()
 
 
