@@ -473,3 +473,79 @@ def completion_logprobs(tok: Any, entries: list) -> P.CompletionLogprobs:
         tokens=[t.token for t in chat], token_logprobs=[t.logprob for t in chat],
         top_logprobs=[{a.token: a.logprob for a in t.top_logprobs} for t in chat], text_offset=offsets,
     )
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def load_serving(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(engine, tokenizer) for a checkpoint directory; shared by the server and the chat CLI."""
+    import torch
+
+    from inference.engine import LLMEngine, load_tokenizer
+
+    ckpt = Path(args.checkpoint)
+    if not ckpt.is_dir():
+        raise UserError(f"checkpoint {str(ckpt)!r} does not exist; point --checkpoint at a directory written by a training stage.")
+    tok_path = Path(args.tokenizer) if args.tokenizer else ckpt / "tokenizer.json"
+    if not tok_path.is_file():
+        raise UserError(f"no tokenizer at {tok_path}; checkpoints carry tokenizer.json beside the weights, or pass --tokenizer PATH.")
+    tokenizer = load_tokenizer(tok_path)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    engine = LLMEngine.from_checkpoint(str(ckpt), tokenizer=tokenizer, device=args.device, dtype=dtype,
+                                       max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
+    return engine, tokenizer
+
+
+def add_engine_args(parser: argparse.ArgumentParser, max_num_seqs: int = 32) -> None:
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (model.safetensors, model_config.json, tokenizer.json)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one in the checkpoint)")
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--max-num-seqs", type=int, default=max_num_seqs, help="sequences decoded together per step")
+    parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's max_seq_len)")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    import os
+
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description="OpenAI-compatible server for a checkpoint.")
+    add_engine_args(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 exposes it to the network)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get("LLM_API_KEY"), help="require 'Authorization: Bearer KEY' on /v1 (default: $LLM_API_KEY)")
+    parser.add_argument("--model-name", default=None, help="name clients pass as 'model' (default: the checkpoint directory's name)")
+    parser.add_argument("--max-concurrent", type=int, default=256, help="requests in flight before answering 503")
+    parser.add_argument("--max-tokens-cap", type=int, default=4096, help="largest max_tokens a request may ask for")
+    parser.add_argument("--n-cap", type=int, default=8, help="largest n (choices per request)")
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get to finish after SIGTERM")
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    for flag in ("port", "max_concurrent", "max_tokens_cap", "n_cap", "max_body_bytes", "max_num_seqs"):
+        if getattr(args, flag) < 1 and not (flag == "port" and getattr(args, flag) == 0):
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}.")
+
+    engine, tokenizer = load_serving(args)
+    settings = ServerSettings(
+        model_name=args.model_name or Path(args.checkpoint).resolve().name, max_model_len=engine.max_model_len,
+        api_key=args.api_key or None, max_tokens_cap=args.max_tokens_cap, n_cap=args.n_cap, max_body_bytes=args.max_body_bytes,
+    )
+    app = build_app(AsyncEngine(engine, max_concurrent=args.max_concurrent), tokenizer, settings, shutdown_timeout=args.shutdown_timeout)
+    print(f"serving {settings.model_name!r} ({engine.max_model_len}-token context, {engine.num_blocks} KV blocks) "
+          f"on http://{args.host}:{args.port}  (chat page at /, API at /v1)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_timeout)
+
+
+if __name__ == "__main__":
+    from utils.cli import main_guard
+
+    main_guard(main)

@@ -60,6 +60,13 @@ async function* sseEvents(body) {
   }
 }
 
+function requestBody() {
+  const body = { model: modelName, messages: history, stream: true, temperature: Number($("temperature").value) };
+  const maxTokens = $("max-tokens").value;
+  if (maxTokens) body.max_tokens = Number(maxTokens);  // empty: as much as the context allows
+  return body;
+}
+
 async function send(text) {
   if (!modelName) await loadModel();
   if (!modelName) return;
@@ -76,13 +83,7 @@ async function send(text) {
       method: "POST",
       headers: headers(),
       signal: controller.signal,
-      body: JSON.stringify({
-        model: modelName,
-        messages: history,
-        stream: true,
-        temperature: Number($("temperature").value),
-        max_tokens: Number($("max-tokens").value),
-      }),
+      body: JSON.stringify(requestBody()),
     });
     if (!resp.ok) throw new Error(await errorText(resp));
     for await (const chunk of sseEvents(resp.body)) {

@@ -1,0 +1,128 @@
+"""Streaming terminal chat with a checkpoint.
+
+    python inference/chat.py --checkpoint runs/sft/step_00001000 [--system "You are terse."]
+
+Type a message and the reply streams token by token. The conversation is kept (oldest turns
+are dropped when it outgrows the context); ``/reset`` starts over, ``/exit`` or Ctrl-D quits,
+Ctrl-C stops a reply mid-way. Prompts go through the project's one chat template and
+generation through the engine, exactly as the server does.
+"""
+from __future__ import annotations
+
+import sys, pathlib  # noqa: E401
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # repo root
+
+import argparse
+import time
+from typing import Any, Optional, TextIO
+
+from inference.sampling_params import SamplingParams
+from inference.server import add_engine_args, chat_format, load_serving
+from utils.errors import UserError
+
+
+def fit_history(tok: Any, render_chat: Any, messages: list[dict], max_model_len: int, min_reply: int) -> list[int]:
+    """Render ``messages``, dropping the oldest non-system turns until at least ``min_reply``
+    tokens of context are left for the answer. Returns the prompt ids (messages is trimmed in place)."""
+    while True:
+        ids, _ = render_chat(tok, messages, add_generation_prompt=True)
+        if len(ids) + min_reply <= max_model_len:
+            return list(ids)
+        first = 1 if messages and messages[0]["role"] == "system" else 0
+        if len(messages) - first <= 1:
+            raise UserError(f"the message is {len(ids)} tokens with the chat template; the context is {max_model_len}. Send something shorter.")
+        del messages[first : first + 2 if len(messages) - first > 2 else first + 1]
+
+
+def reply(engine: Any, prompt_ids: list[int], params: SamplingParams, out: TextIO) -> tuple[str, int]:
+    """Generate and stream one answer to ``out``. Returns (text, generated tokens)."""
+    request_id = engine.add_request(prompt_ids, params)
+    text, n_tokens = "", 0
+    try:
+        while engine.has_unfinished():
+            for o in engine.step():
+                if o.request_id != request_id:
+                    continue
+                if o.finish_reason == "error":
+                    raise UserError(o.error or "the engine could not run this request")
+                text += o.new_text
+                n_tokens = len(o.output_token_ids)
+                out.write(o.new_text)
+                out.flush()
+    except KeyboardInterrupt:  # stop this answer, keep the chat
+        engine.abort(request_id)
+        while engine.has_unfinished():
+            engine.step()
+        out.write(" [stopped]")
+    return text, n_tokens
+
+
+def chat_loop(engine: Any, tok: Any, args: argparse.Namespace, stdin: TextIO, out: TextIO, err: TextIO) -> None:
+    render_chat, chat_stop_ids = chat_format()
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    interactive = stdin.isatty()
+    while True:
+        if interactive:
+            out.write("\n> ")
+            out.flush()
+        line = stdin.readline()
+        if not line:  # EOF
+            break
+        text = line.rstrip("\n")
+        if text.strip() == "/exit":
+            break
+        if text.strip() == "/reset":
+            messages = list(system)
+            out.write("(conversation reset)\n")
+            continue
+        if not text.strip():
+            continue
+        messages.append({"role": "user", "content": text})
+        try:
+            prompt_ids = fit_history(tok, render_chat, messages, engine.max_model_len, min(args.max_tokens, 16))
+        except UserError as e:
+            messages.pop()
+            err.write(f"error: {e}\n")
+            continue
+        params = SamplingParams(
+            max_tokens=min(args.max_tokens, engine.max_model_len - len(prompt_ids)), temperature=args.temperature,
+            top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
+            stop_token_ids=list(chat_stop_ids(tok)),
+        ).validate(engine.max_model_len)
+        t0 = time.perf_counter()
+        answer, n_tokens = reply(engine, prompt_ids, params, out)
+        out.write("\n")
+        out.flush()
+        messages.append({"role": "assistant", "content": answer})
+        if args.stats:
+            dt = time.perf_counter() - t0
+            err.write(f"[{len(prompt_ids)} prompt tokens, {n_tokens} generated, {n_tokens / max(dt, 1e-9):.1f} tok/s]\n")
+            err.flush()
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description="Streaming terminal chat with a checkpoint (/reset, /exit).")
+    add_engine_args(parser, max_num_seqs=1)  # one conversation: no batch to reserve KV blocks for
+    parser.add_argument("--system", default=None, help="system message that starts every conversation")
+    parser.add_argument("--max-tokens", type=int, default=512, help="longest reply in tokens")
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stats", action="store_true", help="print prompt/generated tokens and speed after each reply (stderr)")
+    args = parser.parse_args(argv)
+    if args.max_tokens < 1:
+        raise UserError(f"--max-tokens must be >= 1, got {args.max_tokens}.")
+    engine, tok = load_serving(args)
+    if sys.stdin.isatty():
+        print(f"chatting with {args.checkpoint} ({engine.max_model_len}-token context). /reset starts over, /exit quits.")
+    chat_loop(engine, tok, args, sys.stdin, sys.stdout, sys.stderr)
+
+
+if __name__ == "__main__":
+    from utils.cli import main_guard
+
+    main_guard(main)
