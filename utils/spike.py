@@ -2,6 +2,8 @@
 
     z = (loss - mu) / sqrt(var),  mu <- b mu + (1-b) loss,  var <- b var + (1-b) (loss - mu)^2
 
+(var bias-corrected like Adam's moments, since it starts at 0).
+
 A step whose z exceeds ``z_threshold`` (after ``warmup_steps`` normal steps) is a spike;
 the training loop then skips the update or rolls back to the last checkpoint with a lower
 LR (``policy``). Spiking losses are not folded into the statistics.
@@ -45,8 +47,15 @@ class SpikeDetector:
         """The z-score when ``loss`` is a spike, else None (state unchanged)."""
         if not self.cfg.enabled or self.count < self.cfg.warmup_steps:
             return None
-        z = (loss - self.mean) / math.sqrt(self.var + 1e-12)
+        z = (loss - self.mean) / math.sqrt(self.variance + 1e-12)
         return z if z > self.cfg.z_threshold else None
+
+    @property
+    def variance(self) -> float:
+        """EMA variance with Adam-style bias correction: the raw EMA starts at 0 and would
+        under-estimate the spread (and fire on noise) for the first ~1/(1-b) steps."""
+        n = self.count - 1  # the first loss only sets the mean
+        return self.var / (1 - self.cfg.ema_beta**n) if n > 0 else 0.0
 
     def update(self, loss: float) -> None:
         if self.count == 0:

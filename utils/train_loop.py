@@ -210,7 +210,7 @@ class _Run:
         self.logger.event(self.step, kind, **info)
 
 
-def _train_step(run: _Run, stop_requested: bool) -> tuple[dict, bool, bool]:
+def _train_step(run: _Run, stop_requested: Callable[[], bool]) -> tuple[dict, bool, bool]:
     """One optimizer step over ``accum`` micro-batches; returns (record, spiked, stop)."""
     env, model = run.env, run.model
     model.train()
@@ -244,7 +244,7 @@ def _train_step(run: _Run, stop_requested: bool) -> tuple[dict, bool, bool]:
     keys = sorted(metric_sums)
     stats = torch.stack([loss_sum, torch.tensor(weight_sum, dtype=torch.float64, device=env.device),
                          torch.tensor(float(tokens), dtype=torch.float64, device=env.device),
-                         torch.tensor(float(stop_requested), dtype=torch.float64, device=env.device)]
+                         torch.tensor(float(stop_requested()), dtype=torch.float64, device=env.device)]
                         + [torch.as_tensor(metric_sums[k], dtype=torch.float64, device=env.device) for k in keys])
     stats = D.all_reduce_sum(stats, env).tolist()
     total_w = stats[1]
@@ -408,7 +408,7 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable, train_cfg: Tra
     with _Interrupt() as interrupt:
         try:
             while run.step < cfg.max_steps:
-                record, spiked, stop = _train_step(run, interrupt.requested)
+                record, spiked, stop = _train_step(run, lambda: interrupt.requested)
                 record["mfu"] = F.mfu(record["tok_per_s"], fpt, peak, env.world_size)
                 if spiked:
                     run.event("loss_spike", loss=record["loss"], z=record["spike_z"], policy=cfg.spike.policy)

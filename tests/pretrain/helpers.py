@@ -1,0 +1,79 @@
+"""Tiny pieces shared by the training-loop tests, and a torchrun worker.
+
+``StreamLoader`` stands in for a rank-sharded data loader: micro-batch i of rank r holds
+rows [(i*world + r)*B, ... + B) of a fixed random token stream, so one process with
+grad-accum W sees exactly the rows that W processes see in one step.
+
+Run as a worker:  torchrun --nproc_per_node 2 tests/pretrain/helpers.py OUT KIND STEPS ACCUM OPTIM
+(writes OUT/history.json from rank 0).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # repo root
+
+import torch
+import torch.nn.functional as F
+
+from model import ModelConfig, Transformer
+
+TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
+SEQ = 16
+
+
+class StreamLoader:
+    def __init__(self, batch_size: int, seq_len: int = SEQ, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 n_rows: int = 4096, vocab: int = 64):
+        g = torch.Generator().manual_seed(seed)
+        self.rows = torch.randint(0, vocab, (n_rows, seq_len + 1), generator=g)
+        self.B, self.rank, self.world, self.i = batch_size, rank, world_size, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        start = ((self.i * self.world + self.rank) * self.B) % (len(self.rows) - self.B)
+        self.i += 1
+        rows = self.rows[start:start + self.B]
+        return rows[:, :-1].clone(), rows[:, 1:].clone()
+
+    def state_dict(self) -> dict:
+        return {"i": self.i}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.i = int(state["i"])
+
+
+def tiny_model(seed: int = 0, cfg: ModelConfig = TINY) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(cfg)
+
+
+def ce_loss(model, batch):
+    x, y = batch
+    logits = model(x)
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()), {}
+
+
+def _worker() -> None:
+    import json
+
+    from utils.distributed import setup
+    from utils.optim import OptimConfig
+    from utils.train_loop import TrainConfig, train
+
+    out, kind, steps, global_rows, optim = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    torch.set_num_threads(1)
+    cfg = TrainConfig(out_dir=out, max_steps=steps, batch_size=2, seq_len=SEQ, global_batch_size=global_rows,
+                      distributed=kind, device="cpu", resume="never", progress=False, log_every=100)
+    env = setup(cfg.distributed, cfg.device)
+    loader = StreamLoader(cfg.batch_size, rank=env.rank, world_size=env.world_size)
+    result = train(tiny_model(), loader, ce_loss, cfg, OptimConfig(name=optim, lr=1e-2, warmup_steps=1))
+    if env.rank == 0:
+        Path(out, "history.json").write_text(json.dumps([h["loss"] for h in result.history]))
+
+
+if __name__ == "__main__":
+    _worker()

@@ -1,0 +1,253 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import ModelConfig
+from tests.pretrain.helpers import SEQ, StreamLoader, ce_loss, tiny_model
+from utils.checkpoint import load_train_state, load_weights
+from utils.errors import UserError
+from utils.optim import OptimConfig
+from utils.spike import SpikeConfig
+from utils.train_loop import TrainConfig, grad_accum_steps, train
+
+ROOT = Path(__file__).resolve().parents[2]
+torch.set_num_threads(1)  # the box is shared; one thread is also the most reproducible
+
+
+def cfg(tmp, **kw) -> TrainConfig:
+    base = dict(out_dir=str(tmp), max_steps=4, batch_size=2, seq_len=SEQ, device="cpu", progress=False, log_every=100)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+OPT = OptimConfig(lr=1e-2, warmup_steps=1)
+
+
+class CtrlCAt(StreamLoader):
+    """Delivers a real SIGINT while fetching micro-batch ``at`` (counted from 0)."""
+
+    def __init__(self, *a, at: int, **kw):
+        super().__init__(*a, **kw)
+        self.at = at
+
+    def __next__(self):
+        if self.i == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().__next__()
+
+
+def test_resume_two_plus_two_equals_four_bitwise(tmp_path):
+    full = train(tiny_model(), StreamLoader(2), ce_loss, cfg(tmp_path / "a", max_steps=4), OPT)
+    # Ctrl-C during step 2: the loop finishes the step, checkpoints, then raises.
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_model(), CtrlCAt(2, at=1), ce_loss, cfg(tmp_path / "b", max_steps=4), OPT)
+    assert sorted(p.name for p in (tmp_path / "b").glob("step_*")) == ["step_00000002"]
+    # A new model with another init and a fresh loader: weights, optimizer, RNG and data
+    # position must all come from the checkpoint.
+    second = train(tiny_model(seed=123), StreamLoader(2), ce_loss, cfg(tmp_path / "b", max_steps=4), OPT)
+    losses_full = [h["loss"] for h in full.history]
+    assert len(losses_full) == 4 and [h["loss"] for h in second.history] == losses_full  # 2 reloaded + 2 new
+    a, b = load_weights(full.checkpoint), load_weights(second.checkpoint)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert load_train_state(tmp_path / "b" / "step_00000004")["ranks"][0]["data"] == {"i": 4}
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]
+    assert (tmp_path / "b" / "loss.png").stat().st_size > 1000
+
+
+def _spy_gradients(monkeypatch) -> list[dict]:
+    """Record the gradient each optimizer step applies (after accumulation and scaling)."""
+    import utils.train_loop as loop
+
+    seen: list[dict] = []
+    real_build = loop.build_optimizer
+
+    def build(model, params, cfg, device):
+        opt = real_build(model, params, cfg, device)
+        names = {id(p): n for n, p in model.named_parameters()}
+        real_step = opt.step
+
+        def step(*a, **k):
+            seen.append({names[id(p)]: p.grad.clone() for g in opt.param_groups for p in g["params"]})
+            return real_step(*a, **k)
+
+        opt.step = step
+        return opt
+
+    monkeypatch.setattr(loop, "build_optimizer", build)
+    return seen
+
+
+def test_grad_accum_8x1_equals_1x8(tmp_path, monkeypatch):
+    grads = _spy_gradients(monkeypatch)
+    big = train(tiny_model(), StreamLoader(8), ce_loss, cfg(tmp_path / "a", batch_size=8, max_steps=3), OPT)
+    small = train(tiny_model(), StreamLoader(1), ce_loss,
+                  cfg(tmp_path / "b", batch_size=1, global_batch_size=8, max_steps=3), OPT)
+    assert small.history[0]["tokens"] == big.history[0]["tokens"] == 8 * SEQ
+    for h1, h2 in zip(big.history, small.history):
+        assert abs(h1["loss"] - h2["loss"]) < 1e-6 and abs(h1["grad_norm"] - h2["grad_norm"]) < 1e-6
+    assert len(grads) == 6
+    for g1, g2 in zip(grads[:3], grads[3:]):  # every step's applied gradient, element-wise
+        assert max((g1[k] - g2[k]).abs().max().item() for k in g1) < 1e-6
+
+
+def test_loss_weight_makes_accumulation_a_token_weighted_mean(tmp_path):
+    """Micro-batches with different target counts: weighting by the count reproduces the
+    single big batch's token mean (the gradient-accumulation bug HF fixed in 2024)."""
+    mask = torch.ones(8, SEQ, dtype=torch.bool)
+    mask[:4, SEQ // 2:] = False  # first half of the rows has half its targets masked
+
+    class Masked(StreamLoader):
+        def __next__(self):
+            x, y = super().__next__()
+            start = ((self.i - 1) * self.world + self.rank) * self.B % 8
+            y = y.masked_fill(~mask[start:start + self.B], -100)
+            return x, y
+
+    def weighted(model, batch):
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1).float(), y.flatten(), ignore_index=-100)
+        return loss, {"loss_weight": float((y != -100).sum())}
+
+    big = train(tiny_model(), Masked(8, n_rows=8 + 1), weighted, cfg(tmp_path / "a", batch_size=8, max_steps=2), OPT)
+    small = train(tiny_model(), Masked(4, n_rows=8 + 4), weighted,
+                  cfg(tmp_path / "b", batch_size=4, global_batch_size=8, max_steps=2), OPT)
+    for h1, h2 in zip(big.history, small.history):
+        assert abs(h1["loss"] - h2["loss"]) < 1e-6 and abs(h1["grad_norm"] - h2["grad_norm"]) < 1e-5
+
+
+def test_trainable_params_change_frozen_do_not(tmp_path):
+    model = tiny_model()
+    frozen = {"embed.weight", "layers.0.attn.q_proj.weight", "layers.1.ffn_norm.weight"}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n not in frozen)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, StreamLoader(2), ce_loss, cfg(tmp_path, max_steps=2), OptimConfig(lr=1e-2, warmup_steps=0))
+    for n, p in model.named_parameters():
+        changed = not torch.equal(before[n], p.detach())
+        assert changed == (n not in frozen), n
+
+
+def test_nonfinite_loss_skips_update_and_reports(tmp_path):
+    def poisoned(model, batch):
+        loss, m = ce_loss(model, batch)
+        return (loss * float("nan") if model.training and poisoned.calls == 1 else loss), m
+
+    poisoned.calls = 0
+
+    def counting(model, batch):
+        out = poisoned(model, batch)
+        poisoned.calls += 1
+        return out
+
+    model = tiny_model()
+    snapshots = []
+
+    class Spy(StreamLoader):
+        def __next__(self):
+            snapshots.append({n: p.detach().clone() for n, p in model.named_parameters()})
+            return super().__next__()
+
+    res = train(model, Spy(2), counting, cfg(tmp_path, max_steps=3), OPT)
+    # Step 2 had a NaN loss: the weights entering step 3 equal those entering step 2.
+    assert all(torch.equal(snapshots[1][n], snapshots[2][n]) for n in snapshots[1])
+    assert not all(torch.equal(snapshots[0][n], snapshots[1][n]) for n in snapshots[0])
+    assert [e["event"] for e in res.events] == ["nonfinite"] and res.events[0]["step"] == 1
+    events = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if "event" in x]
+    assert events and events[0]["event"] == "nonfinite"
+
+
+def _spiky(spike_at: set[int]):
+    def fn(model, batch):
+        loss, m = ce_loss(model, batch)
+        fn.calls += 1
+        return (loss * 50 if fn.calls in spike_at else loss), m
+
+    fn.calls = 0
+    return fn
+
+
+def test_spike_skip_policy(tmp_path):
+    spike = SpikeConfig(warmup_steps=3, z_threshold=6.0, policy="skip")
+    res = train(tiny_model(), StreamLoader(2), _spiky({6}), cfg(tmp_path, max_steps=8, spike=spike), OPT)
+    assert [(e["event"], e["step"]) for e in res.events] == [("loss_spike", 5)]
+    assert res.final_step == 8 and "spike_z" in res.history[5]
+
+
+def test_spike_rollback_policy_reloads_last_checkpoint_and_lowers_lr(tmp_path):
+    spike = SpikeConfig(warmup_steps=3, z_threshold=6.0, policy="rollback", lr_drop=0.5)
+    res = train(tiny_model(), StreamLoader(2), _spiky({7}), cfg(tmp_path, max_steps=8, save_every=4, spike=spike),
+                OptimConfig(lr=1e-2, warmup_steps=1, schedule="constant"))
+    kinds = [e["event"] for e in res.events]
+    assert kinds == ["loss_spike", "rollback"]
+    rb = res.events[1]
+    assert rb["from_step"] == 6 and rb["to_step"] == 4 and rb["lr_scale"] == 0.5
+    assert res.final_step == 8
+    assert res.history[-1]["lr"] == pytest.approx(0.5e-2)
+    assert load_train_state(tmp_path / "step_00000008")["schedule"]["scale"] == 0.5
+
+
+def test_batch_not_dividing_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="does not divide"):
+        grad_accum_steps(cfg(tmp_path, global_batch_tokens=1000), world_size=2)
+    assert grad_accum_steps(cfg(tmp_path, global_batch_tokens=2 * SEQ * 2 * 3), world_size=2) == 3
+    with pytest.raises(UserError, match="does not divide"):
+        grad_accum_steps(cfg(tmp_path, global_batch_size=6), world_size=4)
+
+
+def test_resume_from_another_model_is_a_user_error(tmp_path):
+    train(tiny_model(), StreamLoader(2), ce_loss, cfg(tmp_path / "a", max_steps=1), OPT)
+    other = tiny_model(cfg=ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, max_seq_len=64))
+    with pytest.raises(UserError, match="different model"):
+        train(other, StreamLoader(2), ce_loss, cfg(tmp_path / "b", resume=str(tmp_path / "a" / "step_00000001")), OPT)
+    with pytest.raises(UserError, match="cannot be resumed"):
+        train(tiny_model(), StreamLoader(2), ce_loss, cfg(tmp_path / "c", resume=str(tmp_path / "a" / "final")), OPT)
+    with pytest.raises(UserError, match="optim.name"):
+        train(tiny_model(), StreamLoader(2), ce_loss, cfg(tmp_path / "a", max_steps=2), OptimConfig(name="muon"))
+
+
+SIGINT_SCRIPT = """
+import sys, time, torch
+sys.path.insert(0, {root!r})
+from tests.pretrain.helpers import StreamLoader, ce_loss, tiny_model
+from utils.cli import main_guard
+from utils.optim import OptimConfig
+from utils.train_loop import TrainConfig, train
+
+class Slow(StreamLoader):
+    def __next__(self):
+        if self.i == 2:
+            print("READY", flush=True)
+        time.sleep(0.2)
+        return super().__next__()
+
+def main():
+    cfg = TrainConfig(out_dir={out!r}, max_steps=10000, batch_size=2, seq_len=16, device="cpu", progress=False)
+    train(tiny_model(), Slow(2), ce_loss, cfg, OptimConfig())
+
+main_guard(main)
+"""
+
+
+def test_ctrl_c_writes_a_checkpoint(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(SIGINT_SCRIPT.format(root=str(ROOT), out=str(tmp_path / "run")))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.stdout.readline().strip() != "READY":
+        pass
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    steps = sorted((tmp_path / "run").glob("step_*"))
+    assert len(steps) == 1 and (steps[0] / "train_state.pt").is_file(), err
+    step = load_train_state(steps[0])["step"]
+    assert 2 <= step < 10 and "interrupted at step" in err
