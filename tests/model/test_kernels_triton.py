@@ -254,3 +254,25 @@ def test_tiny_transformer_with_kernels_matches_pytorch(monkeypatch):
     torch.testing.assert_close(loss, ref_loss, **TOL[torch.float32])
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[name], **TOL[torch.float32], msg=lambda m: f"{name}: {m}")
+
+
+@interpreted_only
+def test_paged_kernel_reads_the_engine_pool():
+    """Layout contract with inference/paged_cache.py: after a prefill and a decode write through
+    PagedView.update, the kernel on the raw pools (and the view's table / totals) gives what
+    SDPA gives on the keys the view gathered."""
+    paged_cache = pytest.importorskip("inference.paged_cache")
+    torch.manual_seed(0)
+    Hkv, H, D, bs = 2, 4, 8, 4
+    cache = paged_cache.PagedKVCache(num_blocks=10, block_size=bs)
+    tables, prompt = [[7, 2, 5], [0, 9]], [9, 3]
+    pre = cache.view(tables, starts=[0, 0], q_lens=prompt)
+    pre.update(0, torch.randn(2, Hkv, 9, D), torch.randn(2, Hkv, 9, D))
+    dec = cache.view(tables, starts=prompt, q_lens=[1, 1])  # one new token per row
+    k, v = dec.update(0, torch.randn(2, Hkv, 1, D), torch.randn(2, Hkv, 1, D))  # (B, Hkv, Tk, D)
+    q = torch.randn(2, H, D)
+    _, valid = dec.key_positions(torch.tensor([[9], [3]]))
+    ref = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=valid[:, None, None, :], enable_gqa=True)
+    k_pool, v_pool = cache.pools[0]
+    out = triton_paged.paged_attention_decode(q, k_pool, v_pool, dec.table, dec.totals, D**-0.5)
+    _check(out, ref[:, :, 0], torch.float32)
