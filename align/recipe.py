@@ -1,0 +1,175 @@
+"""Recipes of the alignment stages: ``OfflineRecipe`` (2_{reward,dpo,orpo,kto,simpo}.yaml) and
+``OnlineRecipe`` (3_rlhf_{ppo,grpo,gspo}.yaml, and rft).
+
+Both share ``PolicyConfig`` (which checkpoint to start from, full-parameter or LoRA/QLoRA) and
+the loop's ``train`` / ``optim`` sections. Everything is validated when the YAML is read,
+before a model is loaded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from model.lora import LoRAConfig
+from utils.errors import UserError
+from utils.optim import OptimConfig
+from utils.train_loop import TrainConfig
+
+
+@dataclass
+class PolicyConfig:
+    """Recipe section ``model``: the starting checkpoint and how it is trained."""
+
+    init_from: str = field(metadata={"path": "dir"})  # checkpoint dir (SFT output), rebuilt from its config
+    tokenizer_path: str = field(default="", metadata={"path": "file?"})  # "" -> init_from/tokenizer.json
+    lora: Optional[LoRAConfig] = None  # set -> only adapters train (the base stays frozen)
+    qlora: bool = False  # with lora: the frozen base is quantized to NF4 (bitsandbytes)
+
+    def __post_init__(self) -> None:
+        if self.qlora and self.lora is None:
+            raise UserError("model.qlora=true needs a model.lora section (QLoRA trains LoRA adapters over a 4-bit base).")
+
+
+# ----------------------------------------------------------------------------- offline
+
+
+@dataclass
+class PreferenceDataConfig:
+    """Recipe section ``data``: JSONL rows ``{"prompt": [messages], "chosen": str, "rejected": str}``."""
+
+    train_path: str = field(default="data/raw/preference_train.jsonl", metadata={"path": "file"})
+    val_path: str = field(default="data/raw/preference_val.jsonl", metadata={"path": "file"})
+    max_train_pairs: int = 0  # 0: all
+    max_val_pairs: int = 256  # held-out pairs for the accuracy report (0: all)
+
+
+@dataclass
+class OfflineLossConfig:
+    """Recipe section ``loss``: hyper-parameters of the offline objectives (paper names)."""
+
+    beta: float = 0.1  # DPO / KTO inverse temperature; SimPO's beta (the paper uses ~2)
+    label_smoothing: float = 0.0  # DPO: conservative DPO epsilon
+    dpo_loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    orpo_lambda: float = 0.1  # weight of ORPO's odds-ratio term
+    simpo_gamma: float = 0.5  # SimPO target margin
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise UserError(f"loss.beta must be positive, got {self.beta}.")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise UserError(f"loss.label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
+
+
+@dataclass
+class OfflineRecipe:
+    """``python align/train_offline.py --config_path 2_<algorithm>.yaml``."""
+
+    algorithm: Literal["reward", "dpo", "orpo", "kto", "simpo"]
+    model: PolicyConfig
+    train: TrainConfig
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    loss: OfflineLossConfig = field(default_factory=OfflineLossConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-6, warmup_steps=10, weight_decay=0.0))
+
+
+# ----------------------------------------------------------------------------- online
+
+
+@dataclass
+class RolloutConfig:
+    """Recipe section ``rollout``: prompts and how completions are sampled (through the engine)."""
+
+    train_prompts: str = field(default="data/prompts/rl_train.jsonl", metadata={"path": "file"})
+    test_prompts: str = field(default="data/prompts/rl_test.jsonl", metadata={"path": "file?"})
+    prompts_per_rollout: int = 8  # per process; with group_size G the buffer holds prompts x G rows
+    group_size: int = 4  # completions per prompt (GRPO/GSPO/RFT groups; PPO may use 1)
+    max_new_tokens: int = 96
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_num_seqs: int = 64  # engine batch width
+    block_size: int = 16  # engine KV block size
+    eval_prompts: int = 64  # held-out test prompts for the exact-accuracy eval (0: none)
+
+    def __post_init__(self) -> None:
+        for name in ("prompts_per_rollout", "group_size", "max_new_tokens", "max_num_seqs", "block_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"rollout.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.temperature <= 0:
+            raise UserError(f"rollout.temperature must be > 0 for RL sampling (greedy rollouts give identical "
+                            f"group members and no learning signal), got {self.temperature}.")
+
+
+@dataclass
+class RewardConfig:
+    """Recipe section ``reward``: a rule by name (align.rewards) or a reward-model checkpoint."""
+
+    function: str = "gsm8k_combined"
+    model_path: str = field(default="", metadata={"path": "dir?"})  # set -> scores come from this reward-model checkpoint
+
+    def __post_init__(self) -> None:
+        if not self.model_path:
+            from align.rewards import get_reward_fn
+
+            get_reward_fn(self.function)  # UserError with the closest name
+
+
+@dataclass
+class RLConfig:
+    """Recipe section ``rl``: the objective's hyper-parameters. None picks the algorithm's default."""
+
+    epochs: int = 1  # optimisation passes over each rollout buffer (PPO's K epochs)
+    clip_eps: Optional[float] = None  # ppo/grpo 0.2; gspo 3e-4 (sequence ratio is a geometric mean)
+    clip_eps_high: Optional[float] = None  # DAPO clip-higher; gspo default 4e-4
+    kl_beta: float = 0.04  # GRPO: weight of the k3 KL to the reference in the loss
+    kl_coef: float = 0.05  # PPO: per-token KL penalty in the reward
+    aggregation: Literal["token", "sequence"] = "token"  # GRPO loss aggregation
+    scale_rewards: bool = True  # GRPO/GSPO: divide by the group std (False: Dr. GRPO)
+    gamma: float = 1.0  # PPO GAE discount
+    lam: float = 0.95  # PPO GAE lambda
+    vf_coef: float = 0.1  # PPO value-loss weight
+    vf_clip: float = 0.2  # PPO value clipping
+    whiten_advantages: bool = True  # PPO
+    critic_init: str = field(default="", metadata={"path": "dir?"})  # PPO critic: reward-model checkpoint; "" -> policy backbone
+    rft_min_reward: float = 0.5  # RFT keeps a group's best only when its reward reaches this
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise UserError(f"rl.epochs must be >= 1, got {self.epochs}.")
+
+    def clip(self, algorithm: str) -> tuple[float, Optional[float]]:
+        if algorithm == "gspo":
+            return (3e-4 if self.clip_eps is None else self.clip_eps), (4e-4 if self.clip_eps_high is None else self.clip_eps_high)
+        return (0.2 if self.clip_eps is None else self.clip_eps), self.clip_eps_high
+
+
+@dataclass
+class OnlineRecipe:
+    """``python align/train_online.py --config_path 3_rlhf_<algorithm>.yaml``.
+
+    One optimizer step = train.global_batch_size rows (default: train.batch_size). Steps per
+    rollout = rl.epochs * buffer rows / rows per step; train.max_steps sets the run length.
+    """
+
+    algorithm: Literal["ppo", "grpo", "gspo", "rft"]
+    model: PolicyConfig
+    train: TrainConfig
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=0, weight_decay=0.0, schedule="constant"))
+
+    def __post_init__(self) -> None:
+        if self.algorithm in ("grpo", "gspo", "rft") and self.rollout.group_size < 2:
+            raise UserError(
+                f"{self.algorithm} compares the completions of one prompt, so rollout.group_size must be 2 or more "
+                f"(got {self.rollout.group_size}); 4 to 16 is typical"
+            )
+
+    @property
+    def buffer_rows(self) -> int:
+        """Rows one rollout phase leaves to train on, per process."""
+        groups = self.rollout.prompts_per_rollout
+        return groups if self.algorithm == "rft" else groups * self.rollout.group_size

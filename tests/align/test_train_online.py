@@ -1,0 +1,142 @@
+"""Online RL on the shared loop: GRPO learns a toy reward, PPO's critic fits, the reference and
+LoRA base stay frozen, resume replays the buffer exactly, bad recipes fail before training."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from align.heads import ScalarHeadModel
+from align.online import ActorCritic, RolloutBatches, make_rl_loss
+from align.policy import frozen_copy
+from align.recipe import OnlineRecipe, RLConfig
+from model.lora import apply_lora, lora_layers
+from tests.align.toy_setup import (
+    make_phase, params_snapshot, same_params, tiny_policy, toy_prompts, train_cfg,
+)
+from utils.config import config_from_dict
+from utils.errors import UserError
+from utils.optim import OptimConfig
+from utils.train_loop import train
+
+OPTIM = OptimConfig(lr=3e-3, warmup_steps=0, schedule="constant", weight_decay=0.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_grpo_raises_toy_reward_and_never_touches_the_reference(tmp_path):
+    policy = tiny_policy(0)
+    reference = frozen_copy(policy)
+    ref_before = params_snapshot(reference)
+    phase = make_phase("grpo", policy, reference, toy_prompts(32), G=8, P=4, rl=RLConfig(kl_beta=0.01))
+    batches = RolloutBatches(phase, 16, 1, seed=0)
+    loss_fn = make_rl_loss("grpo", clip_eps=0.2, kl_beta=0.01)
+    res = train(policy, batches, loss_fn, train_cfg(tmp_path, 12, 16, global_batch_size=32), OPTIM)
+    rewards = [h["reward_mean"] for h in res.history]
+    assert len(rewards) == 12 and all("clipfrac" in h and "kl" in h and "response_len" in h for h in res.history)
+    # Random init puts ~1/16 of the mass on the target token; 12 updates more than double it.
+    assert sum(rewards[:3]) / 3 < 0.12
+    assert sum(rewards[-3:]) / 3 > 0.2
+    assert same_params(reference, ref_before)
+    assert res.history[-1]["kl"] > 0  # the policy moved away from the frozen reference
+
+
+def test_ppo_runs_end_to_end_and_value_loss_falls(tmp_path):
+    policy = tiny_policy(1)
+    critic = ScalarHeadModel(tiny_policy(1))
+    rl = RLConfig(epochs=4, kl_coef=0.05, vf_coef=1.0)
+    phase = make_phase("ppo", policy, frozen_copy(policy), toy_prompts(16), critic=critic, G=2, P=8, rl=rl)
+    batches = RolloutBatches(phase, 16, rl.epochs, seed=0)
+    loss_fn = make_rl_loss("ppo", clip_eps=0.2, vf_coef=1.0, vf_clip=10.0)
+    res = train(ActorCritic(policy, critic), batches, loss_fn, train_cfg(tmp_path, 4, 16), OPTIM)
+    losses = [h["value_loss"] for h in res.history]  # four epochs over one rollout buffer
+    assert all(h["rollout"] == 1.0 for h in res.history)
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert all(0.0 <= h["clipfrac"] <= 1.0 for h in res.history)
+
+
+def test_lora_policy_trains_only_adapters(tmp_path):
+    policy = tiny_policy(2)
+    reference = frozen_copy(policy)
+    apply_lora(policy, "all-linear", r=4, alpha=8)
+    base = {k: v.clone() for k, v in policy.state_dict().items() if "lora_" not in k}
+    adapters_b = {k: v.clone() for k, v in policy.state_dict().items() if k.endswith("lora_B")}
+    phase = make_phase("grpo", policy, reference, toy_prompts(16), G=4, P=4)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    train(policy, RolloutBatches(phase, 16, 1, seed=0), make_rl_loss("grpo", clip_eps=0.2, kl_beta=0.04),
+          train_cfg(tmp_path, 2, 16), OPTIM, params=params)
+    now = policy.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in base.items())
+    assert any(not torch.equal(now[k], v) for k, v in adapters_b.items())
+    assert len(lora_layers(policy)) > 0
+
+
+def test_rft_keeps_each_groups_best_and_gspo_trains(tmp_path):
+    policy = tiny_policy(3)
+    reference = frozen_copy(policy)
+    phase = make_phase("rft", policy, reference, toy_prompts(8), G=4, P=4, rl=RLConfig(rft_min_reward=0.01))
+    calls = []
+    score = phase.score_fn
+    phase.score_fn = lambda ro, answers: calls.append(ro) or score(ro, answers)
+    buffer, stats = phase(0)
+    ro = calls[0]
+    rewards = score(ro, None).view(4, 4)
+    for g in range(4):
+        best = int(rewards[g].argmax()) + 4 * g
+        kept = buffer["mask"][g].any()
+        assert torch.equal(buffer["tokens"][g], ro.tokens[best])
+        assert bool(kept) == bool(rewards[g].max() >= 0.01)
+    assert stats["kept"] == pytest.approx(float((rewards.max(dim=1).values >= 0.01).float().mean()))
+
+    gspo = make_phase("gspo", policy, reference, toy_prompts(8), G=4, P=4)
+    res = train(policy, RolloutBatches(gspo, 16, 2, seed=0), make_rl_loss("gspo", clip_eps=3e-4, clip_eps_high=4e-4),
+                train_cfg(tmp_path, 2, 16), OPTIM)
+    assert res.history[0]["ratio"] == pytest.approx(1.0, abs=1e-5)  # first pass: pi == pi_old
+    assert res.history[1]["ratio"] != pytest.approx(1.0, abs=1e-7)  # second epoch: the policy moved
+
+
+def test_iterator_resume_replays_the_same_micro_batches_without_a_new_rollout():
+    policy = tiny_policy(4)
+    counted = []
+    phase = make_phase("grpo", policy, frozen_copy(policy), toy_prompts(8), G=4, P=4)
+
+    def counting(r):
+        counted.append(r)
+        return phase(r)
+
+    it = RolloutBatches(counting, 4, 2, seed=0)
+    next(it), next(it), next(it)
+    state = it.state_dict()
+    expected = [next(it) for _ in range(3)]
+    resumed = RolloutBatches(counting, 4, 2, seed=0)
+    resumed.load_state_dict(state)
+    got = [next(resumed) for _ in range(3)]
+    assert counted == [0]  # the buffer came back from the state; no second rollout phase
+    for a, b in zip(expected, got):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if k != "stats")
+
+
+def _recipe(**over):
+    data = {"algorithm": "grpo", "model": {"init_from": "."},
+            "train": {"out_dir": "x", "max_steps": 1, "batch_size": 4, "seq_len": 32},
+            "rollout": {"train_prompts": __file__, "test_prompts": ""}}
+    for k, v in over.items():
+        data[k] = {**data.get(k, {}), **v} if isinstance(v, dict) else v
+    return config_from_dict(OnlineRecipe, data, "3_rlhf_grpo.yaml")
+
+
+def test_bad_recipes_fail_before_training():
+    _recipe()  # the base recipe is fine
+    with pytest.raises(UserError, match="group_size must be 2 or more"):
+        _recipe(rollout={"group_size": 1})
+    with pytest.raises(UserError, match="Did you mean 'gsm8k_exact'"):
+        _recipe(reward={"function": "gsm8k_exakt"})
+    with pytest.raises(UserError, match="rl.clip_epsilon: unknown key"):
+        _recipe(rl={"clip_epsilon": 0.1})
+    assert _recipe(algorithm="gspo").rl.clip("gspo") == (3e-4, 4e-4)
+    assert _recipe(algorithm="ppo", rollout={"group_size": 1}).buffer_rows == 8
