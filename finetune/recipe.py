@@ -1,0 +1,79 @@
+"""The SFT recipe: one dataclass family for full SFT, LoRA and QLoRA (1_sft_{full,lora,qlora}.yaml).
+
+    base_checkpoint: runs/pretrain/final      # a pretrain checkpoint dir, rebuilt from its config
+    data: {bin_dir: data/sft_bins, tokenizer: data/tokenizer.json}
+    train: {out_dir: runs/sft, max_steps: 300, batch_size: 8, seq_len: 512}
+    optim: {lr: 2e-4, warmup_steps: 20}
+    lora: {r: 16, alpha: 32, targets: all-linear}     # present -> LoRA (adapters only train)
+    qlora: {compute_dtype: auto}                       # present (with lora) -> the base is NF4
+    max_seq_len: 2048                                  # long-context SFT beyond the base's context
+    rope_scaling: {type: yarn, factor: 4.0}            # applied to the base's ModelConfig
+
+Which of the three a recipe is follows from its sections (``SFTRecipe.mode``); each entry
+script checks that it was given its own kind.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from model.lora import LoRAConfig, Targets
+from utils.errors import UserError
+from utils.optim import OptimConfig
+from utils.train_loop import TrainConfig
+
+MODES = {"full": "finetune/sft_train.py", "lora": "finetune/peft/lora/sft_lora_train.py",
+         "qlora": "finetune/peft/qlora/sft_qlora_train.py"}
+
+
+@dataclass
+class SFTDataConfig:
+    """Recipe section ``data``: the chat-format token bins (data_pipeline/processing/build_sft_bins.py)."""
+
+    bin_dir: str = field(default="data/sft", metadata={"path": "dir"})
+    tokenizer: str = field(default="", metadata={"path": "file?"})  # "" -> bin_dir/../tokenizer.json or the base's
+    pack: bool = True  # pack short conversations into full rows (attention never crosses a boundary)
+    val_split: str = "val"
+
+
+@dataclass
+class QLoRAConfig:
+    """Recipe section ``qlora``: how the frozen base is quantized (NF4, bitsandbytes)."""
+
+    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    double_quant: bool = True  # quantize the block scales too (~0.516 instead of ~0.56 bytes/param)
+    targets: Targets = "all-linear"  # which base linear layers are stored in 4 bits (lm_head stays full)
+
+
+@dataclass
+class SFTRecipe:
+    base_checkpoint: str = field(metadata={"path": "dir"})
+    data: SFTDataConfig
+    train: TrainConfig
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=20, weight_decay=0.0))
+    lora: Optional[LoRAConfig] = None
+    qlora: Optional[QLoRAConfig] = None
+    # Long-context SFT: a context longer than the base's, with RoPE scaling applied to its ModelConfig.
+    max_seq_len: Optional[int] = None
+    rope_scaling: Optional[dict] = None
+    format_eval_prompts: int = 64  # held-out arithmetic prompts for the '#### <n>' format rate (0: skip)
+
+    def __post_init__(self) -> None:
+        if self.qlora is not None and self.lora is None:
+            raise UserError("the recipe has a qlora section but no lora section; QLoRA trains LoRA adapters "
+                            "over a 4-bit base, so add lora: {r: 16, alpha: 32, targets: all-linear}.")
+        if self.max_seq_len is not None and self.max_seq_len <= 0:
+            raise UserError(f"max_seq_len must be positive, got {self.max_seq_len}.")
+
+    @property
+    def mode(self) -> str:
+        return "qlora" if self.qlora is not None else "lora" if self.lora is not None else "full"
+
+    def expect_mode(self, mode: str) -> None:
+        """Each entry script runs one kind of recipe; point the user at the right script."""
+        if self.mode != mode:
+            raise UserError(
+                f"this is a {self.mode} SFT recipe (sections: lora={'yes' if self.lora else 'no'}, "
+                f"qlora={'yes' if self.qlora else 'no'}) but the script runs {mode} SFT; "
+                f"run python {MODES[self.mode]} --config_path <recipe> instead."
+            )

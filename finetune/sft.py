@@ -1,0 +1,283 @@
+"""Supervised finetuning shared by the three entry scripts (full, LoRA, QLoRA).
+
+    base checkpoint --(long-context ModelConfig)--> Transformer --(NF4 base?)--(LoRA?)--> train(...)
+
+The loss is cross-entropy on assistant tokens only (``loss_mask`` from the SFT loader);
+the one training loop (``utils.train_loop.train``) does the rest: accumulation, logging,
+checkpoints, resume, DDP. LoRA/QLoRA runs save adapters only; full SFT saves the model.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn as nn
+
+from finetune.recipe import SFTRecipe
+from model.config import ModelConfig
+from model.lora import adapter_meta, apply_lora, lora_layers, load_lora, merge_and_unload, read_adapter_config
+from model.transformer import Transformer
+from utils.checkpoint import load_into, load_model_config, load_weights, read_meta
+from utils.errors import UserError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def long_context_config(base: ModelConfig, seq_len: int, max_seq_len: Optional[int] = None,
+                        rope_scaling: Optional[dict] = None) -> ModelConfig:
+    """The base's ModelConfig, extended for a longer SFT context when the recipe asks.
+
+    ``rope_scaling`` without ``original_max_seq_len`` gets the base's context length (the
+    length the base was trained at is what YaRN / Llama-3 scaling stretch from).
+    """
+    d = copy.deepcopy(base.to_dict())
+    if max_seq_len is not None and max_seq_len != base.max_seq_len:
+        if base.pos_emb == "learned" and max_seq_len > base.max_seq_len:
+            raise UserError(f"max_seq_len={max_seq_len} exceeds the base's {base.max_seq_len}, but the base has learned "
+                            "absolute positions that cannot be extended; long-context SFT needs a RoPE model.")
+        d["max_seq_len"] = max_seq_len
+    if rope_scaling is not None:
+        if base.pos_emb != "rope" and base.attention != "mla":
+            raise UserError(f"rope_scaling is set but the base uses pos_emb={base.pos_emb!r}; remove rope_scaling.")
+        scaling = dict(rope_scaling)
+        if scaling.get("type") in ("yarn", "llama3"):
+            scaling.setdefault("original_max_seq_len", base.max_seq_len)
+        d["rope_scaling"] = scaling
+    cfg = ModelConfig.from_dict(d)
+    if seq_len > cfg.max_seq_len:
+        raise UserError(
+            f"train.seq_len={seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}; for long-context SFT set "
+            f"max_seq_len: {seq_len} and rope_scaling (e.g. {{type: yarn, factor: {max(2, -(-seq_len // base.max_seq_len))}}}) "
+            "in the recipe, or lower train.seq_len."
+        )
+    return cfg
+
+
+def load_base(path: str | os.PathLike, cfg: Optional[ModelConfig] = None, device: str | torch.device = "cpu") -> Transformer:
+    """A pretrain checkpoint's weights in a Transformer built from ``cfg`` (default: its own config)."""
+    if read_meta(path).get("kind") == "adapter":
+        raise UserError(f"base_checkpoint {path} holds LoRA adapters only; point it at a full model checkpoint.")
+    model = Transformer(cfg or load_model_config(path))
+    load_into(model, load_weights(path), str(path))
+    return model.to(device)
+
+
+def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def build_sft_model(recipe: SFTRecipe, device: torch.device) -> tuple[nn.Module, dict]:
+    """Base model, long-context config, NF4 base (QLoRA) and adapters (LoRA) as the recipe says.
+
+    Returns (model, info) where info holds the wrapped layer names, trainable count and the
+    base's training FLOPs per token (measured before quantization packs the weights).
+    """
+    from utils.flops import flops_per_token
+
+    base_cfg = load_model_config(recipe.base_checkpoint)
+    cfg = long_context_config(base_cfg, recipe.train.seq_len, recipe.max_seq_len, recipe.rope_scaling)
+    model = load_base(recipe.base_checkpoint, cfg, device)
+    info: dict[str, Any] = {"flops_per_token": flops_per_token(model, recipe.train.seq_len), "mode": recipe.mode}
+    if recipe.qlora is not None:
+        from model.quant import base_bytes_per_param, quantize_model
+
+        q = recipe.qlora
+        info["quantized"] = quantize_model(model, q.targets, resolve_compute_dtype(q.compute_dtype, device), q.double_quant)
+        info["base_bytes_per_param"] = base_bytes_per_param(model)
+    if recipe.lora is not None:
+        lc = recipe.lora
+        info["lora_layers"] = apply_lora(model, lc.targets, lc.r, lc.alpha, lc.dropout, lc.rslora)
+    info["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    info["total"] = sum(p.numel() for p in model.parameters())
+    return model, info
+
+
+def lora_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The live adapter tensors (the loop saves them and copies them back on resume)."""
+    from utils.distributed import unwrap
+
+    out = {}
+    for name, layer in lora_layers(unwrap(model)).items():
+        out[f"{name}.lora_A"], out[f"{name}.lora_B"] = layer.lora_A, layer.lora_B
+    return out
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def sft_loss(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
+    """Mean cross-entropy over assistant tokens of one micro-batch.
+
+    batch: (x, y, loss_mask[, positions]) with x, y (B, T) token ids (y = x shifted by one)
+    and loss_mask (B, T), 1 where y is an assistant token. Padding and prompt tokens do not
+    count. ``loss_weight`` (the count of assistant tokens) makes the loop average over
+    tokens across micro-batches, not over micro-batches.
+    """
+    from model.kernels import linear_cross_entropy
+    from utils.distributed import unwrap
+
+    if isinstance(batch, dict):
+        x, y, mask, positions = batch["x"], batch["y"], batch["loss_mask"], batch.get("positions")
+    else:
+        x, y, mask = batch[:3]
+        positions = batch[3] if len(batch) > 3 else None
+    mask = mask.bool()
+    targets = y.masked_fill(~mask, -100)  # (B, T)
+    head = unwrap(model).lm_head
+    if isinstance(head, nn.Linear):
+        # Fused head + CE: the (B*T, V) logits are never materialised.
+        hidden = model(x, positions=positions, return_hidden=True)  # (B, T, d_model)
+        loss = linear_cross_entropy(hidden.flatten(0, 1), head.weight, targets.flatten(),
+                                    softcap=unwrap(model).cfg.final_logit_softcap)
+    else:  # an adapted lm_head: go through the module
+        logits = model(x, positions=positions)
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                                           reduction="sum") / mask.sum().clamp(min=1)
+    n_target = int(mask.sum())  # a micro-batch without assistant tokens has loss 0 and weight 0
+    return loss, {"loss_weight": float(n_target), "n_tokens": x.numel(), "target_frac": n_target / mask.numel()}
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def make_loader(recipe: SFTRecipe, split: str, seed: int, rank: int = 0, world_size: int = 1):
+    try:
+        from data_pipeline.loader import SFTLoader
+    except ImportError as err:
+        raise UserError(f"the SFT data loader is not available ({err}); data_pipeline/loader.py must provide SFTLoader.") from None
+    t = recipe.train
+    return SFTLoader(recipe.data.bin_dir, split, t.seq_len, t.batch_size, seed, rank, world_size, pack=recipe.data.pack)
+
+
+def tokenizer_path(recipe: SFTRecipe) -> Optional[str]:
+    candidates = [recipe.data.tokenizer, Path(recipe.data.bin_dir) / "tokenizer.json",
+                  Path(recipe.data.bin_dir).parent / "tokenizer.json", Path(recipe.base_checkpoint) / "tokenizer.json"]
+    for c in candidates:
+        if c and Path(c).is_file():
+            return str(c)
+    return None
+
+
+def make_eval_fn(recipe: SFTRecipe, n_batches: int):
+    """Validation loss over assistant tokens on the first ``n_batches`` of the val split."""
+    from utils.distributed import all_reduce_mean, setup
+
+    def evaluate(model: nn.Module) -> dict:
+        env = setup(recipe.train.distributed, recipe.train.device)
+        try:
+            loader = make_loader(recipe, recipe.data.val_split, seed=0, rank=env.rank, world_size=env.world_size)
+        except UserError:
+            return {}
+        device = next(model.parameters()).device
+        total, weight = 0.0, 0.0
+        it = iter(loader)
+        for _ in range(n_batches):
+            batch = [t.to(device) for t in next(it)]
+            loss, m = sft_loss(model, batch)
+            total += float(loss) * m["loss_weight"]
+            weight += m["loss_weight"]
+        return all_reduce_mean({"val_loss": total / max(weight, 1.0)}, env)
+
+    return evaluate
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run_sft(recipe: SFTRecipe, mode: str, batches: Optional[Iterator] = None, eval_fn=None):
+    """Build, train and save; returns the loop's TrainResult. ``batches`` overrides the loader (tests)."""
+    from utils.distributed import resolve_device, setup
+    from utils.train_loop import train
+
+    recipe.expect_mode(mode)
+    env = setup(recipe.train.distributed, recipe.train.device)
+    device = resolve_device(recipe.train.device, env.local_rank)
+    model, info = build_sft_model(recipe, device)
+    if env.is_main:
+        extra = f" | NF4 base {info['base_bytes_per_param']:.3f} bytes/param" if "base_bytes_per_param" in info else ""
+        print(f"sft[{mode}]: base {recipe.base_checkpoint} | context {model.cfg.max_seq_len} | "
+              f"trainable {info['trainable']:,} of {info['total']:,} params{extra}")
+    if batches is None:
+        batches = make_loader(recipe, "train", recipe.train.seed, env.rank, env.world_size)
+    if eval_fn is None:
+        eval_fn = make_eval_fn(recipe, recipe.train.eval_batches)
+    meta = {"stage": f"sft_{mode}", "base_checkpoint": str(recipe.base_checkpoint)}
+    weights_fn = None
+    if recipe.lora is not None:
+        weights_fn = lora_weights
+        meta = adapter_meta(model, recipe.lora, **meta, qlora=recipe.qlora is not None, quantized=info.get("quantized", []))
+    return train(model, batches, sft_loss, recipe.train, recipe.optim, eval_fn=eval_fn, recipe=recipe,
+                 weights_fn=weights_fn, checkpoint_meta=meta, tokenizer_path=tokenizer_path(recipe),
+                 flops_per_token=info["flops_per_token"])
+
+
+def load_finetuned(path: str | os.PathLike, device: str | torch.device = "cpu", base_checkpoint: Optional[str] = None) -> Transformer:
+    """A plain Transformer from an SFT output: a full checkpoint as is, an adapter merged onto its base.
+
+    An adapter's base is ``base_checkpoint`` or the one recorded in its meta.json. A QLoRA
+    adapter is merged onto the dequantized NF4 base it was trained against.
+    """
+    meta = read_meta(path)
+    if meta.get("kind") != "adapter":
+        from utils.checkpoint import load_model
+
+        return load_model(path, device)
+    read_adapter_config(path)
+    base = base_checkpoint or meta.get("base_checkpoint")
+    if not base:
+        raise UserError(f"adapter {path} does not record its base checkpoint; pass base_checkpoint.")
+    model = load_base(base, load_model_config(path), device)  # the adapter's config (long context included)
+    if meta.get("qlora"):
+        from model.quant import quantize_model
+
+        quantize_model(model, meta.get("quantized") or "all-linear", torch.float32)
+    load_lora(model, path)
+    return merge_and_unload(model).eval()
+
+
+def format_report(recipe: SFTRecipe, finetuned_path: str | os.PathLike, device: str | torch.device = "cpu") -> Optional[dict]:
+    """Format rate of held-out arithmetic prompts, base vs finetuned (None when it cannot run)."""
+    from finetune.format_rate import engine_generate, heldout_problems, measure_format_rate
+
+    tok_path = tokenizer_path(recipe)
+    if recipe.format_eval_prompts <= 0 or tok_path is None:
+        return None
+    try:
+        from inference.engine import load_tokenizer
+
+        tokenizer = load_tokenizer(Path(tok_path))
+    except ImportError as err:
+        print(f"format rate skipped: {err}")
+        return None
+    problems = heldout_problems(recipe.format_eval_prompts)
+    out = {}
+    for name, model in (("base", load_base(recipe.base_checkpoint, device=device)),
+                        ("sft", load_finetuned(finetuned_path, device, recipe.base_checkpoint))):
+        out[name] = measure_format_rate(engine_generate(model.eval(), tokenizer, device=str(device)), problems)
+    return out
+
+
+def run_sft_and_report(recipe: SFTRecipe, mode: str) -> None:
+    """What the entry scripts run: train, then print where the result is and the format rate."""
+    from utils.distributed import setup
+
+    result = run_sft(recipe, mode)
+    env = setup(recipe.train.distributed, recipe.train.device)
+    if not env.is_main:
+        return
+    what = "adapter (LoRA weights only)" if recipe.lora is not None else "model"
+    print(f"sft[{mode}]: {result.final_step} steps; {what} saved to {result.checkpoint}")
+    report = format_report(recipe, result.checkpoint)
+    if report:
+        b, s = report["base"], report["sft"]
+        print(f"format rate on {s['n']} held-out arithmetic prompts ('#### <number>' last line): "
+              f"base {b['format_rate']:.0%} -> SFT {s['format_rate']:.0%} (correct answers {b['accuracy']:.0%} -> {s['accuracy']:.0%})")
+        print(f"example after SFT: {s['examples'][0][0]!r} -> {s['examples'][0][1]!r}")
