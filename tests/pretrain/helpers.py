@@ -4,8 +4,8 @@
 rows [(i*world + r)*B, ... + B) of a fixed random token stream, so one process with
 grad-accum W sees exactly the rows that W processes see in one step.
 
-Run as a worker:  torchrun --nproc_per_node 2 tests/pretrain/helpers.py OUT KIND STEPS ACCUM OPTIM
-(writes OUT/history.json from rank 0).
+Run as a worker:  torchrun --nproc_per_node 2 tests/pretrain/helpers.py OUT ddp:adamw,fsdp:adamw STEPS GLOBAL_ROWS
+(``launch`` starts the same processes without the torchrun agent, to save an interpreter start-up).
 """
 from __future__ import annotations
 
@@ -58,21 +58,46 @@ def ce_loss(model, batch):
 
 
 def _worker() -> None:
+    """argv: OUT RUNS STEPS GLOBAL_ROWS with RUNS like "ddp:adamw,fsdp:muon"; each run trains
+    a fresh tiny model and rank 0 writes OUT/<kind>_<optim>/history.json."""
     import json
 
     from utils.distributed import setup
     from utils.optim import OptimConfig
     from utils.train_loop import TrainConfig, train
 
-    out, kind, steps, global_rows, optim = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    out, runs, steps, global_rows = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]), int(sys.argv[4])
     torch.set_num_threads(1)
-    cfg = TrainConfig(out_dir=out, max_steps=steps, batch_size=2, seq_len=SEQ, global_batch_size=global_rows,
-                      distributed=kind, device="cpu", resume="never", progress=False, log_every=100)
-    env = setup(cfg.distributed, cfg.device)
-    loader = StreamLoader(cfg.batch_size, rank=env.rank, world_size=env.world_size)
-    result = train(tiny_model(), loader, ce_loss, cfg, OptimConfig(name=optim, lr=1e-2, warmup_steps=1))
-    if env.rank == 0:
-        Path(out, "history.json").write_text(json.dumps([h["loss"] for h in result.history]))
+    for run in runs:
+        kind, optim = run.split(":")
+        run_dir = Path(out) / f"{kind}_{optim}"
+        cfg = TrainConfig(out_dir=str(run_dir), max_steps=steps, batch_size=2, seq_len=SEQ, global_batch_size=global_rows,
+                          distributed=kind, device="cpu", resume="never", progress=False, log_every=100)
+        env = setup(cfg.distributed, cfg.device)
+        loader = StreamLoader(cfg.batch_size, rank=env.rank, world_size=env.world_size)
+        result = train(tiny_model(), loader, ce_loss, cfg, OptimConfig(name=optim, lr=1e-2, warmup_steps=1))
+        if env.rank == 0:
+            (run_dir / "history.json").write_text(json.dumps([h["loss"] for h in result.history]))
+
+
+def launch(out: str, runs: str, steps: int, global_rows: int, world: int = 2, timeout: float = 300):
+    """Start ``world`` worker processes with the variables torchrun would set."""
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, __file__, out, runs, str(steps), str(global_rows)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    return [p.returncode for p in procs], outputs
 
 
 if __name__ == "__main__":

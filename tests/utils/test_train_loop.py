@@ -1,9 +1,6 @@
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -211,43 +208,3 @@ def test_resume_from_another_model_is_a_user_error(tmp_path):
         train(tiny_model(), StreamLoader(2), ce_loss, cfg(tmp_path / "c", resume=str(tmp_path / "a" / "final")), OPT)
     with pytest.raises(UserError, match="optim.name"):
         train(tiny_model(), StreamLoader(2), ce_loss, cfg(tmp_path / "a", max_steps=2), OptimConfig(name="muon"))
-
-
-SIGINT_SCRIPT = """
-import sys, time, torch
-sys.path.insert(0, {root!r})
-from tests.pretrain.helpers import StreamLoader, ce_loss, tiny_model
-from utils.cli import main_guard
-from utils.optim import OptimConfig
-from utils.train_loop import TrainConfig, train
-
-class Slow(StreamLoader):
-    def __next__(self):
-        if self.i == 2:
-            print("READY", flush=True)
-        time.sleep(0.2)
-        return super().__next__()
-
-def main():
-    cfg = TrainConfig(out_dir={out!r}, max_steps=10000, batch_size=2, seq_len=16, device="cpu", progress=False)
-    train(tiny_model(), Slow(2), ce_loss, cfg, OptimConfig())
-
-main_guard(main)
-"""
-
-
-def test_ctrl_c_writes_a_checkpoint(tmp_path):
-    script = tmp_path / "run.py"
-    script.write_text(SIGINT_SCRIPT.format(root=str(ROOT), out=str(tmp_path / "run")))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.stdout.readline().strip() != "READY":
-        pass
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    steps = sorted((tmp_path / "run").glob("step_*"))
-    assert len(steps) == 1 and (steps[0] / "train_state.pt").is_file(), err
-    step = load_train_state(steps[0])["step"]
-    assert 2 <= step < 10 and "interrupted at step" in err
