@@ -1,0 +1,422 @@
+"""LLMEngine: the loop. Requests in (token ids), tokens out, one scheduler step at a time.
+
+    engine = LLMEngine(model, tokenizer=tok)
+    engine.add_request(prompt_ids, SamplingParams(max_tokens=32))
+    while engine.has_unfinished():
+        for out in engine.step(): ...          # streaming
+    engine.generate(list_of_prompt_ids, params) # batch: all prompts continuously batched
+
+Each step the scheduler picks a batch (prefill or decode), the model runner computes
+logits, the sampler picks tokens, and finished sequences give their blocks back.
+``add_request`` and ``abort`` may be called from another thread (a server's event loop)
+while one thread drives ``step``; they are queued and applied at the start of a step.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import uuid
+from collections import deque
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from inference import sampler
+from inference.block_manager import BlockManager
+from inference.detokenizer import IncrementalDetokenizer
+from inference.model_runner import ModelRunner
+from inference.outputs import Completion, CompletionOutput, RequestOutput, TokenLogprob
+from inference.sampling_params import SamplingParams
+from inference.scheduler import Batch, Scheduler
+from inference.sequence import Sequence, Status
+from utils.errors import UserError
+
+
+def kv_bytes_per_token(model: torch.nn.Module, device: torch.device) -> int:
+    """Bytes one token occupies in the KV cache (all layers), measured with a 1-token forward."""
+    from model.cache import KVCache
+
+    cache = KVCache(1)
+    with torch.inference_mode():
+        model(torch.zeros(1, 1, dtype=torch.long, device=device), cache=cache)
+    return max(1, cache.nbytes_per_token())
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        tokenizer=None,
+        block_size: int = 16,
+        num_blocks: Optional[int] = None,
+        max_num_seqs: int = 32,
+        max_num_batched_tokens: int = 2048,
+        max_model_len: Optional[int] = None,
+        enable_prefix_caching: bool = True,
+        device: Union[str, torch.device] = "cpu",
+        dtype: Optional[torch.dtype] = None,
+        draft_model: Optional[torch.nn.Module] = None,
+        num_speculative_tokens: int = 4,
+        kv_cache_memory: Optional[int] = None,
+    ):
+        self.device = torch.device(device)
+        cfg = model.cfg
+        if cfg.attention == "linear":
+            raise UserError("engine: linear attention keeps a recurrent state, not a KV cache; the paged engine does not serve it yet.")
+        self.model = model.to(device=self.device, dtype=dtype).eval()
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len or cfg.max_seq_len
+        if self.max_model_len > cfg.max_seq_len:
+            raise UserError(f"engine: max_model_len={self.max_model_len} exceeds the model's max_seq_len={cfg.max_seq_len}; lower it.")
+        if max_num_seqs < 1 or max_num_batched_tokens < 1 or block_size < 1:
+            raise UserError("engine: max_num_seqs, max_num_batched_tokens and block_size must be >= 1.")
+        self.block_size = block_size
+        self.draft_model = None
+        self.k = 0
+        if draft_model is not None:
+            if draft_model.cfg.vocab_size != cfg.vocab_size:
+                raise UserError(
+                    f"engine: the draft model's vocab_size={draft_model.cfg.vocab_size} differs from the target's "
+                    f"{cfg.vocab_size}; speculative decoding needs the same tokenizer."
+                )
+            if draft_model.cfg.max_seq_len < self.max_model_len:
+                raise UserError(f"engine: the draft model's max_seq_len={draft_model.cfg.max_seq_len} is shorter than max_model_len={self.max_model_len}.")
+            self.draft_model = draft_model.to(device=self.device, dtype=dtype).eval()
+            self.k = num_speculative_tokens
+        self.num_blocks = num_blocks or self._derive_num_blocks(max_num_seqs, kv_cache_memory)
+        self.bm = BlockManager(self.num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.bm, max_num_seqs, max_num_batched_tokens, lookahead=self.k)
+        self.runner = ModelRunner(self.model, self.num_blocks, block_size, self.device)
+        self.draft_runner = ModelRunner(self.draft_model, self.num_blocks, block_size, self.device) if self.draft_model else None
+        self.eos_id = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
+        self.requests: dict[str, list[Sequence]] = {}
+        self._pending: deque = deque()  # ("add", seq) / ("abort", request_id), from any thread
+        self._lock = threading.Lock()
+        self._early: list[RequestOutput] = []  # outputs decided outside a forward (errors, aborts)
+        self._seq_ids = itertools.count()
+        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "steps": 0, "spec_proposed": 0, "spec_accepted": 0}
+
+    def _derive_num_blocks(self, max_num_seqs: int, kv_cache_memory: Optional[int]) -> int:
+        """Enough blocks for max_num_seqs full-length sequences, capped by a memory budget
+        (``kv_cache_memory`` bytes; on CUDA default 90% of free memory)."""
+        want = max_num_seqs * -(-(self.max_model_len + self.k) // self.block_size)
+        per_token = kv_bytes_per_token(self.model, self.device)
+        if self.draft_model is not None:
+            per_token += kv_bytes_per_token(self.draft_model, self.device)
+        budget = kv_cache_memory
+        if budget is None and self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * 0.9)
+        if budget is None:
+            return want
+        return max(1, min(want, budget // (per_token * self.block_size)))
+
+    @classmethod
+    def from_checkpoint(cls, path: str, **kw) -> "LLMEngine":
+        """Engine over a checkpoint directory (utils/checkpoint.py); loads tokenizer.json beside it."""
+        from utils.checkpoint import load_model
+
+        model = load_model(path, device=kw.get("device", "cpu"), dtype=kw.get("dtype"))
+        if kw.get("tokenizer") is None and (Path(path) / "tokenizer.json").exists():
+            kw["tokenizer"] = load_tokenizer(Path(path) / "tokenizer.json")
+        return cls(model, **kw)
+
+    # ---- requests ---------------------------------------------------------------------------
+    def request_error(self, prompt_ids: list[int], params: SamplingParams) -> Optional[str]:
+        """Why this request can never run (a message for the user), or None if it can."""
+        n = len(prompt_ids)
+        if n == 0:
+            return "the prompt is empty; send at least one token."
+        if n + params.max_tokens > self.max_model_len:
+            return (
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = {n + params.max_tokens} exceeds the "
+                f"model's context of {self.max_model_len} tokens; shorten the prompt or lower max_tokens."
+            )
+        blocks = self.bm.blocks_for(n + params.max_tokens + self.k)
+        if blocks > self.num_blocks:
+            return (
+                f"the request needs {blocks} KV blocks but the cache has {self.num_blocks}; "
+                f"lower max_tokens or start the engine with more num_blocks."
+            )
+        return None
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: Optional[str] = None) -> str:
+        """Queue a request; returns its id. Bad sampling params or token ids raise UserError; a request
+        that can never fit finishes at the next step with finish_reason "error" and a message."""
+        params.validate(self.max_model_len)
+        V = self.model.cfg.vocab_size
+        bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < V]
+        if bad:
+            raise UserError(f"prompt token ids must be integers in [0, {V}); got {bad[:5]}.")
+        request_id = request_id or uuid.uuid4().hex
+        seq = Sequence(next(self._seq_ids), request_id, prompt_ids, params, index=0, seed=params.seed)
+        seq.pending_forks = params.n - 1
+        if self.tokenizer is not None:
+            seq.detok = IncrementalDetokenizer(self.tokenizer, params.stop)
+        self._pending.append(("add", seq))
+        self._try_apply_pending()
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its blocks are freed (now, or at the start of the next step if a step
+        is running in another thread) and it reports finish_reason "abort" once."""
+        self._pending.append(("abort", request_id))
+        self._try_apply_pending()
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests or self._pending or self._early)
+
+    def _try_apply_pending(self) -> None:
+        if self._lock.acquire(blocking=False):
+            try:
+                self._apply_pending()
+            finally:
+                self._lock.release()
+
+    def _apply_pending(self) -> None:
+        while self._pending:
+            kind, item = self._pending.popleft()
+            if kind == "add":
+                seq: Sequence = item
+                if seq.request_id in self.requests:
+                    seq.finish("error", f"request id {seq.request_id!r} is already running; use a unique id.")
+                    self._early.append(self._output(seq, []))
+                    continue
+                error = self.request_error(seq.token_ids, seq.params)
+                if error:
+                    seq.finish("error", error)
+                    self._early.append(self._output(seq, []))
+                    continue
+                self.requests[seq.request_id] = [seq]
+                self.scheduler.add(seq)
+            else:
+                for seq in self.requests.pop(item, []):
+                    if not seq.is_finished:
+                        self.scheduler.remove(seq)
+                        seq.finish("abort")
+                        self._early.append(self._output(seq, []))
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One scheduler iteration. Returns an output for every sequence that got tokens or finished."""
+        with self._lock:
+            self._apply_pending()
+            outputs, self._early = self._early, []
+            batch = self.scheduler.schedule()
+            if batch is None:
+                return outputs
+            self.stats["steps"] += 1
+            if batch.is_prefill or self.draft_runner is None:
+                outputs += self._run_plain(batch)
+            else:
+                outputs += self._run_speculative(batch)
+            return outputs
+
+    def _run_plain(self, batch: Batch) -> list[RequestOutput]:
+        toks = [s.token_ids[st : st + q] for s, st, q in zip(batch.seqs, batch.starts, batch.q_lens)]
+        tables = [s.block_table for s in batch.seqs]
+        logits = self.runner.run(toks, tables, batch.starts, copies=batch.copies)
+        if self.draft_runner is not None:  # keep the draft's cache in step with the target's
+            self.draft_runner.run(toks, tables, batch.starts, copies=batch.copies)
+        rows: list[tuple[Sequence, int]] = []  # (sequence to sample for, logits row)
+        for i, (s, q) in enumerate(zip(batch.seqs, batch.q_lens)):
+            s.num_computed += q
+            if self.draft_runner is not None:
+                s.num_draft_computed = s.num_computed
+            if batch.is_prefill:
+                self.stats["prompt_tokens"] += q
+            if s.num_computed < s.num_tokens:
+                continue  # chunked prefill: more of the prompt next step
+            if s.status == Status.WAITING:
+                self.scheduler.started(s)
+            rows.append((s, i))
+            for child in self._fork(s):
+                rows.append((child, i))
+        outputs = []
+        if rows:
+            seqs = [s for s, _ in rows]
+            row_logits = logits[torch.tensor([i for _, i in rows], device=logits.device)]
+            tokens = sampler.sample(
+                row_logits,
+                [s.params for s in seqs],
+                [s.prompt_ids for s in seqs],
+                [s.output_ids for s in seqs],
+                [s.generator for s in seqs],
+            )
+            lps = self._logprobs(row_logits, tokens, seqs)
+            for j, (s, tok) in enumerate(zip(seqs, tokens.tolist())):
+                self._append(s, [tok], [lps[j]] if lps else None)
+                outputs.append(self._emit(s))
+        for s in batch.seqs:
+            if not s.is_finished:
+                self.bm.commit(s, min(s.num_computed, s.num_draft_computed) if self.draft_runner else None)
+        return outputs
+
+    def _run_speculative(self, batch: Batch) -> list[RequestOutput]:
+        from inference.speculative import speculative_decode
+
+        results = speculative_decode(batch.seqs, self.runner, self.draft_runner, self.k, self.max_model_len, batch.copies)
+        outputs = []
+        for s, (new, raw) in zip(batch.seqs, results):
+            self.stats["spec_proposed"] += min(self.k, len(new) - 1 + (len(new) <= self.k))
+            self.stats["spec_accepted"] += len(new) - 1
+            lps = None
+            if s.params.logprobs:
+                lps = sampler.token_logprobs(raw, torch.tensor(new, device=raw.device), s.params.top_logprobs)
+            self._append(s, new, lps)
+            outputs.append(self._emit(s))
+            if not s.is_finished:
+                self.bm.commit(s, min(s.num_computed, s.num_draft_computed))
+        return outputs
+
+    def _fork(self, leader: Sequence) -> list[Sequence]:
+        """n > 1: the prompt is computed once; siblings share its blocks and sample their own
+        first token from the same logits."""
+        children = []
+        for i in range(1, leader.pending_forks + 1):
+            seed = None if leader.params.seed is None else hash((leader.params.seed, i)) & 0x7FFF_FFFF_FFFF_FFFF
+            child = Sequence(next(self._seq_ids), leader.request_id, leader.prompt_ids, leader.params, index=i, seed=seed)
+            if self.tokenizer is not None:
+                child.detok = IncrementalDetokenizer(self.tokenizer, leader.params.stop)
+            self.bm.fork(leader, child)
+            self.scheduler.add_running(child)
+            self.requests[leader.request_id].append(child)
+            children.append(child)
+        leader.pending_forks = 0
+        return children
+
+    def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]):
+        if not any(s.params.logprobs for s in seqs):
+            return None
+        top_n = max(s.params.top_logprobs for s in seqs)
+        return sampler.token_logprobs(logits, tokens, top_n)
+
+    # ---- stopping ---------------------------------------------------------------------------
+    def _append(self, seq: Sequence, tokens: list[int], lps) -> None:
+        """Append sampled tokens one by one, stopping at the first stop condition."""
+        p = seq.params
+        stop_ids = set(p.stop_token_ids)
+        if self.eos_id is not None and not p.ignore_eos:
+            stop_ids.add(self.eos_id)
+        for j, tok in enumerate(tokens):
+            seq.token_ids.append(tok)
+            self.stats["generated_tokens"] += 1
+            if seq.logprobs is not None and lps is not None:
+                chosen, top = lps[j]
+                seq.logprobs.append(TokenLogprob(tok, chosen, top[: p.top_logprobs]))
+            if tok in stop_ids:
+                if seq.detok is not None:
+                    seq.detok.flush(seq.output_ids[:-1])
+                self._finish(seq, "stop")
+                return
+            if seq.detok is not None and seq.detok.update(seq.output_ids) is not None:
+                self._finish(seq, "stop")
+                return
+            if seq.num_output >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+                if seq.detok is not None:
+                    seq.detok.flush(seq.output_ids)
+                self._finish(seq, "length")
+                return
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish(reason)
+        self.scheduler.remove(seq)
+        live = self.requests.get(seq.request_id, [])
+        if all(s.is_finished for s in live) and not any(s.pending_forks for s in live):
+            self.requests.pop(seq.request_id, None)
+
+    def _emit(self, seq: Sequence) -> RequestOutput:
+        new = seq.output_ids[seq.num_emitted :]
+        lps = seq.logprobs[seq.num_emitted :] if seq.logprobs is not None else None
+        seq.num_emitted = seq.num_output
+        return self._output(seq, new, lps)
+
+    def _output(self, seq: Sequence, new: list[int], lps=None) -> RequestOutput:
+        text = new_text = ""
+        if seq.detok is not None:
+            new_text = seq.detok.new_text(seq.is_finished)
+            text = seq.detok.text
+        return RequestOutput(
+            request_id=seq.request_id,
+            index=seq.index,
+            new_token_ids=new,
+            output_token_ids=seq.output_ids,
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            error=seq.error,
+            logprobs=lps,
+            prompt_len=seq.prompt_len,
+            num_cached_tokens=seq.num_cached_prompt_tokens,
+            text=text,
+            new_text=new_text,
+        )
+
+    # ---- batch API ----------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: Union[SamplingParams, list[SamplingParams], None] = None,
+        use_tqdm: bool = False,
+    ) -> list[Completion]:
+        """Generate for every prompt (continuously batched); returns completions in prompt order.
+
+        Drives ``step`` itself: do not run it while another thread steps the same engine.
+        A request that cannot fit comes back with finish_reason "error" and the reason in ``error``.
+        """
+        params = params or SamplingParams()
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise UserError(f"generate: {len(prompts)} prompts but {len(plist)} sampling params.")
+        ids = [self.add_request(list(p), sp) for p, sp in zip(prompts, plist)]
+        n_of = {rid: sp.n for rid, sp in zip(ids, plist)}
+        want_lp = {rid: sp.logprobs for rid, sp in zip(ids, plist)}
+        results: dict[str, dict[int, CompletionOutput]] = {rid: {} for rid in ids}
+        logprobs: dict[tuple[str, int], list[TokenLogprob]] = {}
+        todo = set(ids)
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=sum(n_of.values()), desc="generate", unit="seq")
+        while todo:
+            for out in self.step():
+                if out.request_id not in todo:
+                    continue
+                if out.logprobs:
+                    logprobs.setdefault((out.request_id, out.index), []).extend(out.logprobs)
+                if not out.finished:
+                    continue
+                # an error ends all n sequences of a request at once
+                indices = range(n_of[out.request_id]) if out.finish_reason == "error" else [out.index]
+                for i in indices:
+                    results[out.request_id][i] = CompletionOutput(
+                        i,
+                        list(out.output_token_ids),
+                        out.text if self.tokenizer is not None else None,
+                        out.finish_reason,
+                        logprobs.get((out.request_id, i), []) if want_lp[out.request_id] else None,
+                        out.error,
+                    )
+                if bar is not None:
+                    bar.update(len(indices))
+                if len(results[out.request_id]) == n_of[out.request_id]:
+                    todo.discard(out.request_id)
+            if todo and not self.has_unfinished():
+                raise RuntimeError(f"engine went idle with {len(todo)} requests unfinished")  # a bug, not a user error
+        if bar is not None:
+            bar.close()
+        return [
+            Completion(rid, list(p), [results[rid][i] for i in sorted(results[rid])]) for rid, p in zip(ids, prompts)
+        ]
+
+
+def load_tokenizer(path: Path):
+    """The project's tokenizer for a tokenizer.json (data_pipeline/tokenizer/tokenizer.py)."""
+    from data_pipeline.tokenizer.tokenizer import Tokenizer
+
+    for name in ("from_file", "load"):
+        if hasattr(Tokenizer, name):
+            return getattr(Tokenizer, name)(str(path))
+    return Tokenizer(str(path))
