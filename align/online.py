@@ -139,7 +139,7 @@ class RolloutPhase:
             buffer = {"tokens": tokens[best], "mask": mask[best] & keep.unsqueeze(1)}
             stats["kept"] = keep.float().mean().item()
         if self.rank == 0:
-            self.log("rollout " + " | ".join(f"{k} {v:.4g}" for k, v in stats.items()))
+            self.log(" | ".join(f"{k} {v:.4g}" for k, v in stats.items()))
         return {k: v.cpu() for k, v in buffer.items()}, stats
 
     def _ppo_targets(self, scores: Tensor, mask: Tensor, old_logp: Tensor, ref_logp: Tensor, values: Tensor) -> dict:

@@ -33,9 +33,11 @@ def load_tokenizer(cfg: PolicyConfig) -> tuple[Any, str]:
 
 
 def load_policy(cfg: PolicyConfig, device: torch.device) -> nn.Module:
-    from utils.checkpoint import load_model
+    """The starting model as a plain Transformer: a full checkpoint as is, an SFT adapter
+    merged onto the base its meta.json names (finetune.sft.load_finetuned)."""
+    from finetune.sft import load_finetuned
 
-    return load_model(cfg.init_from, device=device)
+    return load_finetuned(cfg.init_from, device)
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -55,33 +57,28 @@ class Trainable:
     meta: dict = field(default_factory=dict)
 
 
-def live_adapters(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA tensors under ``lora_state_dict`` names, sharing storage with the parameters
-    (the loop copies resumed values into them)."""
-    from model.lora import lora_layers
+def quantize_base(model: nn.Module, cfg: PolicyConfig) -> list[str]:
+    """QLoRA: store the frozen base's linear layers in NF4 (before apply_lora); returns their names."""
+    if cfg.qlora is None:
+        return []
+    from finetune.sft import resolve_compute_dtype
+    from model.quant import quantize_model
 
-    out = {}
-    for name, layer in lora_layers(model).items():
-        out[f"{name}.lora_A"] = layer.lora_A.detach()
-        out[f"{name}.lora_B"] = layer.lora_B.detach()
-    return out
-
-
-def quantize_base(model: nn.Module, cfg: PolicyConfig) -> None:
-    """QLoRA: swap the LoRA targets' frozen base weights for NF4 (before apply_lora)."""
-    if cfg.qlora:
-        from model.quant import quantize_model
-
-        quantize_model(model, cfg.lora.targets)
+    q = cfg.qlora
+    device = next(model.parameters()).device
+    return quantize_model(model, q.targets, resolve_compute_dtype(q.compute_dtype, device), q.double_quant)
 
 
-def make_trainable(model: nn.Module, cfg: PolicyConfig) -> Trainable:
-    """Full-parameter (nothing to do) or wrap LoRA adapters (QLoRA: call ``quantize_base`` first)."""
+def make_trainable(model: nn.Module, cfg: PolicyConfig, quantized: Optional[list[str]] = None) -> Trainable:
+    """Full-parameter (nothing to do) or wrap LoRA adapters (QLoRA: call ``quantize_base`` first
+    and pass its result, so the adapter's meta.json says which base layers were NF4)."""
     if cfg.lora is None:
         return Trainable()
+    from finetune.sft import lora_weights
     from model.lora import adapter_meta, apply_lora, trainable_parameters
 
     lora = cfg.lora
     apply_lora(model, lora.targets, lora.r, lora.alpha, lora.dropout, lora.rslora)
-    meta = adapter_meta(model, lora, base_model=str(cfg.init_from), qlora=cfg.qlora)
-    return Trainable(trainable_parameters(model), live_adapters, meta)
+    meta = adapter_meta(model, lora, base_checkpoint=str(cfg.init_from), qlora=cfg.qlora is not None,
+                        quantized=quantized or [])
+    return Trainable(trainable_parameters(model), lora_weights, meta)

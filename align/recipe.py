@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from finetune.recipe import QLoRAConfig
 from model.lora import LoRAConfig
 from utils.errors import UserError
 from utils.optim import OptimConfig
@@ -20,14 +21,15 @@ from utils.train_loop import TrainConfig
 class PolicyConfig:
     """Recipe section ``model``: the starting checkpoint and how it is trained."""
 
-    init_from: str = field(metadata={"path": "dir"})  # checkpoint dir (SFT output), rebuilt from its config
+    init_from: str = field(metadata={"path": "dir"})  # SFT output: a full checkpoint, or an adapter (merged onto its base)
     tokenizer_path: str = field(default="", metadata={"path": "file?"})  # "" -> init_from/tokenizer.json
     lora: Optional[LoRAConfig] = None  # set -> only adapters train (the base stays frozen)
-    qlora: bool = False  # with lora: the frozen base is quantized to NF4 (bitsandbytes)
+    qlora: Optional[QLoRAConfig] = None  # set (with lora) -> the frozen base is NF4 (bitsandbytes)
 
     def __post_init__(self) -> None:
-        if self.qlora and self.lora is None:
-            raise UserError("model.qlora=true needs a model.lora section (QLoRA trains LoRA adapters over a 4-bit base).")
+        if self.qlora is not None and self.lora is None:
+            raise UserError("model.qlora needs a model.lora section too (QLoRA trains LoRA adapters over a 4-bit base), "
+                            "e.g. lora: {r: 16, alpha: 32, targets: all-linear}.")
 
 
 # ----------------------------------------------------------------------------- offline

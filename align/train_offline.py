@@ -54,7 +54,7 @@ def run(cfg: OfflineRecipe) -> dict:
     policy = load_policy(cfg.model, env.device)
     if seq_len > policy.cfg.max_seq_len:
         raise UserError(f"train.seq_len={seq_len} exceeds the model's context of {policy.cfg.max_seq_len}; lower it.")
-    quantize_base(policy, cfg.model)
+    quantized = quantize_base(policy, cfg.model)
     bs = cfg.train.batch_size
     needs_ref = cfg.algorithm in ("dpo", "kto")
     # The reference is the starting policy. Its log-probs are computed now, once: for the
@@ -68,7 +68,7 @@ def run(cfg: OfflineRecipe) -> dict:
         trainable_params, weights_fn, meta = None, live_scalar_weights, {"kind": KIND}
     else:
         model = policy
-        trainable = make_trainable(model, cfg.model)  # LoRA adapters start at B = 0: still the reference
+        trainable = make_trainable(model, cfg.model, quantized)  # LoRA adapters start at B = 0: still the reference
         trainable_params, weights_fn, meta = trainable.params, trainable.weights_fn, trainable.meta
     meta = {**meta, "stage": f"align_{cfg.algorithm}"}
 

@@ -103,9 +103,9 @@ def run(cfg: OnlineRecipe) -> dict:
     longest = max(len(p) for p in prompt_ids + test_ids) + ro_cfg.max_new_tokens
     steps_per_rollout = rl.epochs * cfg.buffer_rows // rows_per_step
 
-    quantize_base(policy, cfg.model)
+    quantized = quantize_base(policy, cfg.model)
     reference = frozen_copy(policy)  # before adapters: the reference is the starting policy
-    trainable = make_trainable(policy, cfg.model)
+    trainable = make_trainable(policy, cfg.model, quantized)
     critic = None
     if cfg.algorithm == "ppo":
         critic = load_scalar_model(rl.critic_init, env.device) if rl.critic_init else ScalarHeadModel(load_model(cfg.model.init_from, env.device))
@@ -160,7 +160,7 @@ def run(cfg: OnlineRecipe) -> dict:
         save_scalar_model(out_dir / "critic", critic, meta={"step": result.final_step})
     after = result.final_eval
     rollout_keys = ("reward_mean", "accuracy", "kl_ref", "response_len", "clipfrac", "kl")
-    curve = [{"step": h["step"], **{k: h[k] for k in rollout_keys if k in h}} for h in result.history]
+    curve = [{"step": h["step"], **{k: h[k] for k in rollout_keys if k in h}} for h in result.history if "reward_mean" in h]
     summary = {"algorithm": cfg.algorithm, "n_eval_prompts": len(test_rows), "before": before, "after": after,
                "steps": result.final_step, "checkpoint": str(result.checkpoint), "curve": curve}
     if env.is_main:
