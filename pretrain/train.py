@@ -1,0 +1,103 @@
+"""Pretrain a Transformer on token bins with the shared training loop.
+
+    python pretrain/train.py --config_path configs/examples/pretrain_tiny.yaml [--compile] [train.max_steps=100 ...]
+    torchrun --nproc_per_node 8 pretrain/train.py --config_path ...   # DDP / FSDP2 (train.distributed)
+
+Reads the recipe (pretrain/recipe.py), builds the model and the rank-sharded data loader,
+and hands both to ``utils.train_loop.train`` with next-token cross-entropy. Writes
+``{out_dir}/step_*`` (resumable), ``{out_dir}/final`` (weights + config + tokenizer),
+``metrics.jsonl`` and ``loss.png``.
+"""
+import sys
+import pathlib
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # repo root
+
+import json
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from model.transformer import Transformer
+from pretrain.recipe import PretrainDataConfig, PretrainRecipe  # noqa: F401  (re-exported for recipe generators)
+from utils import distributed as D
+from utils.cli import main_guard
+from utils.config import parse_args
+from utils.errors import UserError
+from utils.train_loop import grad_accum_steps, train
+
+
+def lm_loss(model, batch) -> tuple[torch.Tensor, dict]:
+    """Next-token cross-entropy: batch = (x, y) int64 (B, T); mean over the B*T targets."""
+    x, y = batch
+    logits = model(x)  # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()), {"n_tokens": y.numel()}
+
+
+def make_loader(bin_path: str, recipe: PretrainRecipe, env: D.DistEnv, seed: int):
+    try:
+        from data_pipeline.loader import PretrainLoader
+    except ImportError as err:  # the data stage ships the loader; say so plainly if it is missing
+        raise UserError(f"data_pipeline.loader.PretrainLoader is not available ({err}); update the checkout.") from None
+    return PretrainLoader(bin_path, recipe.train.seq_len, recipe.train.batch_size, seed=seed, rank=env.rank,
+                          world_size=env.world_size)
+
+
+def make_eval_fn(recipe: PretrainRecipe, env: D.DistEnv) -> Callable | None:
+    """Mean val loss over ``eval_batches`` micro-batches per rank (the same batches every
+    time: a fresh loader with a fixed seed), averaged over ranks; perplexity = exp(loss)."""
+    if not recipe.data.val_bin:
+        return None
+
+    def eval_fn(model) -> dict:
+        loader = make_loader(recipe.data.val_bin, recipe, env, seed=0)
+        total = 0.0
+        for _ in range(recipe.train.eval_batches):
+            x, y = (t.to(env.device) for t in next(loader))
+            total += float(F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()))
+        loss = D.all_reduce_mean({"val_loss": total / recipe.train.eval_batches}, env)["val_loss"]
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+    return eval_fn
+
+
+def check_vocab(recipe: PretrainRecipe) -> None:
+    """The bins' vocabulary (from their .json meta, when present) must fit the model's."""
+    meta = pathlib.Path(recipe.data.train_bin).with_suffix(".json")
+    if not meta.is_file():
+        return
+    vocab = json.loads(meta.read_text()).get("vocab_size")
+    if isinstance(vocab, int) and vocab > recipe.model.vocab_size:
+        raise UserError(f"{recipe.data.train_bin} holds token ids up to {vocab - 1} but model.vocab_size="
+                        f"{recipe.model.vocab_size}; set model.vocab_size >= {vocab} (the tokenizer's size).")
+
+
+def main(argv=None) -> None:
+    recipe, args = parse_args(PretrainRecipe, "Pretrain a Transformer on token bins.", argv,
+                              add_args=lambda p: p.add_argument("--compile", action="store_true", help="torch.compile the model"))
+    if args.compile:
+        recipe.train.compile = True
+    check_vocab(recipe)
+    env = D.setup(recipe.train.distributed, recipe.train.device)
+    accum = grad_accum_steps(recipe.train, env.world_size)  # fail on a bad batch before building anything
+    torch.manual_seed(recipe.train.seed)  # same init on every rank
+    model = Transformer(recipe.model)
+    if env.is_main:
+        n, n_body = model.num_params(), model.num_params(exclude_embeddings=True)
+        tokens_step = recipe.train.batch_size * recipe.train.seq_len * accum * env.world_size
+        print(f"pretrain: {n:,} params ({n_body:,} non-embedding) | {tokens_step:,} tokens/step | "
+              f"{tokens_step * recipe.train.max_steps:,} tokens over {recipe.train.max_steps} steps", file=sys.stderr)
+    loader = make_loader(recipe.data.train_bin, recipe, env, seed=recipe.train.seed)
+    result = train(model, loader, lm_loss, recipe.train, recipe.optim, eval_fn=make_eval_fn(recipe, env), recipe=recipe,
+                   tokenizer_path=recipe.data.tokenizer, checkpoint_meta={"stage": "pretrain"})
+    if env.is_main:
+        last = result.history[-1] if result.history else {}
+        summary = {"final_step": result.final_step, "loss": last.get("loss"), **result.final_eval}
+        print(f"pretrain: done {json.dumps(summary)} -> {result.checkpoint}", file=sys.stderr)
+    D.cleanup()
+
+
+if __name__ == "__main__":
+    main_guard(main)
