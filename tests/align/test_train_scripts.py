@@ -99,7 +99,7 @@ def test_reward_model_then_ppo_with_it(files):
     load_scalar_model(tmp / "run" / "critic")
 
 
-def test_dpo_and_lora_kto_scripts(files):
+def test_dpo_lora_kto_and_qlora_dpo_scripts(files):
     tmp, ckpt = files
     out = train_offline.main(_offline(tmp, ckpt, "dpo"))
     assert out["before"]["val_pref_accuracy"] == 0.5 and out["after"]["val_pref_accuracy"] > 0.5
@@ -107,6 +107,9 @@ def test_dpo_and_lora_kto_scripts(files):
     meta = read_meta(tmp / "kto" / "final")
     assert meta["kind"] == "adapter" and meta["base_checkpoint"] == str(ckpt)
     assert lora["after"]["val_pref_accuracy"] > 0.5
+    qlora = train_offline.main(_offline(tmp, ckpt, "dpo", "model.lora={r: 4, alpha: 8}", "model.qlora={compute_dtype: fp32}",
+                                        f"train.out_dir={tmp}/dpo_qlora"))
+    assert read_meta(tmp / "dpo_qlora" / "final")["qlora"] is True and qlora["after"]["val_pref_accuracy"] > 0.5
 
 
 def test_bad_input_is_refused_before_training(files):
