@@ -480,19 +480,20 @@ def completion_logprobs(tok: Any, entries: list) -> P.CompletionLogprobs:
 
 def load_serving(args: argparse.Namespace) -> tuple[Any, Any]:
     """(engine, tokenizer) for a checkpoint directory; shared by the server and the chat CLI."""
-    import torch
-
-    from inference.engine import LLMEngine, load_tokenizer
-
     ckpt = Path(args.checkpoint)
     if not ckpt.is_dir():
         raise UserError(f"checkpoint {str(ckpt)!r} does not exist; point --checkpoint at a directory written by a training stage.")
     tok_path = Path(args.tokenizer) if args.tokenizer else ckpt / "tokenizer.json"
     if not tok_path.is_file():
         raise UserError(f"no tokenizer at {tok_path}; checkpoints carry tokenizer.json beside the weights, or pass --tokenizer PATH.")
+    import torch  # after the checks: a typo in a path should not wait for torch to load
+
+    from inference.engine import LLMEngine, load_tokenizer
+
     tokenizer = load_tokenizer(tok_path)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    engine = LLMEngine.from_checkpoint(str(ckpt), tokenizer=tokenizer, device=args.device, dtype=dtype,
+    engine = LLMEngine.from_checkpoint(str(ckpt), tokenizer=tokenizer, device=device, dtype=dtype,
                                        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
     return engine, tokenizer
 
@@ -500,16 +501,10 @@ def load_serving(args: argparse.Namespace) -> tuple[Any, Any]:
 def add_engine_args(parser: argparse.ArgumentParser, max_num_seqs: int = 32) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (model.safetensors, model_config.json, tokenizer.json)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one in the checkpoint)")
-    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--max-num-seqs", type=int, default=max_num_seqs, help="sequences decoded together per step")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's max_seq_len)")
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -7,6 +7,7 @@ import httpx
 import openai
 import pytest
 
+from data_pipeline.tokenizer.chat_template import render_chat
 from inference import server
 from inference.async_engine import AsyncEngine
 from inference.sampling_params import SamplingParams
@@ -17,15 +18,12 @@ MODEL = "tiny"
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    tok = H.HFTokenizer(H.train_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json"))
+    tok = H.load_tokenizer(H.train_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json"))
     engine = H.tiny_engine(tok, 256)
     settings = server.ServerSettings(model_name=MODEL, max_model_len=256, max_tokens_cap=128, n_cap=4)
-    original = server.chat_format
-    server.chat_format = lambda: (H.render_chat, H.chat_stop_ids)
     app = server.build_app(AsyncEngine(engine, max_concurrent=64), tok, settings)
     with H.LiveServer(app) as url:
         yield url, engine, tok
-    server.chat_format = original
 
 
 @pytest.fixture()
@@ -65,7 +63,7 @@ def test_chat_stream_equals_non_stream_at_temperature_0(client):
 
 def test_prompt_tokens_are_the_rendered_chat(live, client):
     url, engine, tok = live
-    ids, _ = H.render_chat(tok, MESSAGES)
+    ids, _ = render_chat(tok, MESSAGES, add_generation_prompt=True)
     full = client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0, max_tokens=5)
     assert full.usage.prompt_tokens == len(ids)
     assert full.usage.completion_tokens == 5 and full.choices[0].finish_reason == "length"

@@ -18,15 +18,12 @@ STEP = 0.01  # seconds per engine step: one 200-token request alone would take >
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    tok = H.HFTokenizer(H.train_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json"))
+    tok = H.load_tokenizer(H.train_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json"))
     engine = H.slow_down(H.tiny_engine(tok, 256, max_num_seqs=8), STEP)
     async_engine = AsyncEngine(engine, max_concurrent=64)
     settings = server.ServerSettings(model_name=MODEL, max_model_len=256, max_tokens_cap=256)
-    original = server.chat_format
-    server.chat_format = lambda: (H.render_chat, H.chat_stop_ids)
     with H.LiveServer(server.build_app(async_engine, tok, settings)) as url:
         yield url, engine, async_engine
-    server.chat_format = original
 
 
 def wait_until(predicate, timeout: float) -> float:

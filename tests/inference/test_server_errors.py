@@ -19,7 +19,7 @@ GOOD_COMPLETION = {"model": MODEL, "prompt": "Once upon", "max_tokens": 4}
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    return H.HFTokenizer(H.train_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json"))
+    return H.load_tokenizer(H.train_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json"))
 
 
 def serve(tok, api_key=None, max_concurrent=64, step_delay=0.002, max_body_bytes=20_000):
@@ -30,11 +30,8 @@ def serve(tok, api_key=None, max_concurrent=64, step_delay=0.002, max_body_bytes
 
 @pytest.fixture(scope="module")
 def url(tok):
-    original = server.chat_format
-    server.chat_format = lambda: (H.render_chat, H.chat_stop_ids)
     with serve(tok) as url:
         yield url
-    server.chat_format = original
 
 
 def with_(base: dict, **changes) -> dict:
@@ -136,25 +133,16 @@ def test_oversized_body_is_413(url):
 
 
 def test_api_key(tok):
-    original = server.chat_format
-    server.chat_format = lambda: (H.render_chat, H.chat_stop_ids)
-    try:
-        with serve(tok, api_key="s3cret") as url:
-            assert httpx.get(url + "/health").status_code == 200  # health stays open
-            assert httpx.get(url + "/").status_code == 200  # so does the page (it asks for the key)
-            H.assert_error_shape(httpx.get(url + "/v1/models"), 401)
-            H.assert_error_shape(httpx.post(url + "/v1/chat/completions", json=GOOD_CHAT, headers={"Authorization": "Bearer wrong"}), 401)
-            H.assert_error_shape(httpx.post(url + "/v1/chat/completions", json=GOOD_CHAT, headers={"Authorization": "s3cret"}), 401)
-            ok = httpx.post(url + "/v1/chat/completions", json=GOOD_CHAT, headers={"Authorization": "Bearer s3cret"})
-            assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] is not None
-    finally:
-        server.chat_format = original
-
+    with serve(tok, api_key="s3cret") as url:
+        assert httpx.get(url + "/health").status_code == 200  # health stays open
+        assert httpx.get(url + "/").status_code == 200  # so does the page (it asks for the key)
+        H.assert_error_shape(httpx.get(url + "/v1/models"), 401)
+        H.assert_error_shape(httpx.post(url + "/v1/chat/completions", json=GOOD_CHAT, headers={"Authorization": "Bearer wrong"}), 401)
+        H.assert_error_shape(httpx.post(url + "/v1/chat/completions", json=GOOD_CHAT, headers={"Authorization": "s3cret"}), 401)
+        ok = httpx.post(url + "/v1/chat/completions", json=GOOD_CHAT, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] is not None
 
 def test_overloaded_is_503_and_recovers(tok):
-    original = server.chat_format
-    server.chat_format = lambda: (H.render_chat, H.chat_stop_ids)
-
     async def scenario(url):
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
             slow = with_(GOOD_CHAT, max_tokens=60, ignore_eos=True)
@@ -166,11 +154,8 @@ def test_overloaded_is_503_and_recovers(tok):
             assert all(r.status_code == 200 for r in await asyncio.gather(*running))
             assert (await client.post("/v1/chat/completions", json=GOOD_CHAT)).status_code == 200
 
-    try:
-        with serve(tok, max_concurrent=2, step_delay=0.02) as url:
-            asyncio.run(scenario(url))
-    finally:
-        server.chat_format = original
+    with serve(tok, max_concurrent=2, step_delay=0.02) as url:
+        asyncio.run(scenario(url))
 
 
 json_values = st.recursive(

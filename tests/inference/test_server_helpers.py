@@ -16,49 +16,20 @@ CORPUS = [
     "Café crème, naïve façade, 中文字符, and emoji 🙂 make the bytes interesting.",
     "What is 12 plus 30? The answer is 42. Hello world, hello server!",
 ] * 20
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def train_tokenizer(path: Path, vocab_size: int = 400) -> Path:
-    """A small GPT-2-style byte-level BPE trained with HF tokenizers, saved as tokenizer.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A small byte-level BPE with the project's special tokens (the data pipeline's trainer), saved as tokenizer.json."""
+    from data_pipeline.tokenizer.train_tokenizer import train_hf
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS, trainer)
-    tok.save(str(path))
+    train_hf(CORPUS, vocab_size, show_progress=False).save(str(path))
     return path
 
 
-class HFTokenizer:
-    """encode/decode/eos_id/vocab_size over an HF tokenizer.json (stand-in for the project Tokenizer)."""
+def load_tokenizer(path: Path):
+    from data_pipeline.tokenizer.tokenizer import Tokenizer
 
-    def __init__(self, path: Path):
-        from tokenizers import Tokenizer
-
-        self.tok = Tokenizer.from_file(str(path))
-        self.eos_id = self.tok.token_to_id("<|endoftext|>")
-        self.vocab_size = self.tok.get_vocab_size()
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=False)
-
-
-def render_chat(tok, messages, add_generation_prompt=True):
-    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-    if add_generation_prompt:
-        text += "<|im_start|>assistant\n"
-    ids = tok.tok.encode(text, add_special_tokens=False).ids
-    return ids, [0] * len(ids)
-
-
-def chat_stop_ids(tok):
-    return [tok.tok.token_to_id("<|im_end|>")]
+    return Tokenizer.from_file(path)
 
 
 # ----------------------------------------------------------------------------- tiny model
@@ -87,7 +58,7 @@ def tiny_checkpoint(path: Path, tokenizer_json: Path, max_seq_len: int = 256) ->
     """A checkpoint directory (weights, config, tokenizer.json) the CLI entry points can load."""
     from utils.checkpoint import save_checkpoint
 
-    tok = HFTokenizer(tokenizer_json)
+    tok = load_tokenizer(tokenizer_json)
     return save_checkpoint(path, tiny_model(tok.vocab_size, max_seq_len), tokenizer_path=tokenizer_json)
 
 

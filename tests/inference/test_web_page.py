@@ -23,14 +23,11 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    tok = H.HFTokenizer(H.train_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json"))
+    tok = H.load_tokenizer(H.train_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json"))
     engine = H.slow_down(H.tiny_engine(tok, 256), 0.03)  # slow enough to watch the text grow
     settings = server.ServerSettings(model_name=MODEL, max_model_len=256)
-    original = server.chat_format
-    server.chat_format = lambda: (H.render_chat, H.chat_stop_ids)
     with H.LiveServer(server.build_app(AsyncEngine(engine), tok, settings)) as url:
         yield url
-    server.chat_format = original
 
 
 @pytest.fixture(scope="module")
