@@ -50,8 +50,8 @@ def measure_format_rate(generate: Callable[[list[str]], list[str]], problems: li
 
 
 def engine_generate(model, tokenizer, max_tokens: int = 96, device: Optional[str] = None) -> Callable[[list[str]], list[str]]:
-    """A ``generate`` over the project's engine: chat template, greedy decoding, stop at EOS."""
-    from data_pipeline.tokenizer.chat import encode_chat
+    """A ``generate`` over the project's engine: the one chat template, greedy, stop at <|im_end|>."""
+    from data_pipeline.tokenizer.chat_template import chat_stop_ids, render_chat
     from inference.engine import LLMEngine
     from inference.sampling_params import SamplingParams
 
@@ -59,9 +59,9 @@ def engine_generate(model, tokenizer, max_tokens: int = 96, device: Optional[str
     engine = LLMEngine(model, tokenizer=tokenizer, device=device, max_num_seqs=16)
 
     def generate(questions: list[str]) -> list[str]:
-        prompts = [encode_chat(tokenizer, [{"role": "user", "content": q}], add_generation_prompt=True) for q in questions]
-        budget = min(max_tokens, engine.max_model_len - max(len(p) for p in prompts))
-        outs = engine.generate(prompts, SamplingParams(max_tokens=max(budget, 1), temperature=0.0))
-        return [tokenizer.decode(c.outputs[0].token_ids) for c in outs]
+        prompts = [render_chat(tokenizer, [{"role": "user", "content": q}], add_generation_prompt=True)[0] for q in questions]
+        budget = max(1, min(max_tokens, engine.max_model_len - max(len(p) for p in prompts)))
+        params = SamplingParams(max_tokens=budget, temperature=0.0, stop_token_ids=chat_stop_ids(tokenizer))
+        return [tokenizer.decode(c.outputs[0].token_ids) for c in engine.generate(prompts, params)]
 
     return generate

@@ -250,13 +250,9 @@ def format_report(recipe: SFTRecipe, finetuned_path: str | os.PathLike, device: 
     tok_path = tokenizer_path(recipe)
     if recipe.format_eval_prompts <= 0 or tok_path is None:
         return None
-    try:
-        from inference.engine import load_tokenizer
+    from data_pipeline.tokenizer.tokenizer import Tokenizer
 
-        tokenizer = load_tokenizer(Path(tok_path))
-    except ImportError as err:
-        print(f"format rate skipped: {err}")
-        return None
+    tokenizer = Tokenizer.from_file(tok_path)
     problems = heldout_problems(recipe.format_eval_prompts)
     out = {}
     for name, model in (("base", load_base(recipe.base_checkpoint, device=device)),

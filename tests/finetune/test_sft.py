@@ -130,3 +130,16 @@ def test_long_context_lora_run(tmp_path, base_dir):
     result = run_sft(r, "lora", batches=FixedBatches(n=1, T=48), eval_fn=lambda m: {})
     model = load_finetuned(result.checkpoint)
     assert model.cfg.max_seq_len == 64 and model.cfg.rope_scaling["original_max_seq_len"] == 32
+
+
+@pytest.mark.parametrize("name,mode", [("sft_full_tiny", "full"), ("sft_lora_tiny", "lora"), ("sft_qlora_tiny", "qlora")])
+def test_example_recipes_validate(tmp_path, base_dir, name, mode):
+    from pathlib import Path
+
+    from utils.config import load_config
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "examples" / f"{name}.yaml"
+    # The data and base paths exist only after the pipeline ran; point them at test dirs.
+    r = load_config(SFTRecipe, path, [f"base_checkpoint={base_dir}", f"data.bin_dir={tmp_path}", "data.tokenizer="])
+    assert r.mode == mode
+    r.expect_mode(mode)
