@@ -16,7 +16,7 @@ on machines without it.
 """
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 from typing import Optional
 
@@ -31,22 +31,24 @@ __all__ = [
 ]
 
 
-@functools.lru_cache(maxsize=1)
+# find_spec does not import triton (which takes a second); a plain constant also keeps
+# use_triton traceable by torch.compile (it cannot trace an lru_cache or an import).
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """True when ``import triton`` works (it needs no GPU to import)."""
-    try:
-        import triton  # noqa: F401
-    except Exception:  # ImportError, or a broken install on an odd platform
-        return False
-    return True
+    """True when the triton package is installed (it needs no GPU to import)."""
+    return _HAS_TRITON
 
 
 def use_triton(x: torch.Tensor) -> bool:
     """Whether the Triton kernels serve tensors like ``x``: CUDA tensors, or CPU tensors when
     TRITON_INTERPRET=1 (the interpreter, used by the tests)."""
+    if not _HAS_TRITON:
+        return False
     if x.is_cuda:
-        return triton_available()
-    return x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and triton_available()
+        return True
+    return x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False) -> torch.Tensor:

@@ -69,6 +69,32 @@ def _ce_rows_kernel(
             tl.store(ptr + idx, (g * scale).to(LOGITS.dtype.element_ty), mask=mask)
 
 
+# A torch custom op (mutating the logits in place), so torch.compile treats the launch as one
+# opaque call (see triton_rmsnorm).
+@torch.library.custom_op("model_kernels::ce_rows", mutates_args=("logits",))
+def ce_rows(
+    logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor, ignore_index: int,
+    softcap: Optional[float], compute_grad: bool,
+) -> torch.Tensor:
+    """logits (C, V), contiguous rows -> row losses (C,) fp32; with compute_grad the logits are
+    overwritten by d(mean loss)/d(logits)."""
+    C, V = logits.shape
+    losses = torch.empty(C, dtype=torch.float32, device=logits.device)
+    BLOCK_V = min(triton.next_power_of_2(V), 4096 if logits.is_cuda else 1024)
+    _ce_rows_kernel[(C,)](
+        logits, logits.stride(0), targets, losses, scale, V, ignore_index,
+        float(softcap) if softcap is not None else 1.0,
+        HAS_SOFTCAP=softcap is not None, COMPUTE_GRAD=compute_grad, BLOCK_V=BLOCK_V,
+        num_warps=16 if BLOCK_V >= 4096 else 4,
+    )
+    return losses
+
+
+@ce_rows.register_fake
+def _(logits, targets, scale, ignore_index, softcap, compute_grad):
+    return logits.new_empty(logits.shape[0], dtype=torch.float32)
+
+
 def row_loss_triton(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -78,17 +104,9 @@ def row_loss_triton(
     compute_grad: bool,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Same contract as ``chunked_ce.row_loss_torch``; the gradient is ``logits`` itself, overwritten."""
-    C, V = logits.shape
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    losses = torch.empty(C, dtype=torch.float32, device=logits.device)
-    BLOCK_V = min(triton.next_power_of_2(V), 4096 if logits.is_cuda else 1024)
-    _ce_rows_kernel[(C,)](
-        logits, logits.stride(0), targets.contiguous(), losses, scale.reshape(1), V, ignore_index,
-        float(softcap) if softcap is not None else 1.0,
-        HAS_SOFTCAP=softcap is not None, COMPUTE_GRAD=compute_grad, BLOCK_V=BLOCK_V,
-        num_warps=16 if BLOCK_V >= 4096 else 4,
-    )
+    losses = ce_rows(logits, targets.contiguous(), scale.reshape(1), ignore_index, softcap, compute_grad)
     return losses, (logits if compute_grad else None)
 
 

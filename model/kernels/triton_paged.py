@@ -14,6 +14,8 @@ tokens with the online softmax of FlashAttention (running max m, sum l, accumula
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -68,7 +70,7 @@ def paged_attention_decode(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
-    block_n: int | None = None,
+    block_n: Optional[int] = None,
 ) -> torch.Tensor:
     """q (B, H, D) -> out (B, H, D) in q's dtype; pool layout in the module docstring."""
     B, H, D = q.shape
@@ -78,12 +80,22 @@ def paged_attention_decode(
             f"paged attention: q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache "
             f"{tuple(v_cache.shape)}: need equal head_dim, equal pools and H divisible by Hkv"
         )
-    if q.stride(-1) != 1:
-        q = q.contiguous()
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("paged attention: the last dim of k_cache / v_cache must be contiguous")
+    return paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, block_n)
+
+
+# A torch custom op, so torch.compile treats the launch as one opaque call (see triton_rmsnorm).
+@torch.library.custom_op("model_kernels::paged_decode", mutates_args=())
+def paged_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    context_lens: torch.Tensor, scale: float, block_n: Optional[int],
+) -> torch.Tensor:
+    B, H, D = q.shape
+    _, page_size, n_kv, _ = k_cache.shape
     G = H // n_kv
-    out = torch.empty_like(q)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
     block_tables, context_lens = block_tables.contiguous(), context_lens.contiguous()
     # tl.dot wants every dim >= 16 on GPU; padded query rows are masked out
     BLOCK_G = max(16, triton.next_power_of_2(G))
@@ -97,3 +109,8 @@ def paged_attention_decode(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     return out
+
+
+@paged_decode.register_fake
+def _(q, k_cache, v_cache, block_tables, context_lens, scale, block_n):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)

@@ -66,43 +66,76 @@ def _bwd_programs(M: int, device: torch.device) -> int:
     return min(M, 4)  # interpreter: few programs, each a Python loop
 
 
+# The launches are registered as torch custom ops: torch.compile then treats each as one opaque
+# call (it cannot trace a Triton launch on CPU / in the interpreter), with shapes from the fakes.
+@torch.library.custom_op("model_kernels::rms_norm_fwd", mutates_args=())
+def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., N) -> y (..., N), rstd (M,) fp32 with M = x.numel() // N."""
+    N = x.shape[-1]
+    x2 = x.reshape(-1, N)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    out_dtype = x.dtype if unit_offset else torch.promote_types(x.dtype, weight.dtype)
+    y = torch.empty((M, N), dtype=out_dtype, device=x.device)
+    rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+    BLOCK_N = triton.next_power_of_2(N)
+    _rmsnorm_fwd[(M,)](
+        x2, weight, y, rstd, x2.stride(0), y.stride(0), N, eps,
+        UNIT_OFFSET=unit_offset, BLOCK_N=BLOCK_N, num_warps=_num_warps(BLOCK_N),
+    )
+    return y.view(x.shape), rstd
+
+
+@rms_norm_fwd.register_fake
+def _(x, weight, eps, unit_offset):
+    out_dtype = x.dtype if unit_offset else torch.promote_types(x.dtype, weight.dtype)
+    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.numel() // x.shape[-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("model_kernels::rms_norm_bwd", mutates_args=())
+def rms_norm_bwd(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, unit_offset: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dy, x (..., N) -> dx (..., N) in x's dtype, dweight (N,) in weight's dtype."""
+    N = x.shape[-1]
+    x2, dy2 = x.reshape(-1, N), dy.reshape(-1, N)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    dy2 = dy2 if dy2.stride(-1) == 1 else dy2.contiguous()
+    M = x2.shape[0]
+    dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    progs = _bwd_programs(M, x.device)
+    dw_partial = torch.empty((progs, N), dtype=torch.float32, device=x.device)
+    BLOCK_N = triton.next_power_of_2(N)
+    _rmsnorm_bwd[(progs,)](
+        dy2, x2, weight, rstd, dx, dw_partial, dy2.stride(0), x2.stride(0), dx.stride(0), M, N,
+        triton.cdiv(M, progs), UNIT_OFFSET=unit_offset, BLOCK_N=BLOCK_N, num_warps=_num_warps(BLOCK_N),
+    )
+    return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)
+
+
+@rms_norm_bwd.register_fake
+def _(dy, x, weight, rstd, unit_offset):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight)
+
+
+def _num_warps(block_n: int) -> int:
+    return min(max(block_n // 256, 1), 16)
+
+
 class RMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool):
-        shape, N = x.shape, x.shape[-1]
-        x2 = x.reshape(-1, N)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        M = x2.shape[0]
-        out_dtype = x.dtype if unit_offset else torch.promote_types(x.dtype, weight.dtype)
-        y = torch.empty((M, N), dtype=out_dtype, device=x.device)
-        rstd = torch.empty(M, dtype=torch.float32, device=x.device)
-        BLOCK_N = triton.next_power_of_2(N)
-        num_warps = min(max(BLOCK_N // 256, 1), 16)
-        _rmsnorm_fwd[(M,)](
-            x2, weight, y, rstd, x2.stride(0), y.stride(0), N, eps,
-            UNIT_OFFSET=unit_offset, BLOCK_N=BLOCK_N, num_warps=num_warps,
-        )
-        ctx.save_for_backward(x2, weight, rstd)
-        ctx.unit_offset, ctx.shape, ctx.num_warps = unit_offset, shape, num_warps
-        return y.view(shape)
+        y, rstd = rms_norm_fwd(x, weight, eps, unit_offset)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.unit_offset = unit_offset
+        return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x2, weight, rstd = ctx.saved_tensors
-        M, N = x2.shape
-        dy2 = dy.reshape(M, N)
-        if dy2.stride(-1) != 1:
-            dy2 = dy2.contiguous()
-        dx = torch.empty_like(x2)
-        progs = _bwd_programs(M, x2.device)
-        dw_partial = torch.empty((progs, N), dtype=torch.float32, device=x2.device)
-        _rmsnorm_bwd[(progs,)](
-            dy2, x2, weight, rstd, dx, dw_partial, dy2.stride(0), x2.stride(0), dx.stride(0), M, N,
-            triton.cdiv(M, progs), UNIT_OFFSET=ctx.unit_offset, BLOCK_N=triton.next_power_of_2(N),
-            num_warps=ctx.num_warps,
-        )
-        return dx.view(ctx.shape), dw_partial.sum(0).to(weight.dtype), None, None
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = rms_norm_bwd(dy, x, weight, rstd, ctx.unit_offset)
+        return dx, dw, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False) -> torch.Tensor:

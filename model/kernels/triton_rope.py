@@ -51,7 +51,10 @@ def _rope_kernel(
         tl.store(y_row + j[None, :], xp.to(Y.dtype.element_ty), mask=mp)
 
 
-def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype, backward: bool):
+# A torch custom op, so torch.compile treats the launch as one opaque call (see triton_rmsnorm).
+@torch.library.custom_op("model_kernels::rope", mutates_args=())
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: torch.dtype, backward: bool) -> torch.Tensor:
+    """x (B, H, T, D) -> rotated (B, H, T, D) contiguous in out_dtype (backward: the transpose)."""
     B, H, T, D = x.shape
     R = cos.shape[-1]
     if x.stride(-1) != 1:
@@ -73,18 +76,23 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: to
     return y
 
 
+@rope.register_fake
+def _(x, cos, sin, out_dtype, backward):
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
 class RotaryFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         out_dtype = torch.promote_types(x.dtype, torch.promote_types(cos.dtype, sin.dtype))
         ctx.save_for_backward(cos, sin)
         ctx.x_dtype = x.dtype
-        return _launch(x, cos, sin, out_dtype, backward=False)
+        return rope(x, cos, sin, out_dtype, False)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         cos, sin = ctx.saved_tensors
-        return _launch(dy, cos, sin, ctx.x_dtype, backward=True), None, None
+        return rope(dy, cos, sin, ctx.x_dtype, True), None, None
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -276,3 +276,31 @@ def test_paged_kernel_reads_the_engine_pool():
     k_pool, v_pool = cache.pools[0]
     out = triton_paged.paged_attention_decode(q, k_pool, v_pool, dec.table, dec.totals, D**-0.5)
     _check(out, ref[:, :, 0], torch.float32)
+
+
+@interpreted_only
+def test_kernels_trace_under_torch_compile():
+    """Every launch is a torch custom op, so torch.compile(fullgraph=True) captures the kernels
+    (fwd and bwd) without graph breaks; aot_eager runs the captured graph on CPU."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 16, requires_grad=True)
+    w = torch.randn(16, requires_grad=True)
+    head = torch.randn(11, 16, requires_grad=True)
+    cos, sin = torch.randn(1, 1, 6, 16), torch.randn(1, 1, 6, 16)
+    targets = torch.tensor([1, 2, -100, 4, 10, 0])
+
+    def step(x, w, head):
+        h = triton_rmsnorm.rms_norm(x, w, 1e-5)
+        h = triton_swiglu.swiglu(h, triton_rope.apply_rotary(h.view(1, 1, 6, 16), cos, sin).view(6, 16))
+        return triton_ce.fused_linear_cross_entropy(h, head, targets, softcap=5.0)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    eager_loss, eager_grads = _grads(step, [x, w, head], torch.tensor(1.0))
+    loss, grads = _grads(compiled, [x, w, head], torch.tensor(1.0))
+    torch.testing.assert_close(loss, eager_loss, rtol=0, atol=0)
+    for g, ref in zip(grads, eager_grads):
+        torch.testing.assert_close(g, ref, rtol=0, atol=0)
+    q, kp, vp, bt, cl, _, _ = make_paged(2, 4, 2, 16, 4, [3, 7])
+    decode = torch.compile(triton_paged.paged_attention_decode, backend="aot_eager", fullgraph=True)
+    _check(decode(q, kp, vp, bt, cl, 0.25), reference.paged_attention_ref(q, kp, vp, bt, cl, 0.25), torch.float32)
