@@ -33,7 +33,10 @@ __all__ = [
 
 # find_spec does not import triton (which takes a second); a plain constant also keeps
 # use_triton traceable by torch.compile (it cannot trace an lru_cache or an import).
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
+try:
+    _HAS_TRITON = importlib.util.find_spec("triton") is not None
+except (ImportError, ValueError):  # a broken or blocked install counts as absent
+    _HAS_TRITON = False
 
 
 def triton_available() -> bool:

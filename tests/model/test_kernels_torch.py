@@ -138,3 +138,35 @@ def test_api_falls_back_to_pytorch_on_cpu(monkeypatch):
     assert torch.equal(kernels.swiglu(g, u), F.silu(g) * u)
     h, W, t = torch.randn(5, 8), torch.randn(11, 8), torch.randint(0, 11, (5,))
     torch.testing.assert_close(kernels.linear_cross_entropy(h, W, t), F.cross_entropy(h @ W.t(), t))
+
+
+def test_works_without_triton():
+    """With triton unimportable, model.kernels imports and every entry point runs in PyTorch."""
+    import pathlib
+    import subprocess
+    import sys
+
+    code = """
+import sys
+class NoTriton:
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ModuleNotFoundError(name)
+sys.meta_path.insert(0, NoTriton())
+import torch
+from model import kernels
+assert not kernels.triton_available()
+x = torch.randn(2, 3, 4, 8, requires_grad=True)
+kernels.rms_norm(x, torch.ones(8), 1e-5).sum().backward()
+kernels.apply_rotary(x, torch.ones(1, 1, 4, 8), torch.zeros(1, 1, 4, 8))
+kernels.swiglu(x, x)
+kernels.linear_cross_entropy(torch.randn(4, 8), torch.randn(5, 8), torch.tensor([0, 1, 2, 3]))
+q, pool = torch.randn(1, 2, 8), torch.randn(3, 4, 2, 8)
+kernels.paged_attention_decode(q, pool, pool, torch.tensor([[2, 0]]), torch.tensor([5]), 0.3)
+assert "triton" not in sys.modules
+print("ok")
+"""
+    root = pathlib.Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
+                       env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)})
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
