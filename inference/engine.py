@@ -201,7 +201,7 @@ class LLMEngine:
     # ---- the loop -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One scheduler iteration. Returns an output for every sequence that got tokens or finished."""
-        with self._lock:
+        with self._lock, torch.inference_mode():
             self._apply_pending()
             outputs, self._early = self._early, []
             batch = self.scheduler.schedule()
@@ -259,8 +259,8 @@ class LLMEngine:
 
         results = speculative_decode(batch.seqs, self.runner, self.draft_runner, self.k, self.max_model_len, batch.copies)
         outputs = []
-        for s, (new, raw) in zip(batch.seqs, results):
-            self.stats["spec_proposed"] += min(self.k, len(new) - 1 + (len(new) <= self.k))
+        for s, (new, raw, proposed) in zip(batch.seqs, results):
+            self.stats["spec_proposed"] += proposed
             self.stats["spec_accepted"] += len(new) - 1
             lps = None
             if s.params.logprobs:

@@ -34,9 +34,9 @@ def verify(
     target_probs (B, K+1, V): p_1..p_{K+1}; draft_probs (B, K, V): q_1..q_K;
     draft_tokens (B, K); num_draft (B,): row b proposed only its first num_draft[b] tokens;
     uniforms (B, K) in [0, 1).
-    Returns (num_accepted (B,), residual (B, V)): the distribution (unnormalised) to draw
-    the token that follows the accepted ones: max(0, p_a - q_a) after a rejection at a,
-    or p_{a+1}... i.e. p at index a with q taken as 0 when every proposal was accepted.
+    Returns (num_accepted a (B,), residual (B, V)): the unnormalised distribution of the token
+    that follows the accepted ones: max(0, p_a - q_a) after a rejection at index a, or the
+    bonus p_a itself when all num_draft proposals were accepted (a == num_draft).
     """
     B, K1, V = target_probs.shape
     K = K1 - 1
@@ -69,10 +69,11 @@ def speculative_decode(
     k: int,
     max_model_len: int,
     copies: Optional[list[tuple[int, int]]] = None,
-) -> list[tuple[list[int], torch.Tensor]]:
+) -> list[tuple[list[int], torch.Tensor, int]]:
     """One decode step for running ``seqs`` with speculation; updates num_computed counters.
 
-    Returns per sequence (new tokens (1..k+1 of them), raw target logits (n_new, V) for logprobs).
+    Returns per sequence (new tokens (1..k+1 of them), raw target logits (n_new, V) for logprobs,
+    number of tokens proposed).
     The caller appends the tokens (and may cut them at a stop token).
     """
     target.cache.copy_blocks(copies or [])
@@ -151,5 +152,5 @@ def speculative_decode(
         s.num_computed = s.num_tokens + a
         if ks[b]:
             s.num_draft_computed = s.num_tokens + min(a, ks[b] - 1)
-        results.append((new, logits[b, : a + 1]))
+        results.append((new, logits[b, : a + 1], ks[b]))
     return results
