@@ -197,8 +197,8 @@ def moe_aux_loss(model: nn.Module) -> Optional[torch.Tensor]:
 def moe_load_stats(model: nn.Module) -> dict[str, float]:
     """For logging: per layer, max/mean tokens per expert of the last forward (1.0 = balanced)."""
     stats = {}
-    for i, m in enumerate(moe_layers(model)):
-        if m.last_load is not None and m.last_load.sum() > 0:
+    for name, m in model.named_modules():
+        if isinstance(m, MoE) and m.last_load is not None and m.last_load.sum() > 0:
             load = m.last_load.float()
-            stats[f"moe/{i}/max_over_mean_load"] = (load.max() / load.mean()).item()
+            stats[f"moe/{name}/max_over_mean_load"] = (load.max() / load.mean()).item()
     return stats

@@ -117,3 +117,21 @@ def test_export_hf_loads_with_auto_model(tmp_path, name):
         assert (ours(idx) - theirs(idx).logits).abs().max().item() <= 1e-4
     state, back_cfg = load_hf_dir(tmp_path / "hf")
     assert back_cfg == cfg
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen3", "mistral", "gemma2", "gpt2", "deepseek_v3"])
+def test_cached_greedy_matches_hf_generate(name):
+    """32 greedy tokens through our KV cache == HF generate (its own cache implementation)."""
+    from tests.model.test_kv_cache import greedy_cached
+
+    torch.manual_seed(3)
+    cfg = CONFIGS[name]
+    ours = Transformer(cfg).eval()
+    randomize(ours)
+    theirs = hf_model(*to_hf(ours.state_dict(), cfg))
+    prompt = torch.randint(0, cfg.vocab_size, (2, 6))
+    with torch.no_grad():
+        want = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, min_new_tokens=32,
+                               do_sample=False, pad_token_id=0, eos_token_id=None)[:, 6:]
+        got = greedy_cached(ours, prompt, 32)
+    assert torch.equal(got, want)

@@ -14,6 +14,17 @@ def greedy_full(model, prompt, n):
     return idx[:, prompt.shape[1]:]
 
 
+def is_greedy_under_recompute(model, prompt, tokens) -> bool:
+    """True iff every token is the argmax of a full no-cache forward over everything before it.
+
+    A causal model's logits at position t depend only on tokens <= t, so one forward over
+    prompt + tokens gives every step of greedy_full at once (same check, 1 forward not n).
+    """
+    P = prompt.shape[1]
+    logits = model(torch.cat([prompt, tokens], 1))
+    return torch.equal(logits[:, P - 1 : -1].argmax(-1), tokens)
+
+
 def greedy_cached(model, prompt, n):
     cache = KVCache(prompt.shape[1] + n)
     logits = model(prompt, cache=cache)
@@ -32,8 +43,20 @@ def test_greedy_cache_equals_recompute(name):
     randomize(model)
     prompt = torch.randint(0, CONFIGS[name].vocab_size, (2, 5))
     with torch.no_grad():
-        a, b = greedy_full(model, prompt, 32), greedy_cached(model, prompt, 32)
-    assert torch.equal(a, b)
+        assert is_greedy_under_recompute(model, prompt, greedy_cached(model, prompt, 32))
+
+
+def test_recompute_check_equals_step_by_step_greedy():
+    torch.manual_seed(1)
+    model = Transformer(CONFIGS["llama3"]).eval()
+    randomize(model)
+    prompt = torch.randint(0, 128, (2, 5))
+    with torch.no_grad():
+        tokens = greedy_full(model, prompt, 8)
+        assert torch.equal(tokens, greedy_cached(model, prompt, 8))
+        assert is_greedy_under_recompute(model, prompt, tokens)
+        tokens[1, 3] = (tokens[1, 3] + 1) % 128
+        assert not is_greedy_under_recompute(model, prompt, tokens)
 
 
 @pytest.mark.parametrize("name", ["llama3", "mistral", "gpt2"])
