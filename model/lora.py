@@ -30,6 +30,7 @@ import torch.nn as nn
 from utils.errors import UserError
 
 Targets = Union[str, list[str]]
+ALL_LINEAR_EXCLUDES = ("lm_head", "router")  # see match_linears
 
 
 @dataclass
@@ -87,6 +88,19 @@ class LoRALinear(nn.Module):
         """The update the adapter adds to W: scaling * B @ A, shape (out, in)."""
         return (self.lora_B @ self.lora_A) * self.scaling
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective weight (out, in), W + s B A (W dequantized for a 4-bit base), for code that
+        reads ``.weight`` instead of calling the layer (MLA's absorbed decode path)."""
+        from model.quant import dequantized_weight
+
+        w = dequantized_weight(self.base) if _is_4bit(self.base) else self.base.weight
+        return w if self.merged else w + self.delta_weight().to(w.dtype)
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.base.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if self.merged:
@@ -105,15 +119,16 @@ def match_linears(model: nn.Module, targets: Targets) -> list[str]:
     """Names of the linear layers that ``targets`` selects, in module order.
 
     ``"all-linear"``: every linear layer except ``lm_head`` (the output head is usually tied
-    or too large to be worth adapting). Otherwise a list of fnmatch patterns; a pattern
+    or too large to be worth adapting) and MoE ``router``s (routing stays exact, in fp32,
+    as PEFT/Unsloth recipes leave the gate alone). Otherwise a list of fnmatch patterns; a pattern
     matches a full module name (``layers.*.attn.q_proj``) or its trailing part (``q_proj``,
     ``attn.*``). A pattern that matches no linear layer is a UserError.
     """
     linears = [n for n, m in model.named_modules() if is_linear(m) and not isinstance(m, LoRALinear)]
     if targets == "all-linear":
-        chosen = [n for n in linears if n.split(".")[-1] != "lm_head"]
+        chosen = [n for n in linears if n.split(".")[-1] not in ALL_LINEAR_EXCLUDES]
         if not chosen:
-            raise UserError("targets='all-linear' found no linear layers besides lm_head in this model.")
+            raise UserError(f"targets='all-linear' found no linear layers besides {ALL_LINEAR_EXCLUDES} in this model.")
         return chosen
     if isinstance(targets, str):
         targets = [targets]

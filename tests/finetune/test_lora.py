@@ -155,3 +155,22 @@ def test_merge_and_unload_exports_to_hf(tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     with torch.no_grad():
         assert (hf(IDX).logits - adapted).abs().max().item() <= 1e-4
+
+
+def test_mla_moe_model_decode_with_adapters():
+    """DeepSeek-style parts: routers stay out of all-linear; MLA's absorbed decode path reads
+    ``kv_b_proj.weight`` directly and must see the adapted weight."""
+    from model.cache import KVCache
+
+    mla = dict(q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
+    moe = dict(n_routed_experts=8, n_experts_per_tok=2, moe_d_ff=16)
+    model = tiny_model(attention="mla", mla=mla, ffn="moe", moe=moe, n_kv_heads=None)
+    names = apply_lora(model, "all-linear", r=2, alpha=4)
+    assert "layers.0.attn.kv_b_proj" in names and not any("router" in n for n in names)
+    randomize_adapters(model)
+    with torch.no_grad():
+        full = model(IDX)
+        cache = KVCache(16)
+        model(IDX[:, :-1], cache=cache)
+        last = model(IDX[:, -1:], cache=cache)  # one query over a longer cache: the absorbed path
+    assert (last[:, -1] - full[:, -1]).abs().max().item() <= 1e-5
