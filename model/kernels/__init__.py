@@ -95,7 +95,7 @@ def linear_cross_entropy(
 
     Tokens with target == ignore_index do not count (mean over the rest; 0 if none count).
     The (N, V) logits are never built: rows are processed ``chunk_size`` at a time (default:
-    chunks of logits about as big as ``hidden``). Triton on CUDA, PyTorch elsewhere.
+    ~8 chunks, each <= 1 GiB of fp32 logits). Triton on CUDA, PyTorch elsewhere.
     """
     if use_triton(hidden):
         from model.kernels.triton_ce import fused_linear_cross_entropy as fused

@@ -6,7 +6,8 @@ is several GiB. Here the tokens are processed in chunks of C rows: for each chun
 (C, V) logits, take the loss, and immediately turn them into the gradient of the logits,
 which two matmuls turn into this chunk's d(hidden) and a contribution to d(W). The
 gradients are stored during the forward (as Liger-Kernel does), so backward only scales them
-by the incoming grad. Peak memory of the loss: one chunk of logits plus the fp32 d(W).
+by the incoming grad. Peak memory of the loss: one chunk of logits (about 1/8 of the full
+tensor by default) plus the fp32 d(W).
 
 ``row_loss_torch`` does the per-chunk softmax in PyTorch; ``model/kernels/triton_ce.py``
 provides a Triton version with the same signature that works in place.
@@ -23,11 +24,17 @@ import torch
 RowLossFn = Callable[..., tuple[torch.Tensor, Optional[torch.Tensor]]]
 
 
-def default_chunk_size(n_rows: int, vocab: int, dim: int) -> int:
-    """Rows per chunk so one chunk of logits (C, V) is about the size of the hidden (N, d)."""
-    chunks = math.ceil(vocab / dim)
-    rows = max(1, math.ceil(n_rows / chunks))
-    return min(n_rows, 1 << (rows - 1).bit_length())  # a power of two keeps matmul shapes friendly
+def default_chunk_size(n_rows: int, vocab: int, n_chunks: int = 8, max_chunk_bytes: int = 2**30) -> int:
+    """Rows per chunk: about ``n_chunks`` chunks, each at most ~1 GiB of fp32 logits.
+
+    Fewer, bigger chunks keep the matmuls efficient and the per-chunk cost of adding into the
+    (V, d) weight gradient small, while the logits alive at once stay <= 1/8 of the full tensor.
+    """
+    rows = -(-n_rows // n_chunks)
+    rows = min(rows, max(1, max_chunk_bytes // (4 * vocab)))
+    if rows >= 8:
+        rows = -(-rows // 8) * 8  # a multiple of 8 suits tensor cores
+    return min(n_rows, rows)
 
 
 def row_loss_torch(
@@ -73,7 +80,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(V, d, dtype=torch.float32, device=weight.device) if need_w else None
         losses = torch.empty(N, dtype=torch.float32, device=hidden.device)
-        C = chunk_size or default_chunk_size(N, V, d)
+        C = chunk_size or default_chunk_size(N, V)
         for start in range(0, N, C):
             h = hidden[start : start + C]  # (C, d)
             logits = h @ weight.t()  # (C, V) in the model dtype; the only big buffer
@@ -82,7 +89,10 @@ class LinearCrossEntropy(torch.autograd.Function):
             if need_h:
                 grad_h[start : start + C] = g @ weight
             if need_w:
-                grad_w += (g.t() @ h).float()
+                if g.dtype == h.dtype == torch.float32:
+                    grad_w.addmm_(g.t(), h)  # in place, no (V, d) temporary
+                else:  # bf16 matmul (fp32 accumulate inside), then into the fp32 sum
+                    grad_w += (g.t() @ h).float()
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
         return losses.sum() * scale
 

@@ -89,10 +89,11 @@ def test_chunked_cross_entropy_bf16_and_edge_cases():
     assert none.item() == 0.0
 
 
-def test_default_chunk_keeps_logits_near_hidden_size():
-    C = chunked_ce.default_chunk_size(16384, 50304, 768)
-    assert C * 50304 <= 2 * 16384 * 768 and C & (C - 1) == 0
-    assert chunked_ce.default_chunk_size(5, 10, 64) == 5
+def test_default_chunk_size():
+    assert chunked_ce.default_chunk_size(16384, 50304) == 2048  # 8 chunks
+    assert chunked_ce.default_chunk_size(16384, 262144) == 1024  # capped at 1 GiB of fp32 logits
+    assert chunked_ce.default_chunk_size(13, 100) == 2
+    assert chunked_ce.default_chunk_size(5, 10) == 1
 
 
 def make_paged(B, H, Hkv, D, block_size, lens, dtype=torch.float32, seed=0):
