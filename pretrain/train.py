@@ -30,10 +30,18 @@ from utils.train_loop import grad_accum_steps, train
 
 
 def lm_loss(model, batch) -> tuple[torch.Tensor, dict]:
-    """Next-token cross-entropy: batch = (x, y) int64 (B, T); mean over the B*T targets."""
+    """Next-token cross-entropy: batch = (x, y) int64 (B, T); mean over the B*T targets.
+    MoE layers' sequence-wise balance losses (already scaled by their coefficient) are added."""
+    from model.moe import moe_aux_loss
+
     x, y = batch
     logits = model(x)  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()), {"n_tokens": y.numel()}
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    metrics = {"n_tokens": y.numel()}
+    aux = moe_aux_loss(D.unwrap(model)) if D.unwrap(model).cfg.ffn == "moe" else None
+    if aux is None:
+        return ce, metrics
+    return ce + aux, {**metrics, "ce_loss": ce.detach(), "aux_loss": aux.detach()}
 
 
 def make_loader(bin_path: str, recipe: PretrainRecipe, env: D.DistEnv, seed: int):

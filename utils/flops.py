@@ -39,7 +39,8 @@ PEAK_BF16 = {
 
 def _routing_fraction(module: nn.Module) -> Optional[float]:
     """For a MoE layer, the fraction of routed experts each token uses (k / n_experts)."""
-    for k_name, n_name in (("n_experts_per_tok", "n_routed_experts"), ("top_k", "n_experts"), ("top_k", "num_experts")):
+    for k_name, n_name in (("n_experts_per_tok", "n_routed_experts"), ("k", "n_experts"), ("top_k", "n_experts"),
+                           ("top_k", "num_experts")):
         k, n = getattr(module, k_name, None), getattr(module, n_name, None)
         if isinstance(k, int) and isinstance(n, int) and n > 0:
             return k / n

@@ -23,6 +23,9 @@ Stages pass in what differs; the loop owns everything else:
 - ``params``: trainable parameters (LoRA: adapters); default every ``requires_grad`` param.
 - ``weights_fn(model) -> dict[str, Tensor]`` of LIVE tensors to save (LoRA: adapters only);
   resume copies saved values back into them. Default: the full model state.
+- MoE: a module's ``aux_loss`` is the loss_fn's business (add it or not); modules with
+  ``update_bias()`` are called after every applied optimizer step, and ``last_load``
+  (tokens per expert) is logged as ``expert_load_max_over_mean``.
 - Returns ``TrainResult``; writes ``{out_dir}/step_XXXXXXXX`` (resumable, last ``keep_last``),
   ``{out_dir}/final`` (weights, config, recipe, tokenizer), ``metrics.jsonl``, ``loss.png``.
 
@@ -276,6 +279,7 @@ def _train_step(run: _Run, stop_requested: Callable[[], bool]) -> tuple[dict, bo
         else:
             run.optimizer.step()
         run.spike.update(loss)
+        _after_update(run.raw)
     if run.scaler is not None:
         run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
@@ -290,6 +294,14 @@ def _train_step(run: _Run, stop_requested: Callable[[], bool]) -> tuple[dict, bo
     elif spike_z is not None:
         record["spike_z"] = spike_z
     return record, spike_z is not None, stats[3] > 0
+
+
+def _after_update(model: nn.Module) -> None:
+    """Modules with ``update_bias()`` (DeepSeek-V3 aux-loss-free MoE balancing) adjust their
+    routing bias from the load they counted, once per optimizer step (collective under DDP)."""
+    for m in model.modules():
+        if callable(getattr(m, "update_bias", None)):
+            m.update_bias()
 
 
 def _expert_load(model: nn.Module) -> dict:

@@ -1,0 +1,169 @@
+"""Training throughput: our Transformer in the shared loop vs HF LlamaForCausalLM, one run.
+
+    python bench/bench_pretrain.py [--steps 6] [--rounds 3] [--batch 8] [--seq 256] [--compile]
+
+A ~10M-parameter Llama-style config (d 256, 10 layers, 8 heads / 4 KV heads, SwiGLU 704,
+vocab 4096, untied head) is built twice with the same weights: ours (model/transformer.py)
+and transformers' LlamaForCausalLM (SDPA attention). Each optimizer step is forward +
+backward + grad clip + AdamW step (the same optimizer: utils.optim.build_optimizer, fused
+AdamW) on the same random batch, fp32.
+
+Rows, interleaved over ``rounds`` so machine load drifts hit every row alike:
+  ours/loop : our model through utils.train_loop.train (the real pretraining path, with its
+              bookkeeping: all-reduce of stats, finiteness checks, JSONL logging)
+  hf/bare   : LlamaForCausalLM in a minimal hand-written loop (the reference)
+  hf/loop   : LlamaForCausalLM through utils.train_loop.train (isolates the model code)
+Tokens/s = batch*seq / median step time (first step of each round dropped as warm-up).
+"""
+import sys
+import pathlib
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # repo root
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from model.config import ModelConfig
+from model.transformer import Transformer
+from utils.cli import main_guard
+from utils.optim import OptimConfig, build_optimizer
+from utils.train_loop import TrainConfig, train
+
+CFG = ModelConfig(vocab_size=4096, d_model=256, n_layers=10, n_heads=8, n_kv_heads=4, d_ff=704, max_seq_len=1024,
+                  rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False)
+OPTIM = OptimConfig(lr=3e-4, warmup_steps=0, schedule="constant")
+
+
+def hf_llama(cfg: ModelConfig, ours: Transformer):
+    """LlamaForCausalLM with the same config and weights as ``ours``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from model.hf_interop import to_hf
+
+    hf_cfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+                         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                         num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len,
+                         rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=False,
+                         attention_bias=False, mlp_bias=False, attn_implementation="sdpa")
+    model = LlamaForCausalLM(hf_cfg)
+    state, _ = to_hf(ours.state_dict(), cfg)
+    model.load_state_dict(state, strict=False)
+    model.cfg = cfg  # the loop's checkpoints record a ModelConfig
+    return model
+
+
+class Repeat:
+    """The same (x, y) batch forever (data loading is not what is measured)."""
+
+    def __init__(self, x, y):
+        self.batch, self.i = (x, y), 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.i += 1
+        return self.batch
+
+    def state_dict(self):
+        return {"i": self.i}
+
+    def load_state_dict(self, s):
+        self.i = s["i"]
+
+
+def ours_loss(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()), {}
+
+
+def hf_loss(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(input_ids=x).logits.flatten(0, 1).float(), y.flatten()), {}
+
+
+def in_loop(model, loss_fn, batch, steps: int, compile_: bool) -> list[float]:
+    """Seconds per optimizer step through the shared training loop."""
+    with tempfile.TemporaryDirectory() as out:
+        cfg = TrainConfig(out_dir=out, max_steps=steps, batch_size=batch[0].shape[0], seq_len=batch[0].shape[1],
+                          device="cpu", dtype="fp32", resume="never", progress=False, log_every=10**6,
+                          compile=compile_, save_every=0)
+        cfg.spike.enabled = False
+        res = train(model, Repeat(*batch), loss_fn, cfg, OPTIM)
+    return [h["dt_ms"] / 1000 for h in res.history]
+
+
+def bare_hf(model, batch, steps: int) -> list[float]:
+    """Seconds per step of the minimal reference loop: fwd + bwd + clip + AdamW."""
+    opt = build_optimizer(model, None, OPTIM, torch.device("cpu"))
+    x, y = batch
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(model(input_ids=x).logits.flatten(0, 1).float(), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()  # wait for the step, as the loop's logging does
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=6, help="steps per round (the first is warm-up)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--compile", action="store_true", help="also time ours with torch.compile")
+    args = p.parse_args()
+
+    torch.manual_seed(0)
+    ours = Transformer(CFG)
+    hf = hf_llama(CFG, ours)
+    x = torch.randint(0, CFG.vocab_size, (args.batch, args.seq))
+    y = torch.randint(0, CFG.vocab_size, (args.batch, args.seq))
+    with torch.no_grad():  # same weights, same function
+        diff = (ours(x[:1]) - hf(input_ids=x[:1]).logits).abs().max().item()
+    n_params = ours.num_params()
+    print(f"model: {n_params / 1e6:.2f}M params | batch {args.batch} x seq {args.seq} | fp32 | torch {torch.__version__} | "
+          f"{os.cpu_count()} CPU(s) {platform.processor() or platform.machine()} | threads {torch.get_num_threads()} | "
+          f"logits max |ours - hf| {diff:.1e}")
+
+    rows = {"ours/loop": [], "hf/bare": [], "hf/loop": []}
+    if args.compile:
+        rows["ours/loop+compile"] = []
+    for r in range(args.rounds):
+        # Each row gets its own copy of the starting weights so no row trains on another's updates.
+        rows["ours/loop"] += in_loop(_fresh(ours), ours_loss, (x, y), args.steps, False)[1:]
+        rows["hf/bare"] += bare_hf(hf_llama(CFG, ours), (x, y), args.steps)[1:]
+        rows["hf/loop"] += in_loop(hf_llama(CFG, ours), hf_loss, (x, y), args.steps, False)[1:]
+        if args.compile:
+            rows["ours/loop+compile"] += in_loop(_fresh(ours), ours_loss, (x, y), args.steps + 2, True)[3:]
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {statistics.median(v) * 1000:.0f} ms" for k, v in rows.items()),
+              flush=True)
+
+    tokens = args.batch * args.seq
+    ref = tokens / statistics.median(rows["hf/bare"])
+    print(f"\n{'row':<20}{'ms/step':>10}{'tokens/s':>12}{'vs hf/bare':>12}")
+    for k, v in rows.items():
+        tps = tokens / statistics.median(v)
+        print(f"{k:<20}{statistics.median(v) * 1000:>10.0f}{tps:>12,.0f}{tps / ref:>11.2f}x")
+
+
+def _fresh(model: Transformer) -> Transformer:
+    m = Transformer(model.cfg)
+    m.load_state_dict(model.state_dict())
+    return m
+
+
+if __name__ == "__main__":
+    main_guard(main)
