@@ -15,7 +15,8 @@ random-weight Llama-style model and a BPE tokenizer trained on the synthetic sto
 """
 from __future__ import annotations
 
-import sys, pathlib  # noqa: E401
+import pathlib
+import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # repo root
 
@@ -30,7 +31,6 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 import httpx
 import torch
@@ -134,7 +134,7 @@ def run_hf(model, prompts: list[list[int]], max_tokens: int) -> tuple[float, lis
     return time.perf_counter() - t0, outputs
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--concurrency", type=int, default=32)

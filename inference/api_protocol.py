@@ -8,9 +8,11 @@ beyond range checks.
 """
 from __future__ import annotations
 
+import functools
+import json
 import time
 import uuid
-from typing import Literal, Optional, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -29,8 +31,8 @@ class TextPart(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart], None] = None
-    name: Optional[str] = None
+    content: str | list[TextPart] | None = None
+    name: str | None = None
 
     def text(self) -> str:
         """The message text; a list of text parts is joined (images etc. are rejected earlier)."""
@@ -49,20 +51,20 @@ class _SamplingFields(_Strict):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
     model: str
-    max_tokens: Optional[int] = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1)  # extension (vLLM): -1 or 0 = off
     n: int = Field(1, ge=1)
     stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    stop: Union[str, list[str], None] = None
-    seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1)  # what torch.Generator accepts
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # what torch.Generator accepts
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)  # extension (vLLM / HF)
     ignore_eos: bool = False  # extension: benchmarks want a fixed number of tokens
-    user: Optional[str] = None
+    user: str | None = None
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -71,18 +73,18 @@ class _SamplingFields(_Strict):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)  # newer name of max_tokens
+    max_completion_tokens: int | None = Field(None, ge=1)  # newer name of max_tokens
     logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class CompletionRequest(_SamplingFields):
     # A string, a batch of strings, a token-id list, or a batch of token-id lists.
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: Optional[int] = Field(16, ge=1)  # the OpenAI default for completions
-    logprobs: Optional[int] = Field(None, ge=0, le=20)
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)  # the OpenAI default for completions
+    logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
-    suffix: Optional[str] = None
+    suffix: str | None = None
 
 
 # ----------------------------------------------------------------------------- responses
@@ -102,10 +104,14 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+def make_usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
+
+
 class TopLogprob(BaseModel):
     token: str
     logprob: float
-    bytes: Optional[list[int]] = None
+    bytes: list[int] | None = None
 
 
 class TokenLogprob(TopLogprob):
@@ -113,7 +119,7 @@ class TokenLogprob(TopLogprob):
 
 
 class ChoiceLogprobs(BaseModel):
-    content: Optional[list[TokenLogprob]] = None
+    content: list[TokenLogprob] | None = None
 
 
 class AssistantMessage(BaseModel):
@@ -124,8 +130,8 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    finish_reason: Optional[str]
-    logprobs: Optional[ChoiceLogprobs] = None
+    finish_reason: str | None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -138,15 +144,15 @@ class ChatCompletion(BaseModel):
 
 
 class Delta(BaseModel):
-    role: Optional[Literal["assistant"]] = None
-    content: Optional[str] = None
+    role: Literal["assistant"] | None = None
+    content: str | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: Delta
-    finish_reason: Optional[str] = None
-    logprobs: Optional[ChoiceLogprobs] = None
+    finish_reason: str | None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -155,21 +161,21 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[ChatChunkChoice]
-    usage: Optional[Usage] = None
+    usage: Usage | None = None
 
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = []
-    token_logprobs: list[Optional[float]] = []
-    top_logprobs: Optional[list[dict[str, float]]] = None
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float]] | None = None
     text_offset: list[int] = []
 
 
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    finish_reason: Optional[str] = None
-    logprobs: Optional[CompletionLogprobs] = None
+    finish_reason: str | None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):
@@ -178,7 +184,7 @@ class Completion(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: Optional[Usage] = None
+    usage: Usage | None = None
 
 
 class ModelCard(BaseModel):
@@ -186,7 +192,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "llm-framework"
-    max_model_len: Optional[int] = None
+    max_model_len: int | None = None
 
 
 class ModelList(BaseModel):
@@ -197,12 +203,12 @@ class ModelList(BaseModel):
 # ----------------------------------------------------------------------------- errors
 
 
-def error_body(message: str, type_: str = "invalid_request_error", param: Optional[str] = None, code: Optional[str] = None) -> dict:
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:
     """The OpenAI error shape: {"error": {"message", "type", "param", "code"}}."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def describe_validation_error(err: ValidationError) -> tuple[str, Optional[str]]:
+def describe_validation_error(err: ValidationError) -> tuple[str, str | None]:
     """First problem of a pydantic error as (message, param), e.g. ("messages.0.role: ...", "messages")."""
     first = err.errors()[0]
     loc = [str(p) for p in first.get("loc", ()) if not str(p).startswith(("function-", "union[", "list["))]
@@ -211,3 +217,54 @@ def describe_validation_error(err: ValidationError) -> tuple[str, Optional[str]]
     where = ".".join(loc)
     msg = first.get("msg", "invalid value")
     return (f"{where}: {msg}" if where else msg), (loc[0] if loc else None)
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def sse(payload: BaseModel | dict) -> str:
+    data = payload.model_dump_json(exclude_none=False) if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_of_symbol() -> dict[str, int]:
+    from data_pipeline.tokenizer.bpe import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def token_piece(tok: Any, token_id: int) -> tuple[str, list[int]]:
+    """(text, raw bytes) of one token. A byte-level BPE token may hold part of a UTF-8 character:
+    its text is then U+FFFD but its bytes are exact (read through the GPT-2 byte alphabet)."""
+    text = tok.decode([token_id], skip_special_tokens=False)
+    symbol = tok.id_to_token(token_id) if token_id not in getattr(tok, "special_ids", ()) else None
+    byte_of = _byte_of_symbol()
+    if symbol and all(c in byte_of for c in symbol):
+        return text, [byte_of[c] for c in symbol]
+    return text, list(text.encode("utf-8"))
+
+
+def token_logprobs(tok: Any, entries: Any) -> list[TokenLogprob]:
+    """Engine TokenLogprob entries (token_id, logprob, top=[(id, logprob)]) -> OpenAI chat logprobs."""
+    result = []
+    for entry in entries or []:
+        alts = []
+        for token_id, logprob in entry.top:
+            text, raw = token_piece(tok, token_id)
+            alts.append(TopLogprob(token=text, logprob=float(logprob), bytes=raw))
+        text, raw = token_piece(tok, entry.token_id)
+        result.append(TokenLogprob(token=text, logprob=float(entry.logprob), bytes=raw, top_logprobs=alts))
+    return result
+
+
+def completion_logprobs(tok: Any, entries: list) -> CompletionLogprobs:
+    chat = token_logprobs(tok, entries)
+    offsets, pos = [], 0
+    for t in chat:
+        offsets.append(pos)
+        pos += len(t.token)
+    return CompletionLogprobs(
+        tokens=[t.token for t in chat], token_logprobs=[t.logprob for t in chat],
+        top_logprobs=[{a.token: a.logprob for a in t.top_logprobs} for t in chat], text_offset=offsets,
+    )

@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
-from typing import Any, AsyncIterator, Iterable, Optional
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from utils.errors import UserError
 
@@ -34,7 +36,7 @@ class RequestStream:
     request in the engine, which frees its KV blocks.
     """
 
-    def __init__(self, owner: "AsyncEngine", request_id: str, n: int):
+    def __init__(self, owner: AsyncEngine, request_id: str, n: int):
         self.owner, self.request_id, self.n = owner, request_id, n
         self.queue: asyncio.Queue = asyncio.Queue()
         self.finished_indices: set[int] = set()
@@ -84,9 +86,9 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stop = False
         self._closing = False
-        self._error: Optional[BaseException] = None
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._thread: Optional[threading.Thread] = None
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ event-loop side
 
@@ -103,7 +105,7 @@ class AsyncEngine:
     def healthy(self) -> bool:
         return self._error is None and self._thread is not None and self._thread.is_alive()
 
-    def submit(self, prompt_ids: list[int], params: Any, request_id: Optional[str] = None) -> RequestStream:
+    def submit(self, prompt_ids: list[int], params: Any, request_id: str | None = None) -> RequestStream:
         """Queue a request and return its stream. Raises UserError for a request that is invalid
         or can never fit (so the server answers 400 before sending anything), EngineOverloaded
         when full or shutting down, EngineDead after an engine crash."""
@@ -175,3 +177,79 @@ class AsyncEngine:
             stream = self._streams.get(request_id)
             if stream is not None:
                 self._deliver(stream, outs)
+
+
+# ----------------------------------------------------------------------------- choices
+
+
+@dataclass
+class ChoiceEvent:
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: Any  # engine's per-token logprob entries for the new tokens, or None
+
+
+class Generation:
+    """Runs one engine request per prompt and yields text events per choice.
+
+    Choice ``k * n + i`` is sample ``i`` of prompt ``k``. Text comes from the engine's
+    incremental detokenizer (``new_text``: UTF-8 complete, stop strings cut and never
+    half-sent, stop tokens not shown).
+    """
+
+    def __init__(self, streams: list[RequestStream], prompt_lens: list[int]):
+        self.streams, self.prompt_lens = streams, prompt_lens
+        self.n = streams[0].n
+        self.num_choices = len(streams) * self.n
+        self.completion_tokens = [0] * self.num_choices
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.close()
+
+    def usage(self) -> tuple[int, int]:
+        """(prompt tokens, completion tokens) so far, summed over prompts and choices."""
+        return sum(self.prompt_lens), sum(self.completion_tokens)
+
+    async def events(self) -> AsyncIterator[ChoiceEvent]:
+        try:
+            async for k, out in self._merged():
+                if out.finish_reason == "error":  # cannot happen after submit's check, unless the engine changes
+                    raise UserError(out.error or "the engine could not run this request")
+                key = k * self.n + out.index
+                self.completion_tokens[key] = len(out.output_token_ids)
+                reason = out.finish_reason if out.finished else None
+                yield ChoiceEvent(key, out.new_text, reason, out.logprobs)
+        finally:
+            self.close()
+
+    async def _merged(self) -> AsyncIterator[tuple[int, Any]]:
+        if len(self.streams) == 1:
+            async for out in self.streams[0]:
+                yield 0, out
+            return
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(k: int, stream: RequestStream) -> None:
+            try:
+                async for out in stream:
+                    await merged.put((k, out))
+                await merged.put((k, None))
+            except Exception as err:  # hand it to the consumer (cancellation just ends the pump)
+                await merged.put((k, err))
+
+        tasks = [asyncio.ensure_future(pump(k, s)) for k, s in enumerate(self.streams)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                k, item = await merged.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield k, item
+        finally:
+            for task in tasks:
+                task.cancel()

@@ -9,13 +9,14 @@ generation through the engine, exactly as the server does.
 """
 from __future__ import annotations
 
-import sys, pathlib  # noqa: E401
+import pathlib
+import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # repo root
 
 import argparse
 import time
-from typing import Any, Optional, TextIO
+from typing import Any, TextIO
 
 from inference.sampling_params import SamplingParams
 from inference.server import add_engine_args, chat_format, load_serving
@@ -102,7 +103,7 @@ def chat_loop(engine: Any, tok: Any, args: argparse.Namespace, stdin: TextIO, ou
             err.flush()
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Streaming terminal chat with a checkpoint (/reset, /exit).")
     add_engine_args(parser, max_num_seqs=1)  # one conversation: no batch to reserve KV blocks for
     parser.add_argument("--system", default=None, help="system message that starts every conversation")

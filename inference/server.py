@@ -14,7 +14,8 @@ in-flight requests finish (``--shutdown-timeout``) before the engine thread stop
 """
 from __future__ import annotations
 
-import sys, pathlib  # noqa: E401
+import pathlib
+import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # repo root
 
@@ -22,10 +23,11 @@ import argparse
 import asyncio
 import hmac
 import json
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,7 +37,13 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inference import api_protocol as P
-from inference.async_engine import AsyncEngine, EngineDead, EngineOverloaded, RequestStream
+from inference.async_engine import (
+    AsyncEngine,
+    EngineDead,
+    EngineOverloaded,
+    Generation,
+    RequestStream,
+)
 from inference.sampling_params import SamplingParams
 from utils.errors import UserError
 
@@ -46,7 +54,7 @@ WEB_DIR = Path(__file__).resolve().parent / "web"
 class ServerSettings:
     model_name: str
     max_model_len: int
-    api_key: Optional[str] = None
+    api_key: str | None = None
     max_tokens_cap: int = 4096
     n_cap: int = 8
     max_body_bytes: int = 1 << 20
@@ -55,7 +63,7 @@ class ServerSettings:
 class ApiError(Exception):
     """An error answered to the client in the OpenAI shape."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: Optional[str] = None, code: Optional[str] = None):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
@@ -114,7 +122,7 @@ def parse(model: type[BaseModel], body: dict) -> Any:
 
 
 def sampling_params(req: P._SamplingFields, prompt_len: int, settings: ServerSettings, stop_ids: list[int],
-                    logprobs: bool, top_logprobs: int, max_tokens: Optional[int]) -> SamplingParams:
+                    logprobs: bool, top_logprobs: int, max_tokens: int | None) -> SamplingParams:
     """Map an OpenAI request onto SamplingParams, enforcing the caps and the context length."""
     room = settings.max_model_len - prompt_len
     if room < 1:
@@ -159,100 +167,7 @@ async def until_disconnect(request: Request, work: Any) -> Any:
     return task.result()
 
 
-# ----------------------------------------------------------------------------- generation
-
-
-@dataclass
-class ChoiceEvent:
-    index: int
-    text: str
-    finish_reason: Optional[str]
-    token_ids: list[int]
-    logprobs: Any  # engine's per-token logprob entries for the new tokens, or None
-
-
-class Generation:
-    """Runs one engine request per prompt and yields text events per choice.
-
-    Choice ``k * n + i`` is sample ``i`` of prompt ``k``. Text comes from the engine's
-    incremental detokenizer (``new_text``: UTF-8 complete, stop strings cut and never
-    half-sent, stop tokens not shown).
-    """
-
-    def __init__(self, streams: list[RequestStream], prompt_lens: list[int]):
-        self.streams, self.prompt_lens = streams, prompt_lens
-        self.n = streams[0].n
-        self.num_choices = len(streams) * self.n
-        self.completion_tokens = [0] * self.num_choices
-
-    def close(self) -> None:
-        for stream in self.streams:
-            stream.close()
-
-    def usage(self) -> P.Usage:
-        prompt, completion = sum(self.prompt_lens), sum(self.completion_tokens)
-        return P.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
-
-    async def events(self) -> AsyncIterator[ChoiceEvent]:
-        try:
-            async for k, out in self._merged():
-                if out.finish_reason == "error":  # cannot happen after submit's check, unless the engine changes
-                    raise UserError(out.error or "the engine could not run this request")
-                key = k * self.n + out.index
-                self.completion_tokens[key] = len(out.output_token_ids)
-                reason = out.finish_reason if out.finished else None
-                yield ChoiceEvent(key, out.new_text, reason, list(out.new_token_ids), out.logprobs)
-        finally:
-            self.close()
-
-    async def _merged(self) -> AsyncIterator[tuple[int, Any]]:
-        if len(self.streams) == 1:
-            async for out in self.streams[0]:
-                yield 0, out
-            return
-        merged: asyncio.Queue = asyncio.Queue()
-
-        async def pump(k: int, stream: RequestStream) -> None:
-            try:
-                async for out in stream:
-                    await merged.put((k, out))
-                await merged.put((k, None))
-            except BaseException as err:
-                await merged.put((k, err))
-
-        tasks = [asyncio.ensure_future(pump(k, s)) for k, s in enumerate(self.streams)]
-        try:
-            remaining = len(tasks)
-            while remaining:
-                k, item = await merged.get()
-                if item is None:
-                    remaining -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield k, item
-        finally:
-            for task in tasks:
-                task.cancel()
-
-
-def sse(payload: BaseModel | dict) -> str:
-    data = payload.model_dump_json(exclude_none=False) if isinstance(payload, BaseModel) else json.dumps(payload)
-    return f"data: {data}\n\n"
-
-
-def token_logprobs(tok: Any, entries: Any) -> list[P.TokenLogprob]:
-    """Engine TokenLogprob entries (token_id, logprob, top=[(id, logprob)]) -> OpenAI chat logprobs."""
-    def piece(token_id: int) -> tuple[str, list[int]]:
-        text = tok.decode([token_id])
-        return text, list(text.encode("utf-8", errors="replace"))
-
-    result = []
-    for entry in entries or []:
-        alts = [P.TopLogprob(token=piece(t)[0], logprob=float(lp), bytes=piece(t)[1]) for t, lp in entry.top]
-        text, raw = piece(entry.token_id)
-        result.append(P.TokenLogprob(token=text, logprob=float(entry.logprob), bytes=raw, top_logprobs=alts))
-    return result
+# ----------------------------------------------------------------------------- responses
 
 
 class GenerationResponse(StreamingResponse):
@@ -324,7 +239,7 @@ def build_app(engine: AsyncEngine, tokenizer: Any, settings: ServerSettings, *, 
             raise
         return Generation(streams, [len(ids) for ids in prompts])
 
-    async def collect(gen: Generation) -> tuple[list[str], list[Optional[str]], list[list]]:
+    async def collect(gen: Generation) -> tuple[list[str], list[str | None], list[list]]:
         texts, reasons, logprobs = [""] * gen.num_choices, [None] * gen.num_choices, [[] for _ in range(gen.num_choices)]
         async for ev in gen.events():
             texts[ev.index] += ev.text
@@ -369,11 +284,11 @@ def build_app(engine: AsyncEngine, tokenizer: Any, settings: ServerSettings, *, 
         gen = start([list(prompt_ids)], params)
         rid, created = P.new_id("chatcmpl"), P.now()
 
-        def chunk(choices: list[P.ChatChunkChoice], usage: Optional[P.Usage] = None) -> str:
-            return sse(P.ChatCompletionChunk(id=rid, created=created, model=settings.model_name, choices=choices, usage=usage))
+        def chunk(choices: list[P.ChatChunkChoice], usage: P.Usage | None = None) -> str:
+            return P.sse(P.ChatCompletionChunk(id=rid, created=created, model=settings.model_name, choices=choices, usage=usage))
 
-        def lp(entries: list) -> Optional[P.ChoiceLogprobs]:
-            return P.ChoiceLogprobs(content=token_logprobs(tokenizer, entries)) if req.logprobs else None
+        def lp(entries: list) -> P.ChoiceLogprobs | None:
+            return P.ChoiceLogprobs(content=P.token_logprobs(tokenizer, entries)) if req.logprobs else None
 
         async def stream_body() -> AsyncIterator[str]:
             try:
@@ -384,9 +299,9 @@ def build_app(engine: AsyncEngine, tokenizer: Any, settings: ServerSettings, *, 
                         delta = P.Delta(content=ev.text) if ev.text else P.Delta()
                         yield chunk([P.ChatChunkChoice(index=ev.index, delta=delta, finish_reason=ev.finish_reason, logprobs=lp(ev.logprobs or []))])
                 if req.stream_options is not None and req.stream_options.include_usage:
-                    yield chunk([], gen.usage())
+                    yield chunk([], P.make_usage(*gen.usage()))
             except (EngineDead, UserError) as err:  # headers are sent: report in-band, as OpenAI does
-                yield sse(P.error_body(str(err), "server_error" if isinstance(err, EngineDead) else "invalid_request_error"))
+                yield P.sse(P.error_body(str(err), "server_error" if isinstance(err, EngineDead) else "invalid_request_error"))
             yield "data: [DONE]\n\n"
 
         if req.stream:
@@ -397,7 +312,7 @@ def build_app(engine: AsyncEngine, tokenizer: Any, settings: ServerSettings, *, 
             gen.close()
         choices = [P.ChatChoice(index=i, message=P.AssistantMessage(content=t), finish_reason=r, logprobs=lp(logprobs[i]))
                    for i, (t, r) in enumerate(zip(texts, reasons))]
-        return P.ChatCompletion(id=rid, created=created, model=settings.model_name, choices=choices, usage=gen.usage()).model_dump()
+        return P.ChatCompletion(id=rid, created=created, model=settings.model_name, choices=choices, usage=P.make_usage(*gen.usage())).model_dump()
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -413,19 +328,19 @@ def build_app(engine: AsyncEngine, tokenizer: Any, settings: ServerSettings, *, 
         gen = start(prompts, params)
         rid, created = P.new_id("cmpl"), P.now()
 
-        def lp(entries: list) -> Optional[P.CompletionLogprobs]:
-            return completion_logprobs(tokenizer, entries) if req.logprobs is not None else None
+        def lp(entries: list) -> P.CompletionLogprobs | None:
+            return P.completion_logprobs(tokenizer, entries) if req.logprobs is not None else None
 
         async def stream_body() -> AsyncIterator[str]:
             try:
                 async for ev in gen.events():
                     if ev.text or ev.finish_reason or (req.logprobs is not None and ev.logprobs):
                         choice = P.CompletionChoice(index=ev.index, text=ev.text, finish_reason=ev.finish_reason, logprobs=lp(ev.logprobs or []))
-                        yield sse(P.Completion(id=rid, created=created, model=settings.model_name, choices=[choice]))
+                        yield P.sse(P.Completion(id=rid, created=created, model=settings.model_name, choices=[choice]))
                 if req.stream_options is not None and req.stream_options.include_usage:
-                    yield sse(P.Completion(id=rid, created=created, model=settings.model_name, choices=[], usage=gen.usage()))
+                    yield P.sse(P.Completion(id=rid, created=created, model=settings.model_name, choices=[], usage=P.make_usage(*gen.usage())))
             except (EngineDead, UserError) as err:  # headers are sent: report in-band, as OpenAI does
-                yield sse(P.error_body(str(err), "server_error" if isinstance(err, EngineDead) else "invalid_request_error"))
+                yield P.sse(P.error_body(str(err), "server_error" if isinstance(err, EngineDead) else "invalid_request_error"))
             yield "data: [DONE]\n\n"
 
         if req.stream:
@@ -435,7 +350,7 @@ def build_app(engine: AsyncEngine, tokenizer: Any, settings: ServerSettings, *, 
         finally:
             gen.close()
         choices = [P.CompletionChoice(index=i, text=t, finish_reason=r, logprobs=lp(logprobs[i])) for i, (t, r) in enumerate(zip(texts, reasons))]
-        return P.Completion(id=rid, created=created, model=settings.model_name, choices=choices, usage=gen.usage()).model_dump()
+        return P.Completion(id=rid, created=created, model=settings.model_name, choices=choices, usage=P.make_usage(*gen.usage())).model_dump()
 
     @app.get("/")
     async def index() -> FileResponse:
@@ -461,18 +376,6 @@ def encode_prompts(prompt: Any, tokenizer: Any) -> list[list[int]]:
     if vocab is not None and any(not 0 <= t < vocab for p in prompts for t in p):
         raise ApiError(400, f"prompt token ids must be in [0, {vocab}).", param="prompt")
     return [list(map(int, p)) for p in prompts]
-
-
-def completion_logprobs(tok: Any, entries: list) -> P.CompletionLogprobs:
-    chat = token_logprobs(tok, entries)
-    offsets, pos = [], 0
-    for t in chat:
-        offsets.append(pos)
-        pos += len(t.token)
-    return P.CompletionLogprobs(
-        tokens=[t.token for t in chat], token_logprobs=[t.logprob for t in chat],
-        top_logprobs=[{a.token: a.logprob for a in t.top_logprobs} for t in chat], text_offset=offsets,
-    )
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -507,7 +410,7 @@ def add_engine_args(parser: argparse.ArgumentParser, max_num_seqs: int = 32) -> 
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's max_seq_len)")
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     import os
 
     import uvicorn

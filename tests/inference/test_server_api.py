@@ -8,6 +8,7 @@ import openai
 import pytest
 
 from data_pipeline.tokenizer.chat_template import render_chat
+from data_pipeline.tokenizer.tokenizer import SPECIAL_TOKENS
 from inference import server
 from inference.async_engine import AsyncEngine
 from inference.sampling_params import SamplingParams
@@ -111,6 +112,11 @@ def test_seed_logprobs_and_token_accounting(live, client):
         assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
         # greedy: the chosen token is the most likely one
         assert entry.logprob == pytest.approx(max(t.logprob for t in entry.top_logprobs), abs=1e-5)
+    # the tokens' raw bytes add up to the reply's UTF-8 (even where a token holds half a character)
+    sampled = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Café 中文 🙂"}], temperature=1.0,
+                                             seed=3, max_tokens=40, logprobs=True)
+    raw = b"".join(bytes(e.bytes) for e in sampled.choices[0].logprobs.content if e.token not in SPECIAL_TOKENS)
+    assert raw.decode("utf-8", errors="replace") == sampled.choices[0].message.content
     comp = client.completions.create(model=MODEL, prompt="The cat", max_tokens=5, temperature=0, logprobs=2)
     assert len(comp.choices[0].logprobs.token_logprobs) == comp.usage.completion_tokens
     assert all(len(d) <= 2 for d in comp.choices[0].logprobs.top_logprobs)

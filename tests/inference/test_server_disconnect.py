@@ -57,7 +57,7 @@ def test_cancelled_requests_free_their_blocks(live):
             async def impatient(i: int):
                 try:
                     await asyncio.wait_for(request(i), 0.4)
-                except asyncio.TimeoutError as err:
+                except TimeoutError as err:
                     return err
                 return None
 

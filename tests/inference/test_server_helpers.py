@@ -9,7 +9,6 @@ from pathlib import Path
 
 import uvicorn
 
-
 CORPUS = [
     "Once upon a time there was a little robot who loved to count numbers.",
     "The cat sat on the mat and looked at the moon. It was a quiet night.",
