@@ -1,0 +1,61 @@
+"""Run a tokenizer-bound function over many items in worker processes, with a progress bar.
+
+Each worker loads the tokenizer once; items travel in chunks; results come
+back in input order. With one worker (or few items) everything runs in this
+process, which is also what tests use.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from functools import partial
+from typing import Callable, Sequence, TypeVar
+
+from tqdm import tqdm
+
+from data_pipeline.tokenizer.tokenizer import Tokenizer
+
+T = TypeVar("T")
+R = TypeVar("R")
+_TOKENIZER: Tokenizer | None = None
+
+
+def default_workers() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    global _TOKENIZER
+    _TOKENIZER = Tokenizer.from_file(tokenizer_path)
+
+
+def _run_chunk(fn: Callable, chunk: list) -> list:
+    return fn(_TOKENIZER, chunk)
+
+
+def parallel_map(fn: Callable[[Tokenizer, list[T]], list[R]], items: Sequence[T], tokenizer_path: str,
+                 num_workers: int | None = None, desc: str = "encode", chunk_size: int = 512) -> list[R]:
+    """Return ``fn(tok, chunk)`` concatenated over chunks of ``items``, in order.
+
+    ``fn`` must be a module-level function (it is pickled to the workers) that
+    maps a list of items to a list of results of the same length.
+    """
+    num_workers = default_workers() if num_workers is None else max(1, num_workers)
+    chunks = [list(items[i:i + chunk_size]) for i in range(0, len(items), chunk_size)]
+    out: list[R] = []
+    bar = tqdm(total=len(items), desc=desc, unit="doc", disable=None, leave=False)
+    if num_workers == 1 or len(chunks) <= 1:
+        tok = Tokenizer.from_file(tokenizer_path)
+        for chunk in chunks:
+            out += fn(tok, chunk)
+            bar.update(len(chunk))
+    else:
+        # Each worker encodes single-threaded; the processes are the parallelism.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        ctx = mp.get_context("spawn")  # no fork of a process holding Rust threads
+        with ctx.Pool(num_workers, initializer=_init_worker, initargs=(str(tokenizer_path),)) as pool:
+            for result in pool.imap(partial(_run_chunk, fn), chunks):
+                out += result
+                bar.update(len(result))
+    bar.close()
+    return out

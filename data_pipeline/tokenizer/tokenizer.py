@@ -1,0 +1,101 @@
+"""The project's tokenizer: a thin wrapper over an HF ``tokenizers.Tokenizer`` (byte-level BPE).
+
+Special tokens are fixed (ids 0..4, in this order) so every stage can rely on them:
+
+    <|endoftext|>  EOS and document separator in pretraining bins; also the pad id
+    <|bos|>        starts every chat (see chat_template.render_chat)
+    <|im_start|>   opens a chat message
+    <|im_end|>     closes a chat message (the model learns to emit it to stop)
+    <|pad|>        reserved for exports that want a distinct pad token
+
+``encode`` never adds special tokens and never turns special-token *text* in
+the input into special ids (user text cannot inject ``<|im_end|>``); only the
+chat template places special ids.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import tokenizers
+
+from utils.errors import UserError
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|bos|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+EOS, BOS, IM_START, IM_END, PAD = SPECIAL_TOKENS
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    """Stable short hash (first 16 hex digits of SHA-256) of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+class Tokenizer:
+    """Byte-level BPE tokenizer with the project's special tokens.
+
+    Attributes: path (the tokenizer.json), hash (``file_hash`` of it, stored in
+    every bin's meta.json), vocab_size (including special tokens), eos_id,
+    bos_id, pad_id (== eos_id), im_start_id, im_end_id.
+    """
+
+    def __init__(self, hf: tokenizers.Tokenizer, path: Path, hash_: str):
+        self._hf = hf
+        self._hf.encode_special_tokens = True  # special-token text in input stays plain text
+        self.path = path
+        self.hash = hash_
+        ids = [hf.token_to_id(t) for t in SPECIAL_TOKENS]
+        if ids != list(range(len(SPECIAL_TOKENS))):
+            raise UserError(f"{path} does not have the special tokens {SPECIAL_TOKENS} at ids "
+                            f"0..{len(SPECIAL_TOKENS) - 1} (found {ids}); retrain it with "
+                            "python data_pipeline/tokenizer/train_tokenizer.py")
+        self.eos_id, self.bos_id, self.im_start_id, self.im_end_id, self._pad_token_id = ids
+        self.pad_id = self.eos_id
+        self.special_ids = frozenset(ids)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Load a tokenizer.json; UserError if it is missing or unreadable."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise UserError(f"tokenizer file {path} does not exist; train it with "
+                            "python data_pipeline/tokenizer/train_tokenizer.py --vocab_size 4096")
+        try:
+            hf = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as err:  # the Rust loader raises a plain Exception
+            raise UserError(f"cannot read tokenizer {path} ({err}); retrain it with "
+                            "python data_pipeline/tokenizer/train_tokenizer.py") from None
+        return cls(hf, path, file_hash(path))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; no special tokens added."""
+        if not isinstance(text, str):
+            raise UserError(f"can only encode str, got {type(text).__name__}")
+        try:
+            return self._hf.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            raise UserError("text is not valid Unicode (it holds a lone surrogate, e.g. from "
+                            "decoding bytes with errors='surrogateescape'); fix the input text") from None
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """``encode`` for many texts at once."""
+        return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Text of ``ids``; special tokens are dropped unless ``skip_special_tokens=False``."""
+        return self._hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._hf.token_to_id(token)
+
+    def id_to_token(self, idx: int) -> str | None:
+        return self._hf.id_to_token(idx)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(path={str(self.path)!r}, vocab_size={self.vocab_size}, hash={self.hash!r})"
