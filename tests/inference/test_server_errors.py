@@ -105,10 +105,20 @@ def test_bad_completion_request_is_400(url, name):
 
 @pytest.mark.parametrize("raw", [b"{", b"", b"[1, 2]", b"null", b'"text"', b"\xff\xfe{}", b"[" * 100_00 + b"]" * 100_00,
                                  b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
-                                 b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1e999}'])
+                                 b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1e999}',
+])
 def test_malformed_body_is_400(url, raw):
     r = httpx.post(url + "/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
     H.assert_error_shape(r, 400)
+
+
+@pytest.mark.parametrize("endpoint, body", [
+    ("chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "lone \\ud800 surrogate"}]}'),
+    ("completions", b'{"model": "tiny", "prompt": "lone \\udc00 surrogate"}'),
+])
+def test_lone_surrogate_is_400(url, endpoint, body):
+    """Valid JSON (an escaped lone surrogate) that is not valid Unicode text."""
+    H.assert_error_shape(httpx.post(f"{url}/v1/{endpoint}", content=body, headers={"content-type": "application/json"}), 400)
 
 
 def test_unknown_model_route_and_method(url):
