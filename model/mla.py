@@ -139,5 +139,15 @@ class MLAttention(nn.Module):
         q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # (B, H, T, r)
         q = torch.cat([q_lat, q_rope], dim=-1)  # (B, H, T, r + d_rope)
         k = torch.cat([c_kv, k_rope], dim=-1)  # (B, 1, Tk, r + d_rope): shared by every head
-        o_lat = self._sdpa(q, k, c_kv, mask)  # (B, H, T, r) = sum_j p_j c_j
-        return torch.einsum("bhtr,hdr->bhtd", o_lat, w_uv)  # W_UV (sum_j p_j c_j) = sum_j p_j v_j
+        # Every head attends to the same single key/value "head", so fold the heads into the
+        # query axis: one (H*T)-query attention, with no per-head copy of the cached latents.
+        B, H, T, _ = q.shape
+        m, causal = mask.get(self.window)
+        if causal:
+            m = mask.bool_mask(self.window)
+        if m is not None:  # (B, 1, T, Tk) -> (B, 1, H*T, Tk)
+            m = m[:, :, None].expand(B, 1, H, T, m.shape[-1]).reshape(B, 1, H * T, m.shape[-1])
+        dropout = self.dropout if self.training else 0.0
+        o_lat = F.scaled_dot_product_attention(q.reshape(B, 1, H * T, -1), k, c_kv, attn_mask=m, dropout_p=dropout,
+                                               scale=self.scale)  # (B, 1, H*T, r) = sum_j p_j c_j
+        return torch.einsum("bhtr,hdr->bhtd", o_lat.view(B, H, T, -1), w_uv)  # W_UV sum_j p_j c_j = sum_j p_j v_j

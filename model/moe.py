@@ -103,12 +103,17 @@ class Experts(nn.Module):
         counts = torch.bincount(flat, minlength=self.gate_proj.shape[0])
         token = order // k
         xs = x[token]  # (N*k, d) grouped by expert
+        # unbind, not [e]: indexing a stacked parameter E times would make backward write E
+        # full-size zero gradients (measured 40% of the layer's time); unbind's backward is one stack.
+        gates, ups, downs = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
         outs = []
         for e, (chunk, n) in enumerate(zip(xs.split(counts.tolist()), counts.tolist())):
             if n == 0:
                 continue
-            h = self.act(chunk @ self.gate_proj[e].t()) * (chunk @ self.up_proj[e].t())
-            outs.append(h @ self.down_proj[e].t())
+            h = self.act(chunk @ gates[e].t()) * (chunk @ ups[e].t())
+            outs.append(h @ downs[e].t())
+        if not outs:  # no tokens at all
+            return torch.zeros_like(x), counts
         ys = torch.cat(outs) * weights.reshape(-1)[order, None].to(x.dtype)
         y = torch.zeros_like(x).index_add_(0, token, ys)
         return y, counts
