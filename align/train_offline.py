@@ -19,6 +19,7 @@ import pathlib
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # repo root
 
 import json  # noqa: E402
+import time  # noqa: E402
 from typing import Optional, Sequence  # noqa: E402
 
 import torch  # noqa: E402
@@ -59,9 +60,14 @@ def run(cfg: OfflineRecipe) -> dict:
     needs_ref = cfg.algorithm in ("dpo", "kto")
     # The reference is the starting policy. Its log-probs are computed now, once: for the
     # training pairs (dpo/kto losses) and for the held-out pairs (the log-ratio accuracy).
+    t0 = time.perf_counter()
     train_ref: Optional[ReferenceLogps] = (
         compute_reference_logps(policy, train_pairs, bs, env.device, mismatched=cfg.algorithm == "kto") if needs_ref else None)
     val_ref = compute_reference_logps(policy, val_pairs, bs, env.device) if cfg.algorithm != "reward" else None
+    if env.is_main and val_ref is not None:
+        print(f"reference log-probs cached in {time.perf_counter() - t0:.1f}s "
+              f"({len(train_pairs) if needs_ref else 0} train + {len(val_pairs)} held-out pairs; "
+              "data.max_train_pairs bounds this)")
 
     if cfg.algorithm == "reward":
         model = ScalarHeadModel(policy).to(env.device)
