@@ -37,15 +37,11 @@ class ModelRunner:
             self.cache.copy_blocks(copies)
         q_lens = [len(t) for t in token_ids]
         B, T = len(token_ids), max(q_lens)
-        idx = torch.zeros(B, T, dtype=torch.long)
-        positions = torch.empty(B, T, dtype=torch.long)
-        for b, (toks, s) in enumerate(zip(token_ids, starts)):
-            q = len(toks)
-            idx[b, :q] = torch.tensor(toks, dtype=torch.long)
-            positions[b, :q] = torch.arange(s, s + q)
-            positions[b, q:] = s + q - 1
+        idx = [toks + [0] * (T - len(toks)) for toks in token_ids]
+        positions = [list(range(s, s + len(toks))) + [s + len(toks) - 1] * (T - len(toks)) for toks, s in zip(token_ids, starts)]
+        idx = torch.tensor(idx, dtype=torch.long, device=self.device)  # (B, T)
+        positions = torch.tensor(positions, dtype=torch.long, device=self.device)  # (B, T)
         view = self.cache.view(block_tables, starts, q_lens)
-        idx, positions = idx.to(self.device), positions.to(self.device)
         hidden = self.model(idx, positions=positions, cache=view, return_hidden=True)  # (B, T, d)
         if all_positions:
             return self.model.logits(hidden).float()

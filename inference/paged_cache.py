@@ -1,14 +1,17 @@
 """PagedKVCache: block-pool storage of keys/values, and the per-forward view the model calls.
 
-Storage: per layer and per cached tensor (k and v; MLA's latent and rope key) one pool of
-shape (num_blocks, block_size, *mid, D) for a model tensor laid out (B, *mid, T, D), e.g.
-k (B, Hkv, T, D) -> pool (num_blocks, block_size, Hkv, D). Pools are created on first use,
-so any attention in the zoo caches whatever it hands to ``cache.update``.
+Storage: the cache has ``num_blocks * block_size`` token slots; slot
+``block * block_size + offset`` holds one token. Per layer and per cached tensor (k and v;
+MLA's latent and rope key) there is one pool laid out like the model's tensor with the batch
+folded into the sequence: a model tensor (B, *mid, T, D) is stored in a pool (*mid, slots, D),
+e.g. k (B, Hkv, T, D) -> (Hkv, slots, D). Pools are created on first use, so any attention in
+the zoo caches whatever it hands to ``cache.update``. With the slot dimension at -2 a gather
+for one row is already the contiguous (1, *mid, Tk, D) tensor attention wants.
 
 ``PagedView`` implements the model's cache interface (model/cache.py) for a batch of rows
 of different lengths: row b already has ``starts[b]`` tokens cached and computes
 ``q_lens[b]`` new ones (padded to T). ``update`` writes the new rows' tensors into their
-slots and gathers each row's blocks into a padded (B, *mid, Tk, D) tensor; ``key_positions``
+slots and gathers each row's slots into a padded (B, *mid, Tk, D) tensor; ``key_positions``
 marks the padding with ``k_valid`` so the model's mask hides it.
 """
 from __future__ import annotations
@@ -22,25 +25,30 @@ class PagedKVCache:
     def __init__(self, num_blocks: int, block_size: int, device: torch.device | str = "cpu"):
         self.num_blocks, self.block_size = num_blocks, block_size
         self.device = torch.device(device)
-        self.pools: dict[int, list[torch.Tensor]] = {}  # layer -> [pool per cached tensor]
+        self.pools: dict[int, list[torch.Tensor]] = {}  # layer -> [(*mid, slots, D) per cached tensor]
+        self._offsets = torch.arange(block_size, device=self.device)
 
     def pool_for(self, layer: int, new: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         if layer not in self.pools:
+            slots = self.num_blocks * self.block_size
             self.pools[layer] = [
-                torch.zeros(self.num_blocks, self.block_size, *t.shape[1:-2], t.shape[-1], dtype=t.dtype, device=t.device)
-                for t in new
+                torch.zeros(*t.shape[1:-2], slots, t.shape[-1], dtype=t.dtype, device=t.device) for t in new
             ]
         return self.pools[layer]
+
+    def block_slots(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Block ids (...,) -> their slot ids (..., block_size)."""
+        return blocks[..., None] * self.block_size + self._offsets
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: block dst becomes a copy of block src in every pool."""
         if not copies:
             return
-        src = torch.tensor([c[0] for c in copies], device=self.device)
-        dst = torch.tensor([c[1] for c in copies], device=self.device)
+        src = self.block_slots(torch.tensor([c[0] for c in copies], device=self.device)).view(-1)
+        dst = self.block_slots(torch.tensor([c[1] for c in copies], device=self.device)).view(-1)
         for pools in self.pools.values():
             for pool in pools:
-                pool[dst] = pool[src]
+                pool.index_copy_(-2, dst, pool.index_select(-2, src))
 
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for pools in self.pools.values() for p in pools)
@@ -57,52 +65,44 @@ class PagedView:
     """
 
     def __init__(self, cache: PagedKVCache, block_tables: list[list[int]], starts: list[int], q_lens: list[int]):
+        # Built from Python lists with a handful of tensor calls: this runs every decode step.
         self.cache = cache
         self.states: dict[int, object] = {}
         dev, bs = cache.device, cache.block_size
         B, T = len(starts), max(q_lens)
         totals = [s + q for s, q in zip(starts, q_lens)]
-        self.Tk = max(totals)
+        self.B, self.Tk = B, max(totals)
         n_blocks = -(-self.Tk // bs)
-        table = torch.zeros(B, n_blocks, dtype=torch.long)
-        for b, bt in enumerate(block_tables):
-            n = min(len(bt), n_blocks)
-            table[b, :n] = torch.tensor(bt[:n], dtype=torch.long)
-        self.table = table.to(dev)  # (B, n_blocks)
-        starts_t = torch.tensor(starts, dtype=torch.long)
-        q_lens_t = torch.tensor(q_lens, dtype=torch.long)
-        # Slots of the new tokens, row-major over (B, T), padding dropped.
-        pos = starts_t[:, None] + torch.arange(T)[None, :]  # (B, T)
-        real = torch.arange(T)[None, :] < q_lens_t[:, None]
+        rows = [bt[:n_blocks] + [0] * (n_blocks - len(bt[:n_blocks])) for bt in block_tables]
+        table = torch.tensor(rows, dtype=torch.long, device=dev)  # (B, n_blocks); padding -> block 0, masked
+        # Slots every row reads (B * Tk,) and the slots of the new tokens (padding dropped).
+        self.read_slots = cache.block_slots(table).view(B, n_blocks * bs)[:, : self.Tk].reshape(-1)
+        slots = [bt[p // bs] * bs + p % bs for bt, s, q in zip(block_tables, starts, q_lens) for p in range(s, s + q)]
+        self.write_slots = torch.tensor(slots, dtype=torch.long, device=dev)  # (num_real,)
         self.uniform = all(s == starts[0] for s in starts) and all(q == q_lens[0] for q in q_lens)
-        pos_real = pos[real]
-        blk = table[real.nonzero()[:, 0], pos_real // bs]
-        self.write_slots = (blk * bs + pos_real % bs).to(dev)  # (num_real,)
-        self.real = None if self.uniform else real.reshape(-1).to(dev)  # (B*T,) which rows of the batch are real
-        self.totals = torch.tensor(totals, dtype=torch.long, device=dev)
+        self.real = self.k_valid = None
+        if not self.uniform:
+            real = [c < q for q in q_lens for c in range(T)]
+            self.real = torch.tensor(real, device=dev)  # (B*T,) which new tokens are not padding
+            self.k_valid = torch.arange(self.Tk, device=dev)[None, :] < torch.tensor(totals, device=dev)[:, None]
 
     # ---- the model's cache interface ------------------------------------------------------------
     def key_positions(self, q_pos: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        B = q_pos.shape[0]
-        k_pos = torch.arange(self.Tk, device=q_pos.device).expand(B, -1)
-        if self.uniform:  # every row has the same keys: no padding to hide
-            return k_pos, None
-        return k_pos, k_pos < self.totals[:, None]
+        k_pos = torch.arange(self.Tk, device=q_pos.device).expand(q_pos.shape[0], -1)
+        return k_pos, self.k_valid  # None when every row has the same keys: no padding to hide
 
     def update(self, layer: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         pools = self.cache.pool_for(layer, new)
-        B, T = new[0].shape[0], new[0].shape[-2]
         out = []
         for pool, t in zip(pools, new):
-            # (B, *mid, T, D) -> (B*T, *mid, D): one row per new token
-            rows = t.movedim(-2, 1).reshape(B * T, *pool.shape[2:])
+            B, T = t.shape[0], t.shape[-2]
+            # (B, *mid, T, D) -> (*mid, B*T, D): the batch folded into the token axis
+            rows = t.movedim(0, -3).reshape(*pool.shape[:-2], B * T, t.shape[-1])
             if self.real is not None:
-                rows = rows[self.real]
-            flat = pool.view(-1, *pool.shape[2:])  # (num_blocks*block_size, *mid, D)
-            flat.index_copy_(0, self.write_slots, rows.to(pool.dtype))
-            # Gather whole blocks: (B, n_blocks, block_size, *mid, D) -> (B, Tk, *mid, D)
-            keys = pool[self.table].flatten(1, 2)[:, : self.Tk]
-            out.append(keys.movedim(1, -2))  # (B, *mid, Tk, D)
+                rows = rows[..., self.real, :]
+            pool.index_copy_(-2, self.write_slots, rows if rows.dtype == pool.dtype else rows.to(pool.dtype))
+            keys = pool.index_select(-2, self.read_slots)  # (*mid, B*Tk, D)
+            out.append(keys.view(*pool.shape[:-2], B, self.Tk, t.shape[-1]).movedim(-3, 0))  # (B, *mid, Tk, D)
         return tuple(out)
 
     def advance(self, n: int) -> None:
