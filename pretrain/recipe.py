@@ -18,9 +18,11 @@ from utils.train_loop import TrainConfig
 
 @dataclass
 class PretrainDataConfig:
-    train_bin: str = field(metadata={"path": "file"})  # token .bin written by build_pretrain_bins.py
+    # {split}.bin + meta.json written by data_pipeline/processing/build_pretrain_bins.py
+    train_bin: str = field(metadata={"path": "file"})
     val_bin: Optional[str] = field(default=None, metadata={"path": "file?"})  # val loss / perplexity when set
-    tokenizer: Optional[str] = field(default=None, metadata={"path": "file?"})  # copied beside each checkpoint
+    # the tokenizer.json the bins were made with (hash checked), copied beside each checkpoint
+    tokenizer: Optional[str] = field(default=None, metadata={"path": "file?"})
 
 
 @dataclass

@@ -8,18 +8,20 @@ and hands both to ``utils.train_loop.train`` with next-token cross-entropy. Writ
 ``{out_dir}/step_*`` (resumable), ``{out_dir}/final`` (weights + config + tokenizer),
 ``metrics.jsonl`` and ``loss.png``.
 """
-import sys
 import pathlib
+import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # repo root
 
 import json
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
+from data_pipeline.loader import PretrainLoader
+from data_pipeline.tokenizer.tokenizer import file_hash
 from model.transformer import Transformer
 from pretrain.recipe import PretrainDataConfig, PretrainRecipe  # noqa: F401  (re-exported for recipe generators)
 from utils import distributed as D
@@ -44,16 +46,15 @@ def lm_loss(model, batch) -> tuple[torch.Tensor, dict]:
     return ce + aux, {**metrics, "ce_loss": ce.detach(), "aux_loss": aux.detach()}
 
 
-def make_loader(bin_path: str, recipe: PretrainRecipe, env: D.DistEnv, seed: int):
-    try:
-        from data_pipeline.loader import PretrainLoader
-    except ImportError as err:  # the data stage ships the loader; say so plainly if it is missing
-        raise UserError(f"data_pipeline.loader.PretrainLoader is not available ({err}); update the checkout.") from None
+def make_loader(bin_path: str, recipe: PretrainRecipe, env: D.DistEnv, seed: int) -> PretrainLoader:
+    """Random (x, y) windows of a bin, different on every rank; checks the bins were made by
+    the recipe's tokenizer (hash in the bins' meta.json)."""
+    tok_hash = file_hash(recipe.data.tokenizer) if recipe.data.tokenizer else None
     return PretrainLoader(bin_path, recipe.train.seq_len, recipe.train.batch_size, seed=seed, rank=env.rank,
-                          world_size=env.world_size)
+                          world_size=env.world_size, expect_tokenizer_hash=tok_hash)
 
 
-def make_eval_fn(recipe: PretrainRecipe, env: D.DistEnv) -> Callable | None:
+def make_eval_fn(recipe: PretrainRecipe, env: D.DistEnv) -> Optional[Callable]:
     """Mean val loss over ``eval_batches`` micro-batches per rank (the same batches every
     time: a fresh loader with a fixed seed), averaged over ranks; perplexity = exp(loss)."""
     if not recipe.data.val_bin:
@@ -71,12 +72,9 @@ def make_eval_fn(recipe: PretrainRecipe, env: D.DistEnv) -> Callable | None:
     return eval_fn
 
 
-def check_vocab(recipe: PretrainRecipe) -> None:
-    """The bins' vocabulary (from their .json meta, when present) must fit the model's."""
-    meta = pathlib.Path(recipe.data.train_bin).with_suffix(".json")
-    if not meta.is_file():
-        return
-    vocab = json.loads(meta.read_text()).get("vocab_size")
+def check_vocab(loader: PretrainLoader, recipe: PretrainRecipe) -> None:
+    """The bins' vocabulary (meta.json) must fit in the model's embedding."""
+    vocab = loader.meta.get("vocab_size")
     if isinstance(vocab, int) and vocab > recipe.model.vocab_size:
         raise UserError(f"{recipe.data.train_bin} holds token ids up to {vocab - 1} but model.vocab_size="
                         f"{recipe.model.vocab_size}; set model.vocab_size >= {vocab} (the tokenizer's size).")
@@ -87,9 +85,10 @@ def main(argv=None) -> None:
                               add_args=lambda p: p.add_argument("--compile", action="store_true", help="torch.compile the model"))
     if args.compile:
         recipe.train.compile = True
-    check_vocab(recipe)
     env = D.setup(recipe.train.distributed, recipe.train.device)
     accum = grad_accum_steps(recipe.train, env.world_size)  # fail on a bad batch before building anything
+    loader = make_loader(recipe.data.train_bin, recipe, env, seed=recipe.train.seed)
+    check_vocab(loader, recipe)
     torch.manual_seed(recipe.train.seed)  # same init on every rank
     model = Transformer(recipe.model)
     if env.is_main:
@@ -97,7 +96,6 @@ def main(argv=None) -> None:
         tokens_step = recipe.train.batch_size * recipe.train.seq_len * accum * env.world_size
         print(f"pretrain: {n:,} params ({n_body:,} non-embedding) | {tokens_step:,} tokens/step | "
               f"{tokens_step * recipe.train.max_steps:,} tokens over {recipe.train.max_steps} steps", file=sys.stderr)
-    loader = make_loader(recipe.data.train_bin, recipe, env, seed=recipe.train.seed)
     result = train(model, loader, lm_loss, recipe.train, recipe.optim, eval_fn=make_eval_fn(recipe, env), recipe=recipe,
                    tokenizer_path=recipe.data.tokenizer, checkpoint_meta={"stage": "pretrain"})
     if env.is_main:

@@ -49,7 +49,7 @@ import torch.nn as nn
 from utils import distributed as D
 from utils import flops as F
 from utils import train_state as S
-from utils.checkpoint import CheckpointManager, save_checkpoint
+from utils.checkpoint import CheckpointManager
 from utils.errors import UserError
 from utils.logging import MetricsLogger, read_records
 from utils.optim import LRSchedule, OptimConfig, build_optimizer
@@ -178,42 +178,7 @@ class _Interrupt:
             signal.signal(signal.SIGINT, self._prev)
 
 
-@dataclass
-class _Run:
-    """Everything one call of ``train`` holds; passed to the helpers below."""
-
-    cfg: TrainConfig
-    optim_cfg: OptimConfig
-    env: D.DistEnv
-    raw: nn.Module  # plain module (FSDP2 shards it in place)
-    model: nn.Module  # what loss_fn calls: DDP / compiled wrapper
-    params: list
-    optimizer: torch.optim.Optimizer
-    schedule: LRSchedule
-    scaler: Optional[torch.amp.GradScaler]
-    spike: SpikeDetector
-    batches: Iterator
-    loss_fn: Callable
-    accum: int
-    amp_dtype: Optional[torch.dtype]
-    manager: CheckpointManager
-    logger: MetricsLogger
-    step: int = 0
-    tokens_seen: int = 0
-    rollbacks: int = 0
-    events: list = field(default_factory=list)
-
-    def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.env.device.type, dtype=self.amp_dtype)
-
-    def event(self, kind: str, **info) -> None:
-        self.events.append({"step": self.step, "event": kind, **info})
-        self.logger.event(self.step, kind, **info)
-
-
-def _train_step(run: _Run, stop_requested: Callable[[], bool]) -> tuple[dict, bool, bool]:
+def _train_step(run: S.Run, stop_requested: Callable[[], bool]) -> tuple[dict, bool, bool]:
     """One optimizer step over ``accum`` micro-batches; returns (record, spiked, stop)."""
     env, model = run.env, run.model
     model.train()
@@ -314,7 +279,7 @@ def _expert_load(model: nn.Module) -> dict:
     return {"expert_load_max_over_mean": sum(ratios) / len(ratios)} if ratios else {}
 
 
-def _evaluate(run: _Run, eval_fn: Optional[Callable]) -> dict:
+def _evaluate(run: S.Run, eval_fn: Optional[Callable]) -> dict:
     if eval_fn is None:
         return {}
     run.raw.eval()
@@ -322,42 +287,6 @@ def _evaluate(run: _Run, eval_fn: Optional[Callable]) -> dict:
         out = eval_fn(run.raw)
     run.raw.train()
     return {k: float(v) for k, v in (out or {}).items()}
-
-
-def _save(run: _Run, extra: dict) -> Optional[Path]:
-    """Step checkpoint with full train state (collective; rank 0 writes)."""
-    weights = S.gather_weights(run.raw, run.env, extra["weights_fn"])
-    opt_state = S.optimizer_state(run.raw, run.optimizer, run.env)
-    ranks = D.all_gather_object({"rng": S.rng_state(run.env.device), "data": S.data_state(run.batches)}, run.env)
-    path = None
-    if run.env.is_main:
-        train_state = {"step": run.step, "world_size": run.env.world_size, "optimizer_name": run.optim_cfg.name,
-                       "optimizer": opt_state, "schedule": run.schedule.state_dict(), "spike": run.spike.state_dict(),
-                       "scaler": run.scaler.state_dict() if run.scaler is not None else None,
-                       "tokens_seen": run.tokens_seen, "ranks": ranks}
-        path = run.manager.save(run.step, run.raw, recipe=extra["recipe"], train_state=train_state, weights=weights,
-                                meta={"tokens_seen": run.tokens_seen, **(extra["meta"] or {})},
-                                tokenizer_path=extra["tokenizer_path"])
-    D.barrier(run.env)
-    return path
-
-
-def _rollback(run: _Run, weights_fn) -> None:
-    latest = run.manager.latest()
-    if latest is None or run.rollbacks >= run.cfg.spike.max_rollbacks:
-        why = "no checkpoint yet" if latest is None else f"max_rollbacks={run.cfg.spike.max_rollbacks} reached"
-        run.event("spike_skip", reason=why)
-        return
-    from_step = run.step
-    # Weights and optimizer go back; the data stream does not, so the batches that caused
-    # the spike are not replayed (PaLM's recipe: restart earlier and skip the bad data).
-    state = S.load_train_state(latest)
-    S.load_weights_into(latest, run.raw, run.env, weights_fn)
-    S.load_optimizer_state(run.raw, run.optimizer, state["optimizer"], run.env)
-    run.step = int(state["step"])
-    run.schedule.scale *= run.cfg.spike.lr_drop
-    run.rollbacks += 1
-    run.event("rollback", from_step=from_step, to_step=run.step, lr_scale=run.schedule.scale, checkpoint=str(latest))
 
 
 def train(model: nn.Module, batches: Iterator, loss_fn: Callable, train_cfg: TrainConfig, optim_cfg: OptimConfig, *,
@@ -395,12 +324,12 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable, train_cfg: Tra
     by_name = dict(raw.named_parameters())  # FSDP2 replaced the Parameters: look them up again
     trainable = [by_name[n] for n in names]
     optimizer = build_optimizer(raw, trainable, optim_cfg, env.device)
-    run = _Run(cfg, optim_cfg, env, raw, torch.compile(wrapped) if cfg.compile else wrapped, trainable, optimizer,
+    run = S.Run(cfg, optim_cfg, env, raw, torch.compile(wrapped) if cfg.compile else wrapped, trainable, optimizer,
                LRSchedule(optim_cfg, cfg.max_steps), torch.amp.GradScaler("cuda") if dtype == "fp16" else None,
                SpikeDetector(cfg.spike), batches, loss_fn, accum, None if dtype == "fp32" else DTYPES[dtype], manager,
                MetricsLogger(cfg.out_dir, enabled=False))
     if state is not None:
-        _restore_after_wrap(run, state)
+        S.resume(run, state)
     extra = {"weights_fn": weights_fn, "recipe": recipe, "meta": checkpoint_meta, "tokenizer_path": tokenizer_path}
 
     run.logger = MetricsLogger(cfg.out_dir, enabled=env.is_main, tensorboard=cfg.tensorboard, total_steps=cfg.max_steps,
@@ -425,7 +354,7 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable, train_cfg: Tra
                 if spiked:
                     run.event("loss_spike", loss=record["loss"], z=record["spike_z"], policy=cfg.spike.policy)
                     if cfg.spike.policy == "rollback":
-                        _rollback(run, weights_fn)
+                        S.rollback(run, weights_fn)
                         continue
                 run.step += 1
                 record.update(_expert_load(raw))
@@ -438,12 +367,12 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable, train_cfg: Tra
                     run.logger.console(record, ["step", "loss", "lr", "grad_norm", "tok_per_s", "mfu"]
                                        + [k for k in record if k.startswith("val")])
                 if stop:
-                    path = _save(run, extra)
+                    path = S.save_step(run, extra)
                     run.logger.print(f"interrupted at step {run.step}; checkpoint {path or manager.path_for(run.step)} "
                                      "saved. Run the same command again to resume.")
                     raise KeyboardInterrupt
                 if cfg.save_every and run.step % cfg.save_every == 0 and run.step < cfg.max_steps:
-                    _save(run, extra)
+                    S.save_step(run, extra)
             final_eval = _evaluate(run, eval_fn)
             if final_eval:
                 if history and history[-1]["step"] == run.step:
@@ -451,36 +380,11 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable, train_cfg: Tra
                 run.logger.log({"step": run.step, **final_eval})
                 run.logger.console({"step": run.step, **final_eval})
             if manager.latest() is None or manager.latest() != manager.path_for(run.step):
-                _save(run, extra)
-            final = _save_final(run, extra)
+                S.save_step(run, extra)
+            final = S.save_final(run, extra)
             if env.is_main:
                 plot_loss_curve(read_records(Path(cfg.out_dir) / "metrics.jsonl"), Path(cfg.out_dir) / "loss.png",
                                 title=Path(cfg.out_dir).name)
         finally:
             run.logger.close()
     return TrainResult(run.step, history, final, final_eval, run.events)
-
-
-def _restore_after_wrap(run: _Run, state: dict) -> None:
-    """Resume: optimizer (needs the wrapped params), schedule, spike, scaler, RNG, data, step."""
-    S.load_optimizer_state(run.raw, run.optimizer, state["optimizer"], run.env)
-    run.step = int(state["step"])
-    run.schedule.load_state_dict(state["schedule"])
-    run.spike.load_state_dict(state["spike"])
-    if run.scaler is not None and state.get("scaler"):
-        run.scaler.load_state_dict(state["scaler"])
-    run.tokens_seen = int(state.get("tokens_seen", 0))
-    mine = state["ranks"][run.env.rank]
-    S.set_rng_state(mine["rng"], run.env.device)
-    S.restore_data_state(run.batches, mine["data"])
-
-
-def _save_final(run: _Run, extra: dict) -> Path:
-    """``{out_dir}/final``: weights + config + recipe + tokenizer, no train state."""
-    weights = S.gather_weights(run.raw, run.env, extra["weights_fn"])
-    path = Path(run.cfg.out_dir) / "final"
-    if run.env.is_main:
-        save_checkpoint(path, run.raw, recipe=extra["recipe"], weights=weights, tokenizer_path=extra["tokenizer_path"],
-                        meta={"step": run.step, "tokens_seen": run.tokens_seen, **(extra["meta"] or {})})
-    D.barrier(run.env)
-    return path

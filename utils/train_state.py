@@ -1,4 +1,8 @@
-"""Saving and restoring everything a run needs to continue exactly where it stopped.
+"""The state of one training run, and how it is saved, resumed and rolled back.
+
+``Run`` holds what one call of ``utils.train_loop.train`` works with (model, optimizer,
+schedule, data, step); ``save_step`` / ``save_final`` / ``resume`` / ``rollback`` move it to
+and from checkpoint directories.
 
 A step checkpoint (``utils.checkpoint`` layout) holds the weights plus ``train_state.pt``:
 
@@ -12,17 +16,32 @@ not line up). Under FSDP2 full (unsharded) weights and optimizer state are gathe
 """
 from __future__ import annotations
 
+import contextlib
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from utils.checkpoint import load_model_config, load_into, load_train_state, load_weights
-from utils.distributed import DistEnv, full_tensor
+from utils.checkpoint import (
+    CheckpointManager,
+    load_into,
+    load_model_config,
+    load_train_state,
+    load_weights,
+    save_checkpoint,
+)
+from utils.distributed import DistEnv, all_gather_object, barrier, full_tensor
 from utils.errors import UserError
+from utils.logging import MetricsLogger
+from utils.optim import LRSchedule, OptimConfig
+from utils.spike import SpikeDetector
+
+if TYPE_CHECKING:
+    from utils.train_loop import TrainConfig
 
 # ----------------------------------------------------------------------------- RNG
 
@@ -184,3 +203,102 @@ def restore_data_state(batches: Any, state: Any) -> None:
         if not hasattr(batches, "load_state_dict"):
             raise UserError("the checkpoint holds a data position but the batch iterator has no load_state_dict().")
         batches.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- one run: save, resume, roll back
+
+
+@dataclass
+class Run:
+    """Everything one call of ``utils.train_loop.train`` holds."""
+
+    cfg: TrainConfig
+    optim_cfg: OptimConfig
+    env: DistEnv
+    raw: nn.Module  # plain module (FSDP2 shards it in place)
+    model: nn.Module  # what loss_fn calls: DDP / compiled wrapper
+    params: list
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    scaler: Optional[torch.amp.GradScaler]
+    spike: SpikeDetector
+    batches: Iterator
+    loss_fn: Callable
+    accum: int
+    amp_dtype: Optional[torch.dtype]
+    manager: CheckpointManager
+    logger: MetricsLogger
+    step: int = 0
+    tokens_seen: int = 0
+    rollbacks: int = 0
+    events: list = field(default_factory=list)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.amp_dtype)
+
+    def event(self, kind: str, **info) -> None:
+        self.events.append({"step": self.step, "event": kind, **info})
+        self.logger.event(self.step, kind, **info)
+
+
+def save_step(run: Run, extra: dict) -> Optional[Path]:
+    """Step checkpoint with full train state (collective; rank 0 writes)."""
+    weights = gather_weights(run.raw, run.env, extra["weights_fn"])
+    opt_state = optimizer_state(run.raw, run.optimizer, run.env)
+    ranks = all_gather_object({"rng": rng_state(run.env.device), "data": data_state(run.batches)}, run.env)
+    path = None
+    if run.env.is_main:
+        train_state = {"step": run.step, "world_size": run.env.world_size, "optimizer_name": run.optim_cfg.name,
+                       "optimizer": opt_state, "schedule": run.schedule.state_dict(), "spike": run.spike.state_dict(),
+                       "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+                       "tokens_seen": run.tokens_seen, "ranks": ranks}
+        path = run.manager.save(run.step, run.raw, recipe=extra["recipe"], train_state=train_state, weights=weights,
+                                meta={"tokens_seen": run.tokens_seen, **(extra["meta"] or {})},
+                                tokenizer_path=extra["tokenizer_path"])
+    barrier(run.env)
+    return path
+
+
+def rollback(run: Run, weights_fn) -> None:
+    latest = run.manager.latest()
+    if latest is None or run.rollbacks >= run.cfg.spike.max_rollbacks:
+        why = "no checkpoint yet" if latest is None else f"max_rollbacks={run.cfg.spike.max_rollbacks} reached"
+        run.event("spike_skip", reason=why)
+        return
+    from_step = run.step
+    # Weights and optimizer go back; the data stream does not, so the batches that caused
+    # the spike are not replayed (PaLM's recipe: restart earlier and skip the bad data).
+    state = load_train_state(latest)
+    load_weights_into(latest, run.raw, run.env, weights_fn)
+    load_optimizer_state(run.raw, run.optimizer, state["optimizer"], run.env)
+    run.step = int(state["step"])
+    run.schedule.scale *= run.cfg.spike.lr_drop
+    run.rollbacks += 1
+    run.event("rollback", from_step=from_step, to_step=run.step, lr_scale=run.schedule.scale, checkpoint=str(latest))
+
+
+def resume(run: Run, state: dict) -> None:
+    """Resume: optimizer (needs the wrapped params), schedule, spike, scaler, RNG, data, step."""
+    load_optimizer_state(run.raw, run.optimizer, state["optimizer"], run.env)
+    run.step = int(state["step"])
+    run.schedule.load_state_dict(state["schedule"])
+    run.spike.load_state_dict(state["spike"])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    run.tokens_seen = int(state.get("tokens_seen", 0))
+    mine = state["ranks"][run.env.rank]
+    set_rng_state(mine["rng"], run.env.device)
+    restore_data_state(run.batches, mine["data"])
+
+
+def save_final(run: Run, extra: dict) -> Path:
+    """``{out_dir}/final``: weights + config + recipe + tokenizer, no train state."""
+    weights = gather_weights(run.raw, run.env, extra["weights_fn"])
+    path = Path(run.cfg.out_dir) / "final"
+    if run.env.is_main:
+        save_checkpoint(path, run.raw, recipe=extra["recipe"], weights=weights, tokenizer_path=extra["tokenizer_path"],
+                        meta={"step": run.step, "tokens_seen": run.tokens_seen, **(extra["meta"] or {})})
+    barrier(run.env)
+    return path

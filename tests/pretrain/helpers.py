@@ -102,39 +102,3 @@ def launch(out: str, runs: str, steps: int, global_rows: int, world: int = 2, ti
 
 if __name__ == "__main__":
     _worker()
-
-
-class BinLoader:
-    """In-test stand-in for data_pipeline.loader.PretrainLoader: random windows of a uint16
-    token file, a seeded permutation per epoch, sharded by rank."""
-
-    def __init__(self, bin_path, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
-        import numpy as np
-
-        self.tokens = np.memmap(bin_path, dtype=np.uint16, mode="r")
-        self.T, self.B, self.seed, self.rank, self.world = seq_len, batch_size, seed, rank, world_size
-        self.n_windows = (len(self.tokens) - 1) // seq_len
-        self.i = 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        import numpy as np
-
-        rows = []
-        for b in range(self.B):
-            k = (self.i * self.world + self.rank) * self.B + b
-            epoch, j = divmod(k, self.n_windows)
-            order = np.random.default_rng(self.seed + epoch).permutation(self.n_windows)
-            start = int(order[j]) * self.T
-            rows.append(torch.from_numpy(self.tokens[start:start + self.T + 1].astype(np.int64)))
-        self.i += 1
-        block = torch.stack(rows)
-        return block[:, :-1], block[:, 1:]
-
-    def state_dict(self) -> dict:
-        return {"i": self.i}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.i = int(state["i"])

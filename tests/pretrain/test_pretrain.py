@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import pretrain.train as pretrain_script
+from data_pipeline.tokenizer.tokenizer import file_hash
 from pretrain.recipe import PretrainRecipe
 from utils.checkpoint import load_model, read_meta
 from utils.config import load_config
@@ -17,14 +18,15 @@ VOCAB = 32
 
 
 def write_bins(tmp_path: Path) -> dict:
-    """A learnable stream (a repeating 7-token cycle with a random start) as uint16 bins."""
-    rng = np.random.default_rng(0)
+    """A learnable stream (a repeating 7-token cycle) as pretrain bins in the data stage's
+    layout: {train,val}.bin (uint16) + meta.json with the tokenizer's hash."""
+    (tmp_path / "tokenizer.json").write_text('{"stand-in": true}')
     cycle = np.array([3, 9, 4, 1, 7, 2, 5], dtype=np.uint16)
-    for split, n in (("train", 20000), ("val", 4000)):
-        start = rng.integers(0, 7)
-        np.tile(cycle, n // 7 + 2)[start:start + n].tofile(tmp_path / f"{split}.bin")
-        (tmp_path / f"{split}.json").write_text(json.dumps({"vocab_size": VOCAB, "dtype": "uint16"}))
-    (tmp_path / "tokenizer.json").write_text("{}")
+    n_tokens = {"train": 20000, "val": 4000}
+    for split, n in n_tokens.items():
+        np.tile(cycle, n // 7 + 1)[:n].tofile(tmp_path / f"{split}.bin")
+    (tmp_path / "meta.json").write_text(json.dumps({"format": "pretrain", "dtype": "uint16", "vocab_size": VOCAB,
+                                                    "n_tokens": n_tokens, "tokenizer_hash": file_hash(tmp_path / "tokenizer.json")}))
     return {"data.train_bin": tmp_path / "train.bin", "data.val_bin": tmp_path / "val.bin",
             "data.tokenizer": tmp_path / "tokenizer.json"}
 
@@ -36,21 +38,6 @@ def tiny_overrides(tmp_path: Path, **extra) -> list[str]:
             "train.eval_every": 15, "train.eval_batches": 2, "train.save_every": 15, "train.device": "cpu",
             "train.progress": False, "optim.lr": 1e-2, "optim.warmup_steps": 5, **extra}
     return [f"{k}={v}" for k, v in over.items()]
-
-
-@pytest.fixture(autouse=True)
-def _stand_in_loader(monkeypatch):
-    """Until data_pipeline.loader lands, use an in-test loader with the same constructor."""
-    try:
-        from data_pipeline.loader import PretrainLoader  # noqa: F401
-    except ImportError:
-        from tests.pretrain.helpers import BinLoader
-
-        def make_loader(bin_path, recipe, env, seed):
-            return BinLoader(bin_path, recipe.train.seq_len, recipe.train.batch_size, seed=seed, rank=env.rank,
-                             world_size=env.world_size)
-
-        monkeypatch.setattr(pretrain_script, "make_loader", make_loader)
 
 
 def test_example_recipe_validates(tmp_path):
@@ -86,3 +73,7 @@ def test_bad_recipes_are_user_errors(tmp_path):
         pretrain_script.main(base + tiny_overrides(tmp_path, **{"model.vocab_size": 16}))
     with pytest.raises(UserError, match="does not exist"):
         pretrain_script.main(base + tiny_overrides(tmp_path, **{"data.train_bin": tmp_path / "missing.bin"}))
+    other_tok = tmp_path / "other_tokenizer.json"
+    other_tok.write_text("{}")
+    with pytest.raises(UserError, match="built with tokenizer"):
+        pretrain_script.main(base + tiny_overrides(tmp_path, **{"data.tokenizer": other_tok}))
