@@ -173,12 +173,13 @@ def bench_ce(quick: bool) -> str:
 # ----------------------------------------------------------------------------- paged attention
 
 
-def gather_sdpa(q, k_pool, v_pool, table, lens, scale):
-    """What inference/paged_cache.py does today: gather whole blocks, mask padding, SDPA."""
-    B, H, D = q.shape
-    k = k_pool[table].flatten(1, 2).transpose(1, 2)  # (B, Hkv, Tk, D)
-    v = v_pool[table].flatten(1, 2).transpose(1, 2)
-    valid = torch.arange(k.shape[2], device=q.device)[None, :] < lens[:, None]
+def gather_sdpa(q, k_pool, v_pool, read_slots, valid, scale):
+    """What inference/paged_cache.py does today: gather every row's slots from the slot-major
+    pools (Hkv, slots, D) into (B, Hkv, Tk, D), mask the padding, SDPA."""
+    B, Tk = valid.shape
+    n_kv, _, D = k_pool.shape
+    k = k_pool.index_select(1, read_slots).view(n_kv, B, Tk, D).transpose(0, 1)
+    v = v_pool.index_select(1, read_slots).view(n_kv, B, Tk, D).transpose(0, 1)
     out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=valid[:, None, None, :], scale=scale,
                                          enable_gqa=True)
     return out[:, :, 0]
@@ -191,22 +192,26 @@ def bench_paged(quick: bool, copy_bw: float) -> str:
     H, Hkv, D, bs = 32, 8, 128, 16
     for B, ctx in ((8, 512), (64, 2048)) if not quick else ((8, 512),):
         n_blocks = B * ctx // bs
-        k_pool = torch.randn(n_blocks, bs, Hkv, D, device="cuda", dtype=torch.bfloat16)
+        k_pool = torch.randn(Hkv, n_blocks * bs, D, device="cuda", dtype=torch.bfloat16)  # the engine's layout
         v_pool = torch.randn_like(k_pool)
         table = torch.randperm(n_blocks, device="cuda").view(B, ctx // bs)
         lens = torch.randint(ctx // 2, ctx + 1, (B,), device="cuda")
+        read_slots = (table[:, :, None] * bs + torch.arange(bs, device="cuda")).view(-1)
+        valid = torch.arange(ctx, device="cuda")[None, :] < lens[:, None]
         q = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16)
         scale = D**-0.5
+        kb, vb = kernels.blocks_view(k_pool, bs), kernels.blocks_view(v_pool, bs)
         nbytes = 2 * int(lens.sum()) * Hkv * D * 2  # K and V of every cached token, read once
-        ref = gather_sdpa(q, k_pool, v_pool, table, lens, scale)
+        ref = gather_sdpa(q, k_pool, v_pool, read_slots, valid, scale)
         compiled = torch.compile(gather_sdpa)
-        for name, fn in (("gather+sdpa eager", gather_sdpa), ("gather+sdpa compile", compiled),
-                         ("paged triton", paged_attention_decode)):
-            out = fn(q, k_pool, v_pool, table, lens, scale)
-            ms = bench_ms(lambda: fn(q, k_pool, v_pool, table, lens, scale))
+        impls = (("gather+sdpa eager", lambda: gather_sdpa(q, k_pool, v_pool, read_slots, valid, scale)),
+                 ("gather+sdpa compile", lambda: compiled(q, k_pool, v_pool, read_slots, valid, scale)),
+                 ("paged triton", lambda: paged_attention_decode(q, kb, vb, table, lens, scale)))
+        for name, fn in impls:
+            err = max_err(fn(), ref)
+            ms = bench_ms(fn)
             gbs = nbytes / ms / 1e6
-            rows.append([f"B={B} ctx<={ctx} H={H}/{Hkv} D={D}", name, ms, gbs, f"{100 * gbs / copy_bw:.0f}%",
-                         f"{max_err(out, ref):.1e}"])
+            rows.append([f"B={B} ctx<={ctx} H={H}/{Hkv} D={D}", name, ms, gbs, f"{100 * gbs / copy_bw:.0f}%", f"{err:.1e}"])
     return table("Paged decode attention (bf16, block 16)", ["shape", "impl", "ms", "GB/s", "% copy", "max err"], rows)
 
 
@@ -294,10 +299,21 @@ def bench_mfu(quick: bool) -> str:
                  ["variant", "tokens/s", "MFU", "peak GiB", "last loss"], rows)
 
 
+def decode_tables(view) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block table (B, n_blocks) and context lengths (B,) of an inference PagedView."""
+    if not hasattr(view, "_kernel_tables"):
+        bs = view.cache.block_size
+        read = view.read_slots.view(view.B, view.Tk)
+        lens = view.k_valid.sum(1) if view.k_valid is not None else torch.full((view.B,), view.Tk, device=read.device)
+        view._kernel_tables = (read[:, ::bs] // bs, lens)
+    return view._kernel_tables
+
+
 @contextlib.contextmanager
 def paged_decode(enabled: bool):
     """Decode steps (one token per row) attend straight from the pool with the Triton kernel,
-    as the proposed PagedView.decode_attention integration does; other steps are unchanged."""
+    as the proposed PagedView.decode_attention integration does; other steps are unchanged.
+    Written for the slot-major pools (Hkv, slots, D) of inference/paged_cache.py."""
     if not enabled:
         yield
         return
@@ -307,7 +323,7 @@ def paged_decode(enabled: bool):
 
     def forward(self, x, rope, mask, cache=None):
         B, T, _ = x.shape
-        if cache is None or T != 1 or not hasattr(cache, "write_slots") or self.window or self.softcap or \
+        if cache is None or T != 1 or not hasattr(cache, "read_slots") or self.window or self.softcap or \
                 self.alibi is not None or self.q_norm is not None:
             return original(self, x, rope, mask, cache)
         q = self.q_proj(x).view(B, 1, self.n_heads, self.head_dim).transpose(1, 2)
@@ -317,8 +333,11 @@ def paged_decode(enabled: bool):
             q, k = kernels.apply_rotary(q, *rope), kernels.apply_rotary(k, *rope)
         k_pool, v_pool = cache.cache.pool_for(self.layer, (k, v))
         for pool, t in ((k_pool, k), (v_pool, v)):  # PagedView.update's write, without its gather
-            pool.view(-1, *pool.shape[2:]).index_copy_(0, cache.write_slots, t[:, :, 0].to(pool.dtype))
-        y = kernels.paged_attention_decode(q[:, :, 0], k_pool, v_pool, cache.table, cache.totals, self.scale)
+            pool.index_copy_(1, cache.write_slots, t[:, :, 0].transpose(0, 1).to(pool.dtype))
+        table, lens = decode_tables(cache)
+        bs = cache.cache.block_size
+        y = kernels.paged_attention_decode(q[:, :, 0], kernels.blocks_view(k_pool, bs), kernels.blocks_view(v_pool, bs),
+                                           table, lens, self.scale)
         return self.o_proj(y.reshape(B, 1, -1))
 
     Attention.forward = forward

@@ -13,6 +13,7 @@ on machines without it.
     linear_cross_entropy(hidden, weight, targets)    mean CE of the LM head, chunked
     chunked_cross_entropy(...)                       the same in pure PyTorch (any device)
     paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
+    blocks_view(pool, block_size)                    slot-major pool -> the kernel's block layout
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from model.kernels.reference import paged_attention_ref, rms_norm_ref, rotary_re
 
 __all__ = [
     "triton_available", "use_triton", "rms_norm", "apply_rotary", "swiglu",
-    "linear_cross_entropy", "chunked_cross_entropy", "paged_attention_decode",
+    "linear_cross_entropy", "chunked_cross_entropy", "paged_attention_decode", "blocks_view",
 ]
 
 
@@ -120,3 +121,11 @@ def paged_attention_decode(
 
         return fused(q, k_cache, v_cache, block_tables, context_lens, scale)
     return paged_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def blocks_view(pool: torch.Tensor, block_size: int) -> torch.Tensor:
+    """A slot-major pool (Hkv, num_blocks * block_size, D), as inference/paged_cache.py keeps
+    it, seen as the (num_blocks, block_size, Hkv, D) layout ``paged_attention_decode`` reads.
+    A strided view (no copy); the kernel takes any strides as long as D is contiguous."""
+    n_kv, slots, D = pool.shape
+    return pool.view(n_kv, slots // block_size, block_size, D).permute(1, 2, 0, 3)

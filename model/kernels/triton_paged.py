@@ -7,6 +7,8 @@ Pool layout (documented contract with the engine):
   context_lens       (B,) int: number of cached tokens of each sequence (including the new one,
                      whose K/V the engine wrote into the pool before this call)
 Token t of sequence b lives at [block_tables[b, t // block_size], t % block_size].
+inference/paged_cache.py keeps slot-major pools (Hkv, num_blocks * block_size, D);
+``model.kernels.blocks_view(pool, block_size)`` presents one in this layout without a copy.
 
 One program per (sequence, KV head) serves the whole group of G = H / Hkv query heads, so
 each key and value is read from memory once (GQA/MQA). Keys are visited in tiles of BLOCK_N

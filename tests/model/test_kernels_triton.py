@@ -259,8 +259,8 @@ def test_tiny_transformer_with_kernels_matches_pytorch(monkeypatch):
 @interpreted_only
 def test_paged_kernel_reads_the_engine_pool():
     """Layout contract with inference/paged_cache.py: after a prefill and a decode write through
-    PagedView.update, the kernel on the raw pools (and the view's table / totals) gives what
-    SDPA gives on the keys the view gathered."""
+    PagedView.update, the kernel reading the raw pools (through ``kernels.blocks_view`` when the
+    engine keeps them slot-major) gives what SDPA gives on the keys the view gathered."""
     paged_cache = pytest.importorskip("inference.paged_cache")
     torch.manual_seed(0)
     Hkv, H, D, bs = 2, 4, 8, 4
@@ -273,8 +273,10 @@ def test_paged_kernel_reads_the_engine_pool():
     q = torch.randn(2, H, D)
     _, valid = dec.key_positions(torch.tensor([[9], [3]]))
     ref = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=valid[:, None, None, :], enable_gqa=True)
-    k_pool, v_pool = cache.pools[0]
-    out = triton_paged.paged_attention_decode(q, k_pool, v_pool, dec.table, dec.totals, D**-0.5)
+    pools = [p if p.dim() == 4 else kernels.blocks_view(p, bs) for p in cache.pools[0]]  # either layout
+    table = torch.tensor([[7, 2, 5], [0, 9, 0]], dtype=torch.int32)
+    lens = torch.tensor([10, 4], dtype=torch.int32)
+    out = triton_paged.paged_attention_decode(q, pools[0], pools[1], table, lens, D**-0.5)
     _check(out, ref[:, :, 0], torch.float32)
 
 
