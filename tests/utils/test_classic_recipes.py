@@ -1,0 +1,97 @@
+"""configs/classic_reproductions/: generated files are up to date, every stage recipe
+validates against its stage's recipe class, stages chain by path, nano models run, and the
+published full-size configs have their published parameter counts."""
+import importlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from model import ModelConfig, Transformer
+from utils.config import config_from_dict
+from utils.setup_classic_models import FULL, NANO, OUT_DIR, STAGES, generate
+
+ROOT = Path(__file__).resolve().parents[2]
+FILES = generate()
+
+
+def test_committed_files_equal_regenerated():
+    on_disk = {str(p.relative_to(ROOT / OUT_DIR)) for p in (ROOT / OUT_DIR).rglob("*.yaml")}
+    assert on_disk == set(FILES), "run python utils/setup_classic_models.py"
+    for rel, text in FILES.items():
+        assert (ROOT / OUT_DIR / rel).read_text() == text, f"{rel} is stale; run python utils/setup_classic_models.py"
+
+
+def test_generator_is_deterministic():
+    assert generate() == FILES
+
+
+def test_every_family_has_every_stage():
+    assert set(NANO) == {"deepseek/v3_nano", "llama/llama3_nano", "gemma/gemma_nano", "qwen/qwen3_nano", "gpt2/gpt2_small"}
+    for key in NANO:
+        assert {f"{key}/{name}" for name in STAGES} <= set(FILES)
+
+
+def _stub_inputs(data, root: Path) -> None:
+    """Create every data/ and runs/ path a recipe names, so validation checks the recipe, not the disk."""
+    if isinstance(data, dict):
+        for v in data.values():
+            _stub_inputs(v, root)
+    elif isinstance(data, str) and data.startswith(("data/", "runs/")):
+        p = root / data
+        if p.suffix:  # a file (.bin, .json, .jsonl)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.touch()
+        else:  # a checkpoint or bin directory
+            p.mkdir(parents=True, exist_ok=True)
+
+
+@pytest.mark.parametrize("rel", sorted(r for r in FILES if not r.endswith("model.yaml")))
+def test_stage_recipe_validates(rel, tmp_path, monkeypatch):
+    module, cls = STAGES[Path(rel).name][0].split(":")
+    recipe_cls = getattr(importlib.import_module(module), cls)
+    data = yaml.safe_load((ROOT / OUT_DIR / rel).read_text())
+    _stub_inputs(data, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    recipe = config_from_dict(recipe_cls, data, source=rel)
+    if Path(rel).name.startswith("1_sft_"):
+        recipe.expect_mode(Path(rel).stem.removeprefix("1_sft_"))  # each SFT file is its script's kind
+    assert recipe.train.out_dir.startswith(f"runs/classic/{Path(rel).parent}/")
+
+
+def test_stages_chain_by_path():
+    for key in NANO:
+        load = lambda name: yaml.safe_load(FILES[f"{key}/{name}"])  # noqa: E731
+        out = {name: load(name)["train"]["out_dir"] + "/final" for name in STAGES}
+        for sft in ("1_sft_full.yaml", "1_sft_lora.yaml", "1_sft_qlora.yaml"):
+            assert load(sft)["base_checkpoint"] == out["0_pretrain.yaml"]
+        for name in ("2_reward.yaml", "2_dpo.yaml", "2_orpo.yaml"):
+            assert load(name)["model"]["init_from"] == out["1_sft_full.yaml"]
+        for name in ("3_rlhf_ppo.yaml", "3_rlhf_grpo.yaml", "3_rlhf_gspo.yaml"):
+            assert load(name)["model"]["init_from"] == out["2_dpo.yaml"]
+        ppo = load("3_rlhf_ppo.yaml")
+        assert ppo["reward"]["model_path"] == ppo["rl"]["critic_init"] == out["2_reward.yaml"]
+        assert len(set(out.values())) == len(out)  # no two stages write the same run dir
+
+
+@pytest.mark.parametrize("key", sorted(NANO))
+def test_nano_model_trains_a_step(key):
+    torch.manual_seed(0)
+    cfg = ModelConfig(**yaml.safe_load(FILES[f"{key}/0_pretrain.yaml"])["model"])
+    model = Transformer(cfg)
+    assert 2e6 < model.num_params() < 2e7  # CPU-trainable in minutes
+    idx = torch.randint(0, cfg.vocab_size, (2, 33))
+    loss = torch.nn.functional.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+    loss.backward()
+    assert abs(loss.item() - torch.log(torch.tensor(float(cfg.vocab_size))).item()) < 0.5  # ~uniform at init
+
+
+@pytest.mark.parametrize("key", sorted(FULL))
+def test_full_size_config_has_published_parameter_count(key):
+    cfg = config_from_dict(ModelConfig, yaml.safe_load(FILES[f"{key}/model.yaml"]), source=key)
+    with torch.device("meta"):  # shapes only, no memory
+        n = Transformer(cfg).num_params()
+    published = FULL[key][2]
+    assert abs(n - published) / published < 0.001, f"{key}: {n / 1e9:.3f}B vs published {published / 1e9:.3f}B"

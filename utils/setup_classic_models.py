@@ -1,0 +1,304 @@
+"""Generate the classic-reproduction recipes under configs/classic_reproductions/.
+
+    python utils/setup_classic_models.py            # (re)write every file
+    python utils/setup_classic_models.py --check    # exit 1 if a committed file is stale
+
+For each nano model (a named architecture at a size that trains on a CPU in minutes) it
+writes the whole staged pipeline, each stage reading the previous stage's output:
+
+    0_pretrain.yaml                                     -> runs/classic/<model>/pretrain/final
+    1_sft_full.yaml / 1_sft_lora.yaml / 1_sft_qlora.yaml   (from pretrain)
+    2_reward.yaml / 2_dpo.yaml / 2_orpo.yaml               (from sft_full)
+    3_rlhf_ppo.yaml   (policy from dpo; reward model and critic from 2_reward)
+    3_rlhf_grpo.yaml / 3_rlhf_gspo.yaml   (policy from dpo; verifiable GSM8K-format reward)
+
+Each family also gets ``<family>/<published model>/model.yaml``: the published dimensions
+as a ModelConfig, validated by the tests (and its parameter count checked against the
+published one) but never trained here.
+
+The generator is pure data -> text (``generate()``), so the test can regenerate into a
+temporary directory and compare with the committed files byte for byte.
+"""
+import sys
+import pathlib
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # repo root
+
+import argparse
+import textwrap
+from pathlib import Path
+
+import yaml
+
+from utils.cli import main_guard
+from utils.fs import atomic_file
+
+OUT_DIR = Path("configs/classic_reproductions")
+TOKENIZER = "data/tokenizer/tokenizer.json"
+VOCAB = 4096  # the project's BPE tokenizer (data_pipeline/tokenizer/train_tokenizer.py --vocab_size 4096)
+
+# ----------------------------------------------------------------------------- nano models
+# Same family traits as the published models, at d_model 256 / 6 layers / vocab 4096.
+
+NANO: dict[str, tuple[str, dict]] = {
+    "llama/llama3_nano": (
+        "Llama-3: GQA (4 query heads per KV head), SwiGLU, RMSNorm, RoPE theta 500k, untied head.",
+        dict(vocab_size=VOCAB, d_model=256, n_layers=6, n_heads=8, n_kv_heads=2, d_ff=704, max_seq_len=512,
+             norm="rmsnorm", norm_eps=1e-5, ffn="swiglu", activation="silu", pos_emb="rope", rope_theta=500000.0,
+             tie_embeddings=False),
+    ),
+    "qwen/qwen3_nano": (
+        "Qwen3: GQA with per-head QK-RMSNorm, head_dim decoupled from d_model, RoPE theta 1M, tied embeddings.",
+        dict(vocab_size=VOCAB, d_model=256, n_layers=6, n_heads=4, n_kv_heads=2, head_dim=64, d_ff=768,
+             max_seq_len=512, norm="rmsnorm", norm_eps=1e-6, ffn="swiglu", activation="silu", pos_emb="rope",
+             rope_theta=1000000.0, qk_norm=True, tie_embeddings=True),
+    ),
+    "gemma/gemma_nano": (
+        "Gemma-2: (1+w) RMSNorm, sqrt(d) embedding scale, pre+post norms, tanh soft-caps 50/30, GeGLU (tanh GELU), "
+        "local sliding window (128) on every other layer, query_pre_attn_scalar, tied embeddings.",
+        dict(vocab_size=VOCAB, d_model=256, n_layers=6, n_heads=4, n_kv_heads=2, head_dim=64, d_ff=1024,
+             max_seq_len=512, norm="rmsnorm", norm_eps=1e-6, norm_unit_offset=True, ffn="geglu",
+             activation="gelu_tanh", pos_emb="rope", rope_theta=10000.0, sliding_window=128, sliding_window_pattern=2,
+             embed_scale=True, post_norms=True, attn_logit_softcap=50.0, final_logit_softcap=30.0,
+             query_pre_attn_scalar=64, tie_embeddings=True),
+    ),
+    "deepseek/v3_nano": (
+        "DeepSeek-V3: MLA (low-rank q and KV, decoupled RoPE key; the cache holds 64+16 numbers per token and layer) "
+        "and DeepSeekMoE (16 fine-grained routed experts, top-4 by sigmoid score within the best 2 of 4 groups, "
+        "1 shared expert, first layer dense, aux-loss-free bias balancing plus a small sequence-wise aux loss).",
+        dict(vocab_size=VOCAB, d_model=256, n_layers=6, n_heads=8, d_ff=704, max_seq_len=512, norm="rmsnorm",
+             norm_eps=1e-6, ffn="moe", activation="silu", attention="mla", pos_emb="rope", rope_theta=10000.0,
+             tie_embeddings=False,
+             mla=dict(q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32),
+             moe=dict(n_routed_experts=16, n_shared_experts=1, n_experts_per_tok=4, moe_d_ff=128, scoring="sigmoid",
+                      norm_topk_prob=True, routed_scaling_factor=2.5, n_group=4, topk_group=2, first_k_dense=1,
+                      aux_free_bias_update_rate=0.001, seq_aux_loss_coef=0.0001)),
+    ),
+    "gpt2/gpt2_small": (
+        "GPT-2: LayerNorm, learned absolute positions, GELU (tanh) MLP, biases everywhere, tied embeddings; "
+        "the architecture at nano width (the published 124M GPT-2 small is in gpt2/gpt2_124m/model.yaml).",
+        dict(vocab_size=VOCAB, d_model=256, n_layers=6, n_heads=8, d_ff=1024, max_seq_len=512, norm="layernorm",
+             norm_eps=1e-5, ffn="gelu_mlp", activation="gelu_tanh", pos_emb="learned", qkv_bias=True,
+             attn_out_bias=True, mlp_bias=True, tie_embeddings=True),
+    ),
+}
+
+# ----------------------------------------------------------------------------- published sizes
+# (key, note, ModelConfig dict, published parameter count) -- counts exclude DeepSeek's MTP module.
+
+FULL: dict[str, tuple[str, dict, float]] = {
+    "llama/llama3_8b": (
+        "Meta Llama-3-8B (config.json of meta-llama/Meta-Llama-3-8B): 8.03B parameters.",
+        dict(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336, max_seq_len=8192,
+             norm_eps=1e-5, ffn="swiglu", pos_emb="rope", rope_theta=500000.0, tie_embeddings=False),
+        8.03e9,
+    ),
+    "qwen/qwen3_0_6b": (
+        "Qwen3-0.6B (config.json of Qwen/Qwen3-0.6B): 0.6B parameters (0.44B without embeddings).",
+        dict(vocab_size=151936, d_model=1024, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128, d_ff=3072,
+             max_seq_len=40960, norm_eps=1e-6, ffn="swiglu", pos_emb="rope", rope_theta=1000000.0, qk_norm=True,
+             tie_embeddings=True),
+        0.596e9,
+    ),
+    "gemma/gemma2_2b": (
+        "Gemma-2-2B (config.json of google/gemma-2-2b): 2.61B parameters.",
+        dict(vocab_size=256000, d_model=2304, n_layers=26, n_heads=8, n_kv_heads=4, head_dim=256, d_ff=9216,
+             max_seq_len=8192, norm_eps=1e-6, norm_unit_offset=True, ffn="geglu", activation="gelu_tanh",
+             pos_emb="rope", rope_theta=10000.0, sliding_window=4096, sliding_window_pattern=2, embed_scale=True,
+             post_norms=True, attn_logit_softcap=50.0, final_logit_softcap=30.0, query_pre_attn_scalar=256,
+             tie_embeddings=True),
+        2.614e9,
+    ),
+    "deepseek/v3_671b": (
+        "DeepSeek-V3 (config.json of deepseek-ai/DeepSeek-V3; YaRN 40x over 4k): 671B parameters, 37B active per token.",
+        dict(vocab_size=129280, d_model=7168, n_layers=61, n_heads=128, d_ff=18432, max_seq_len=163840, norm_eps=1e-6,
+             ffn="moe", attention="mla", pos_emb="rope", rope_theta=10000.0, tie_embeddings=False,
+             rope_scaling={"type": "yarn", "factor": 40.0, "original_max_seq_len": 4096, "beta_fast": 32.0,
+                           "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+             mla=dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128),
+             moe=dict(n_routed_experts=256, n_shared_experts=1, n_experts_per_tok=8, moe_d_ff=2048, scoring="sigmoid",
+                      norm_topk_prob=True, routed_scaling_factor=2.5, n_group=8, topk_group=4, first_k_dense=3,
+                      aux_free_bias_update_rate=0.001, seq_aux_loss_coef=0.0001)),
+        671.0e9,
+    ),
+    "gpt2/gpt2_124m": (
+        "OpenAI GPT-2 small (config.json of openai-community/gpt2): 124M parameters.",
+        dict(vocab_size=50257, d_model=768, n_layers=12, n_heads=12, d_ff=3072, max_seq_len=1024, norm="layernorm",
+             norm_eps=1e-5, ffn="gelu_mlp", activation="gelu_tanh", pos_emb="learned", qkv_bias=True,
+             attn_out_bias=True, mlp_bias=True, tie_embeddings=True),
+        124.4e6,
+    ),
+}
+
+# ----------------------------------------------------------------------------- stages
+# filename -> (recipe class "module:Class", entry script). The test validates every file
+# against its class; a stage appears here once its recipe class exists.
+
+STAGES: dict[str, tuple[str, str]] = {
+    "0_pretrain.yaml": ("pretrain.recipe:PretrainRecipe", "pretrain/train.py"),
+    "1_sft_full.yaml": ("finetune.recipe:SFTRecipe", "finetune/sft_train.py"),
+    "1_sft_lora.yaml": ("finetune.recipe:SFTRecipe", "finetune/peft/lora/sft_lora_train.py"),
+    "1_sft_qlora.yaml": ("finetune.recipe:SFTRecipe", "finetune/peft/qlora/sft_qlora_train.py"),
+    "2_reward.yaml": ("align.recipe:OfflineRecipe", "align/train_offline.py"),
+    "2_dpo.yaml": ("align.recipe:OfflineRecipe", "align/train_offline.py"),
+    "2_orpo.yaml": ("align.recipe:OfflineRecipe", "align/train_offline.py"),
+    "3_rlhf_ppo.yaml": ("align.recipe:OnlineRecipe", "align/train_online.py"),
+    "3_rlhf_grpo.yaml": ("align.recipe:OnlineRecipe", "align/train_online.py"),
+    "3_rlhf_gspo.yaml": ("align.recipe:OnlineRecipe", "align/train_online.py"),
+}
+
+
+def run_dir(key: str, stage: str) -> str:
+    return f"runs/classic/{key}/{stage}"
+
+
+def final(key: str, stage: str) -> str:
+    return run_dir(key, stage) + "/final"
+
+
+def train_section(key: str, stage: str, max_steps: int, batch_size: int, seq_len: int, **extra) -> dict:
+    return dict(out_dir=run_dir(key, stage), max_steps=max_steps, batch_size=batch_size, seq_len=seq_len, **extra)
+
+
+def pretrain(key: str, model: dict) -> dict:
+    # ~2M tokens: 500 steps x 4096 tokens; MoE/MLA and Gemma's extra norms like a slightly lower LR.
+    lr = 3.0e-3 if key.split("/")[0] in ("llama", "qwen", "gpt2") else 2.0e-3
+    return dict(
+        model=model,
+        data=dict(train_bin="data/bins/pretrain/train.bin", val_bin="data/bins/pretrain/val.bin", tokenizer=TOKENIZER),
+        train=train_section(key, "pretrain", 500, 8, 256, global_batch_tokens=4096, log_every=10, eval_every=100,
+                            eval_batches=10, save_every=100, keep_last=2, dtype="auto", distributed="none"),
+        optim=dict(name="adamw", lr=lr, weight_decay=0.1, warmup_steps=30, schedule="cosine", min_lr_ratio=0.1),
+    )
+
+
+def sft(key: str, mode: str) -> dict:
+    lora = dict(r=16, alpha=32, dropout=0.05, targets="all-linear")
+    recipe = dict(
+        base_checkpoint=final(key, "pretrain"),
+        data=dict(bin_dir="data/bins/sft", tokenizer=TOKENIZER),
+        train=train_section(key, f"sft_{mode}", 300, 8, 256, eval_every=100, save_every=100),
+        # adapters start at zero and take a larger LR than full fine-tuning
+        optim=dict(lr=1.0e-3 if mode == "full" else 3.0e-3, weight_decay=0.0, warmup_steps=20),
+    )
+    if mode in ("lora", "qlora"):
+        recipe["lora"] = lora
+    if mode == "qlora":
+        recipe["qlora"] = dict(compute_dtype="auto", double_quant=True, targets="all-linear")
+    recipe["format_eval_prompts"] = 64
+    return recipe
+
+
+def offline(key: str, algorithm: str) -> dict:
+    lr = {"reward": 1.0e-4, "dpo": 5.0e-5, "orpo": 5.0e-5}[algorithm]
+    loss = {"reward": {}, "dpo": dict(beta=0.1), "orpo": dict(orpo_lambda=0.1)}[algorithm]
+    recipe = dict(
+        algorithm=algorithm,
+        model=dict(init_from=final(key, "sft_full"), tokenizer_path=""),
+        data=dict(train_path="data/raw/preference_train.jsonl", val_path="data/raw/preference_val.jsonl",
+                  max_val_pairs=256),
+        train=train_section(key, "reward" if algorithm == "reward" else algorithm, 200, 8, 256, eval_every=50,
+                            save_every=100),
+        optim=dict(lr=lr, warmup_steps=10, weight_decay=0.0),
+    )
+    if loss:
+        recipe["loss"] = loss
+    return recipe
+
+
+def online(key: str, algorithm: str) -> dict:
+    rl = {
+        "ppo": dict(epochs=4, kl_coef=0.05, gamma=1.0, lam=0.95, vf_coef=0.1, vf_clip=0.2, whiten_advantages=True,
+                    critic_init=final(key, "reward")),
+        "grpo": dict(epochs=1, kl_beta=0.04, aggregation="token", scale_rewards=True),
+        "gspo": dict(epochs=2, clip_eps=3.0e-4, clip_eps_high=4.0e-4, scale_rewards=True),
+    }[algorithm]
+    # PPO is classic RLHF: a learned reward model scores completions. GRPO/GSPO use the
+    # verifiable GSM8K-format reward (answer after '####'), RLVR-style.
+    reward = dict(model_path=final(key, "reward")) if algorithm == "ppo" else dict(function="gsm8k_combined")
+    group = 1 if algorithm == "ppo" else 8
+    return dict(
+        algorithm=algorithm,
+        model=dict(init_from=final(key, "dpo"), tokenizer_path=""),
+        rollout=dict(train_prompts="data/prompts/rl_train.jsonl", test_prompts="data/prompts/rl_test.jsonl",
+                     prompts_per_rollout=32 if algorithm == "ppo" else 4, group_size=group, max_new_tokens=96,
+                     temperature=1.0, eval_prompts=128),
+        reward=reward,
+        rl=rl,
+        train=train_section(key, f"rlhf_{algorithm}", 100, 16, 256, eval_every=25, save_every=25,
+                            spike=dict(enabled=False)),
+        optim=dict(lr=1.0e-5, warmup_steps=0, schedule="constant", weight_decay=0.0),
+    )
+
+
+def stage_recipes(key: str, model: dict) -> dict[str, dict]:
+    return {
+        "0_pretrain.yaml": pretrain(key, model),
+        "1_sft_full.yaml": sft(key, "full"),
+        "1_sft_lora.yaml": sft(key, "lora"),
+        "1_sft_qlora.yaml": sft(key, "qlora"),
+        "2_reward.yaml": offline(key, "reward"),
+        "2_dpo.yaml": offline(key, "dpo"),
+        "2_orpo.yaml": offline(key, "orpo"),
+        "3_rlhf_ppo.yaml": online(key, "ppo"),
+        "3_rlhf_grpo.yaml": online(key, "grpo"),
+        "3_rlhf_gspo.yaml": online(key, "gspo"),
+    }
+
+
+READS = {
+    "0_pretrain.yaml": "the token bins and tokenizer written by the data_pipeline steps of the README",
+    "1_sft_full.yaml": "0_pretrain's checkpoint",
+    "1_sft_lora.yaml": "0_pretrain's checkpoint",
+    "1_sft_qlora.yaml": "0_pretrain's checkpoint",
+    "2_reward.yaml": "1_sft_full's checkpoint",
+    "2_dpo.yaml": "1_sft_full's checkpoint",
+    "2_orpo.yaml": "1_sft_full's checkpoint",
+    "3_rlhf_ppo.yaml": "2_dpo's policy, with 2_reward's model as reward and critic",
+    "3_rlhf_grpo.yaml": "2_dpo's policy",
+    "3_rlhf_gspo.yaml": "2_dpo's policy",
+}
+
+
+def render(header: list[str], data: dict) -> str:
+    lines = [f"# {part}" for line in header for part in textwrap.wrap(line, 100, subsequent_indent="  ")]
+    lines.append("# Generated by utils/setup_classic_models.py; edit the generator, not this file.")
+    return "\n".join(lines) + "\n" + yaml.safe_dump(data, sort_keys=False, width=120)
+
+
+def generate() -> dict[str, str]:
+    """Every file, relative to the output directory -> its text."""
+    files = {}
+    for key, (note, model) in NANO.items():
+        for name, recipe in stage_recipes(key, model).items():
+            script = STAGES[name][1]
+            header = [f"{key} -- {note}", f"Stage {name[:-5]}: reads {READS[name]}.",
+                      f"Run:  python {script} --config_path {OUT_DIR}/{key}/{name}"]
+            files[f"{key}/{name}"] = render(header, recipe)
+    for key, (note, model, _) in FULL.items():
+        header = [note, "Published dimensions as a ModelConfig; validated by the tests, never trained here.",
+                  "Use it as the model: section of a 0_pretrain.yaml to train it at scale."]
+        files[f"{key}/model.yaml"] = render(header, model)
+    return files
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Generate configs/classic_reproductions/ recipes.")
+    ap.add_argument("--out_dir", default=str(OUT_DIR))
+    ap.add_argument("--check", action="store_true", help="only report files that differ from the generator")
+    args = ap.parse_args()
+    out = Path(args.out_dir)
+    files = generate()
+    if args.check:
+        stale = [p for p, text in files.items() if not (out / p).is_file() or (out / p).read_text() != text]
+        for p in stale:
+            print(f"stale: {out / p}")
+        sys.exit(1 if stale else 0)
+    for rel, text in files.items():
+        with atomic_file(out / rel) as f:
+            f.write(text)
+    print(f"wrote {len(files)} files under {out}")
+
+
+if __name__ == "__main__":
+    main_guard(main)
