@@ -25,7 +25,7 @@ Stages pass in what differs; the loop owns everything else:
   resume copies saved values back into them. Default: the full model state.
 - MoE: a module's ``aux_loss`` is the loss_fn's business (add it or not); modules with
   ``update_bias()`` are called after every applied optimizer step, and ``last_load``
-  (tokens per expert) is logged as ``expert_load_max_over_mean``.
+  (tokens per expert) is logged as ``expert_load_max_over_mean`` on log steps.
 - Returns ``TrainResult``; writes ``{out_dir}/step_XXXXXXXX`` (resumable, last ``keep_last``),
   ``{out_dir}/final`` (weights, config, recipe, tokenizer), ``metrics.jsonl``, ``loss.png``.
 
@@ -155,17 +155,22 @@ def _resolve_dtype(cfg: TrainConfig, device: torch.device) -> str:
 
 
 class _Interrupt:
-    """First Ctrl-C asks the loop to stop after this step and checkpoint; a second one aborts."""
+    """The first Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step and
+    checkpoint; a second one aborts at once. SIGTERM is what torchrun's agent and job
+    schedulers (SLURM preemption) send, with a grace period before SIGKILL."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._prev = None
+        self._prev: dict = {}
 
     def __enter__(self) -> "_Interrupt":
-        try:
-            self._prev = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            self._prev = None
+        for sig in self.SIGNALS:
+            try:
+                self._prev[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -174,8 +179,8 @@ class _Interrupt:
         self.requested = True
 
     def __exit__(self, *exc) -> None:
-        if self._prev is not None:
-            signal.signal(signal.SIGINT, self._prev)
+        for sig, prev in self._prev.items():
+            signal.signal(sig, prev)
 
 
 def _train_step(run: S.Run, stop_requested: Callable[[], bool]) -> tuple[dict, bool, bool]:
@@ -357,13 +362,15 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable, train_cfg: Tra
                         S.rollback(run, weights_fn)
                         continue
                 run.step += 1
-                record.update(_expert_load(raw))
+                log_now = run.step % cfg.log_every == 0 or run.step == 1
+                if log_now:  # reading the load syncs with the GPU: only on log steps
+                    record.update(_expert_load(raw))
                 if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < cfg.max_steps:
                     record.update(_evaluate(run, eval_fn))
                 history.append(record)
                 run.logger.log(record)
                 run.logger.advance(record)
-                if run.step % cfg.log_every == 0 or run.step == 1:
+                if log_now:
                     run.logger.console(record, ["step", "loss", "lr", "grad_norm", "tok_per_s", "mfu"]
                                        + [k for k in record if k.startswith("val")])
                 if stop:

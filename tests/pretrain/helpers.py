@@ -69,15 +69,32 @@ def _worker() -> None:
     out, runs, steps, global_rows = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]), int(sys.argv[4])
     torch.set_num_threads(1)
     for run in runs:
-        kind, optim = run.split(":")
-        run_dir = Path(out) / f"{kind}_{optim}"
+        kind, optim, *flags = run.split(":")
+        run_dir = Path(out) / "_".join([kind, optim, *flags])
         cfg = TrainConfig(out_dir=str(run_dir), max_steps=steps, batch_size=2, seq_len=SEQ, global_batch_size=global_rows,
                           distributed=kind, device="cpu", resume="never", progress=False, log_every=100)
         env = setup(cfg.distributed, cfg.device)
-        loader = StreamLoader(cfg.batch_size, rank=env.rank, world_size=env.world_size)
-        result = train(tiny_model(), loader, ce_loss, cfg, OptimConfig(name=optim, lr=1e-2, warmup_steps=1))
+        loader_cls = TermOnRank1 if "term" in flags else StreamLoader
+        loader = loader_cls(cfg.batch_size, rank=env.rank, world_size=env.world_size)
+        try:
+            result = train(tiny_model(), loader, ce_loss, cfg, OptimConfig(name=optim, lr=1e-2, warmup_steps=1))
+        except KeyboardInterrupt:  # "term": every rank must stop at the same step
+            (run_dir / f"stopped_rank{env.rank}").write_text(str(loader.i))
+            continue
         if env.rank == 0:
             (run_dir / "history.json").write_text(json.dumps([h["loss"] for h in result.history]))
+
+
+class TermOnRank1(StreamLoader):
+    """Only rank 1 gets SIGTERM (as from a scheduler), while fetching its second micro-batch."""
+
+    def __next__(self):
+        if self.rank == 1 and self.i == 1:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().__next__()
 
 
 def launch(out: str, runs: str, steps: int, global_rows: int, world: int = 2, timeout: float = 300):

@@ -15,7 +15,7 @@ STEPS, GLOBAL_ROWS = 3, 4  # 2 rows per micro-batch: 2 processes x 1, or 1 proce
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    codes, outputs = launch(str(out), "ddp:adamw,fsdp:adamw,fsdp:muon", STEPS, GLOBAL_ROWS)
+    codes, outputs = launch(str(out), "ddp:adamw,fsdp:adamw,fsdp:muon,ddp:adamw:term", STEPS, GLOBAL_ROWS)
     assert codes == [0, 0], "\n".join(o[-4000:] for o in outputs)
     return out
 
@@ -50,3 +50,15 @@ def test_fsdp_checkpoint_holds_full_weights(two_process_runs):
     model = load_model(two_process_runs / "fsdp_adamw" / "final")
     ref = tiny_model()
     assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+
+
+def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step(two_process_runs):
+    run = two_process_runs / "ddp_adamw_term"
+    # Rank 1 was signalled during step 2; the flag travels in the step's all-reduce, so both
+    # ranks finish step 2, write one checkpoint together and stop.
+    assert (run / "stopped_rank0").read_text() == (run / "stopped_rank1").read_text() == "2"
+    assert sorted(p.name for p in run.glob("step_*")) == ["step_00000002"]
+    from utils.checkpoint import load_train_state
+
+    state = load_train_state(run / "step_00000002")
+    assert state["world_size"] == 2 and [r["data"] for r in state["ranks"]] == [{"i": 2}, {"i": 2}]
