@@ -69,10 +69,13 @@ def _worker() -> None:
     out, runs, steps, global_rows = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]), int(sys.argv[4])
     torch.set_num_threads(1)
     for run in runs:
+        # flags: "term" = SIGTERM on rank 1 in step 2; "resume" = continue the "term" run's
+        # directory; both (and "long") train 2 steps more than the plain runs.
         kind, optim, *flags = run.split(":")
-        run_dir = Path(out) / "_".join([kind, optim, *flags])
-        cfg = TrainConfig(out_dir=str(run_dir), max_steps=steps, batch_size=2, seq_len=SEQ, global_batch_size=global_rows,
-                          distributed=kind, device="cpu", resume="never", progress=False, log_every=100)
+        run_dir = Path(out) / "_".join([kind, optim, *(["term"] if "resume" in flags else flags)])
+        cfg = TrainConfig(out_dir=str(run_dir), max_steps=steps + 2 if flags else steps, batch_size=2, seq_len=SEQ,
+                          global_batch_size=global_rows, distributed=kind, device="cpu",
+                          resume="auto" if "resume" in flags else "never", progress=False, log_every=100)
         env = setup(cfg.distributed, cfg.device)
         loader_cls = TermOnRank1 if "term" in flags else StreamLoader
         loader = loader_cls(cfg.batch_size, rank=env.rank, world_size=env.world_size)

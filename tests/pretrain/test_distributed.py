@@ -15,7 +15,7 @@ STEPS, GLOBAL_ROWS = 3, 4  # 2 rows per micro-batch: 2 processes x 1, or 1 proce
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    codes, outputs = launch(str(out), "ddp:adamw,fsdp:adamw,fsdp:muon,ddp:adamw:term", STEPS, GLOBAL_ROWS)
+    codes, outputs = launch(str(out), "ddp:adamw,fsdp:adamw,fsdp:muon,ddp:adamw:term,fsdp:muon:long,fsdp:muon:term,fsdp:muon:resume", STEPS, GLOBAL_ROWS)
     assert codes == [0, 0], "\n".join(o[-4000:] for o in outputs)
     return out
 
@@ -62,3 +62,12 @@ def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step(two_process_ru
 
     state = load_train_state(run / "step_00000002")
     assert state["world_size"] == 2 and [r["data"] for r in state["ranks"]] == [{"i": 2}, {"i": 2}]
+
+
+def test_fsdp_interrupted_and_resumed_matches_uninterrupted(two_process_runs):
+    """FSDP2 + Muon: stop at step 2 (SIGTERM), resume from the gathered full-state checkpoint
+    in 2 processes, and land on the same losses as the uninterrupted run."""
+    long = json.loads((two_process_runs / "fsdp_muon_long" / "history.json").read_text())
+    resumed = json.loads((two_process_runs / "fsdp_muon_term" / "history.json").read_text())
+    assert len(long) == len(resumed) == STEPS + 2
+    assert max(abs(a - b) for a, b in zip(long, resumed)) < 1e-6, (long, resumed)

@@ -208,3 +208,13 @@ def test_resume_from_another_model_is_a_user_error(tmp_path):
         train(tiny_model(), StreamLoader(2), ce_loss, cfg(tmp_path / "c", resume=str(tmp_path / "a" / "final")), OPT)
     with pytest.raises(UserError, match="optim.name"):
         train(tiny_model(), StreamLoader(2), ce_loss, cfg(tmp_path / "a", max_steps=2), OptimConfig(name="muon"))
+
+
+def test_bf16_autocast_on_cpu_tracks_fp32(tmp_path):
+    fp32 = train(tiny_model(), StreamLoader(2), ce_loss, cfg(tmp_path / "a", max_steps=3), OPT)
+    bf16 = train(tiny_model(), StreamLoader(2), ce_loss, cfg(tmp_path / "b", max_steps=3, dtype="bf16"), OPT)
+    for a, b in zip(fp32.history, bf16.history):
+        assert a["loss"] != b["loss"] and abs(a["loss"] - b["loss"]) < 0.05  # autocast really ran, and is close
+    assert all(v.dtype == torch.float32 for v in load_weights(bf16.checkpoint).values())  # master weights stay fp32
+    with pytest.raises(UserError, match="fp16 needs a CUDA"):
+        train(tiny_model(), StreamLoader(2), ce_loss, cfg(tmp_path / "c", dtype="fp16"), OPT)
