@@ -15,7 +15,7 @@ batch, so training holds one model and pays one forward per sequence.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -23,7 +23,6 @@ from torch import Tensor
 
 from align import losses
 from align.logprobs import masked_sum, sequence_logprobs
-from utils.errors import UserError
 
 
 @dataclass
@@ -31,54 +30,6 @@ class PreferencePair:
     prompt: list[int]
     chosen: list[int]  # response tokens only (ends with the end-of-turn token)
     rejected: list[int]
-
-
-def _render(tokenizer: Any, messages: list[dict], reply: str) -> tuple[list[int], list[int]]:
-    """(prompt ids ending with the assistant header, reply ids through its end-of-turn token),
-    both from the one chat template."""
-    from data_pipeline.tokenizer.chat_template import render_chat
-
-    prompt, _ = render_chat(tokenizer, messages, add_generation_prompt=True)
-    full, mask = render_chat(tokenizer, messages + [{"role": "assistant", "content": reply}], add_generation_prompt=False)
-    if full[: len(prompt)] != prompt:
-        raise RuntimeError("chat template: a conversation does not start with its own generation prompt")
-    last = max(i for i, m in enumerate(mask) if m)  # the reply ends at the last assistant token
-    return list(prompt), list(full[len(prompt) : last + 1])
-
-
-def load_preference_pairs(path: str, tokenizer: Any, max_len: int, limit: int = 0) -> tuple[list[PreferencePair], int]:
-    """Tokenize a preference JSONL file: rows ``{"prompt": [messages] | str, "chosen": str,
-    "rejected": str}``. Replies longer than ``max_len`` (with the prompt) are cut at the end;
-    a pair whose prompt alone fills ``max_len`` is dropped. Returns (pairs, dropped).
-
-    UserError (naming file and line) for a row with an empty or missing chosen/rejected
-    reply or prompt: an empty reply would make the pair's log-prob 0 and silently teach
-    the model that saying nothing is preferred.
-    """
-    from data_pipeline.jsonl import load_jsonl
-
-    pairs, dropped = [], 0
-    for n, row in enumerate(load_jsonl(path), start=1):
-        if limit and len(pairs) >= limit:
-            break
-        prompt = row.get("prompt")
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        bad = [k for k in ("chosen", "rejected") if not isinstance(row.get(k), str) or not row[k].strip()]
-        if bad or not messages or not isinstance(messages, list) or (isinstance(prompt, str) and not prompt.strip()):
-            what = f"empty or missing {' and '.join(bad)}" if bad else "an empty or missing prompt"
-            raise UserError(f"{path} line {n}: {what}; every row needs a non-empty 'prompt' (messages or text) "
-                            "and non-empty 'chosen' and 'rejected' replies. Fix or drop that row.")
-        prompt_ids, chosen = _render(tokenizer, messages, row["chosen"])
-        _, rejected = _render(tokenizer, messages, row["rejected"])
-        room = max_len - len(prompt_ids)
-        if room < 1:
-            dropped += 1
-            continue
-        pairs.append(PreferencePair(prompt_ids, chosen[:room], rejected[:room]))
-    if not pairs:
-        raise UserError(f"{path} gave no usable preference pairs ({dropped} dropped: prompt longer than "
-                        f"train.seq_len={max_len}); raise train.seq_len or check the file.")
-    return pairs, dropped
 
 
 def _pad(rows: Sequence[list[int]], masks: Sequence[list[bool]]) -> tuple[Tensor, Tensor]:

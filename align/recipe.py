@@ -8,6 +8,7 @@ before a model is loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Optional
 
 from finetune.recipe import QLoRAConfig
@@ -37,12 +38,28 @@ class PolicyConfig:
 
 @dataclass
 class PreferenceDataConfig:
-    """Recipe section ``data``: JSONL rows ``{"prompt": [messages], "chosen": str, "rejected": str}``."""
+    """Recipe section ``data``: preference pairs from the chat-format bins
+    (data_pipeline/processing/build_preference_bins.py, splits train/val), or, when
+    ``train_path`` is set, straight from JSONL rows ``{"prompt": [messages], "chosen", "rejected"}``."""
 
-    train_path: str = field(default="data/raw/preference_train.jsonl", metadata={"path": "file"})
-    val_path: str = field(default="data/raw/preference_val.jsonl", metadata={"path": "file"})
-    max_train_pairs: int = 0  # 0: all
+    bin_dir: str = "data/bins/preference"  # checked below, only when it is the source
+    train_path: str = field(default="", metadata={"path": "file?"})  # set -> JSONL instead of the bins
+    val_path: str = field(default="", metadata={"path": "file?"})  # held-out JSONL (needed with train_path)
+    max_train_pairs: int = 0  # 0: all (the reference pass costs one forward per reply)
     max_val_pairs: int = 256  # held-out pairs for the accuracy report (0: all)
+
+    def __post_init__(self) -> None:
+        if self.train_path and not self.val_path:
+            raise UserError("data.train_path is set but data.val_path is not; held-out pairs are needed for the "
+                            "preference-accuracy report (or drop train_path to read data.bin_dir).")
+        if not self.train_path and not Path(self.bin_dir or ".").joinpath("meta.json").is_file():
+            raise UserError(f"data.bin_dir={self.bin_dir!r} holds no preference bins; build them with "
+                            "data_pipeline/processing/build_preference_bins.py, or set data.train_path and "
+                            "data.val_path to JSONL files.")
+
+    @property
+    def source(self) -> str:
+        return "jsonl" if self.train_path else "bins"
 
 
 @dataclass

@@ -27,9 +27,9 @@ import torch  # noqa: E402
 from align.heads import KIND, ScalarHeadModel, live_scalar_weights  # noqa: E402
 from align.policy import load_policy, load_tokenizer, make_trainable, quantize_base  # noqa: E402
 from align.preference import (  # noqa: E402
-    PairBatches, ReferenceLogps, compute_reference_logps, load_preference_pairs, make_preference_loss,
-    preference_accuracy,
+    PairBatches, ReferenceLogps, compute_reference_logps, make_preference_loss, preference_accuracy,
 )
+from align.preference_data import load_preference_bins, load_preference_pairs  # noqa: E402
 from align.recipe import OfflineRecipe  # noqa: E402
 from utils.cli import main_guard  # noqa: E402
 from utils.config import parse_args  # noqa: E402
@@ -46,8 +46,14 @@ def run(cfg: OfflineRecipe) -> dict:
     env = setup(cfg.train.distributed, cfg.train.device)
     tokenizer, tokenizer_path = load_tokenizer(cfg.model)
     seq_len = cfg.train.seq_len
-    train_pairs, dropped = load_preference_pairs(cfg.data.train_path, tokenizer, seq_len, cfg.data.max_train_pairs)
-    val_pairs, _ = load_preference_pairs(cfg.data.val_path, tokenizer, seq_len, cfg.data.max_val_pairs)
+    d = cfg.data
+    if d.source == "jsonl":
+        train_pairs, dropped = load_preference_pairs(d.train_path, tokenizer, seq_len, d.max_train_pairs)
+        val_pairs, _ = load_preference_pairs(d.val_path, tokenizer, seq_len, d.max_val_pairs)
+    else:
+        tok_hash = getattr(tokenizer, "hash", None)
+        train_pairs, dropped = load_preference_bins(d.bin_dir, "train", tok_hash, seq_len, d.max_train_pairs)
+        val_pairs, _ = load_preference_bins(d.bin_dir, "val", tok_hash, seq_len, d.max_val_pairs)
     if env.is_main:
         print(f"{cfg.algorithm}: {len(train_pairs)} train pairs ({dropped} dropped: prompt beyond seq_len {seq_len}), "
               f"{len(val_pairs)} held-out pairs")

@@ -12,8 +12,9 @@ import torch
 
 from align.heads import ScalarHeadModel, live_scalar_weights, load_scalar_model, save_scalar_model
 from align.preference import (
-    PairBatches, PreferencePair, collate_pairs, compute_reference_logps, load_preference_pairs, make_preference_loss, preference_accuracy,
+    PairBatches, PreferencePair, collate_pairs, compute_reference_logps, make_preference_loss, preference_accuracy,
 )
+from align.preference_data import load_preference_pairs
 from model.lora import apply_lora
 from tests.align.toy_setup import tiny_policy, toy_pairs, train_cfg
 from utils.errors import UserError
