@@ -70,6 +70,22 @@ def peak_bytes(device: torch.device) -> int:
     return _status_kib("VmHWM") * 1024
 
 
+def state_bytes(model, params, opt) -> dict:
+    """What each mode must hold besides activations, counted from the tensors themselves:
+    weights (4-bit layers at their packed size), gradients of the trainable params, AdamW moments."""
+    from model.quant import quantized_bytes
+
+    weights, seen = 0, set()
+    for m in model.modules():
+        if type(m).__name__ == "Linear4bit":
+            weights += quantized_bytes(m) + (m.bias.numel() * m.bias.element_size() if m.bias is not None else 0)
+            seen.update(id(p) for p in m.parameters(recurse=False))
+    weights += sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in seen)
+    grads = sum(p.numel() * p.element_size() for p in params)  # one gradient per trainable param
+    optim = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
+    return {"weight_bytes": weights, "grad_bytes": grads, "optim_bytes": optim}
+
+
 def worker(args) -> dict:
     """One mode in this process; returns its measurements."""
     import resource
@@ -138,6 +154,7 @@ def worker(args) -> dict:
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     out["tokens_per_s"] = args.steps * B * T / dt
+    out.update(state_bytes(model, params, opt))
     out["train_peak_bytes"] = peak_bytes(device)
     out["process_peak_bytes"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if device.type == "cpu"
                                  else torch.cuda.max_memory_allocated())
@@ -180,6 +197,13 @@ def report(results: list[dict], args) -> str:
             f"| {r['mode']} | {r['trainable'] / 1e6:.2f}M | {r['model_bytes'] / gib:.3f} GiB | {r['train_peak_bytes'] / gib:.3f} GiB | "
             f"{r['train_peak_bytes'] / full['train_peak_bytes']:.2f}x | {above / gib:.3f} GiB | {above / full_above:.2f}x | "
             f"{r['process_peak_bytes'] / gib:.3f} GiB | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / full['tokens_per_s']:.2f}x |")
+    lines += ["", "Tensors each mode holds besides activations (weights + gradients + AdamW moments):", "",
+              "| mode | weights | gradients | optimizer | total | vs full |", "|---|---|---|---|---|---|"]
+    full_total = sum(full[k] for k in ("weight_bytes", "grad_bytes", "optim_bytes"))
+    for r in results:
+        total = sum(r[k] for k in ("weight_bytes", "grad_bytes", "optim_bytes"))
+        lines.append(f"| {r['mode']} | {r['weight_bytes'] / 2**20:.0f} MiB | {r['grad_bytes'] / 2**20:.0f} MiB | "
+                     f"{r['optim_bytes'] / 2**20:.0f} MiB | {total / 2**20:.0f} MiB | {total / full_total:.2f}x |")
     q = next((r for r in results if r["mode"] == "qlora"), None)
     if q is not None:
         lines.append("")

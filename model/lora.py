@@ -303,8 +303,10 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> list[str]:
     meta = read_meta(path)
     base_cfg = load_model_config(path)
     own_cfg = getattr(model, "cfg", None)
-    if own_cfg is not None and own_cfg.to_dict() != base_cfg.to_dict():
-        diff = [k for k, v in base_cfg.to_dict().items() if own_cfg.to_dict().get(k) != v]
+    diff = [] if own_cfg is None else [
+        k for k, v in base_cfg.to_dict().items() if own_cfg.to_dict().get(k) != v and k != "extra"  # extra: free-form notes
+    ]
+    if diff:
         raise UserError(
             f"adapter {path} was trained on a different base model (config differs in {diff[:6]}); "
             "load the base checkpoint it was made for (see its model_config.json)."
