@@ -158,6 +158,12 @@ class ModelConfig:
             bad(f"the rotated part of head_dim ({self.rotary_dim}) must be even for RoPE.")
         if self.sliding_window is not None and self.sliding_window <= 0:
             bad(f"sliding_window must be positive or null, got {self.sliding_window}.")
+        if self.sliding_window_pattern < 1:
+            bad(f"sliding_window_pattern must be >= 1 (1: every layer windowed), got {self.sliding_window_pattern}.")
+        if self.mla is not None and self.attention != "mla":
+            bad(f"an 'mla' block is set but attention={self.attention!r}; set attention: mla or remove the block.")
+        if self.moe is not None and self.ffn != "moe":
+            bad(f"a 'moe' block is set but ffn={self.ffn!r}; set ffn: moe or remove the block.")
         if self.attention == "mla":
             self._validate_mla(bad)
         if self.attention == "linear":
@@ -174,6 +180,10 @@ class ModelConfig:
             kind = self.rope_scaling.get("type")
             if kind not in ("linear", "yarn", "llama3"):
                 bad(f"rope_scaling.type={kind!r} is not one of linear, yarn, llama3.")
+            if not self.rope_scaling.get("factor", 0) > 0:
+                bad(f"rope_scaling.factor must be a positive number, got {self.rope_scaling.get('factor')!r}.")
+            if kind in ("yarn", "llama3") and not self.rope_scaling.get("original_max_seq_len"):
+                bad(f"rope_scaling type {kind} needs original_max_seq_len (the context the model was trained at).")
 
     def _validate_mla(self, bad) -> None:
         if self.mla is None:

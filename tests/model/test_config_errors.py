@@ -31,6 +31,11 @@ MOE = dict(n_routed_experts=8, n_experts_per_tok=2, moe_d_ff=16)
         (dict(attention="linear", sliding_window=8), "sliding_window"),
         (dict(attention="flash"), "attention='flash'"),
         (dict(rope_scaling={"type": "ntk", "factor": 2}), "rope_scaling.type"),
+        (dict(rope_scaling={"type": "yarn", "factor": 4}), "original_max_seq_len"),
+        (dict(rope_scaling={"type": "linear"}), "rope_scaling.factor"),
+        (dict(moe=MOE), "set ffn: moe"),
+        (dict(mla=MLA), "set attention: mla"),
+        (dict(sliding_window=8, sliding_window_pattern=0), "sliding_window_pattern"),
     ],
 )
 def test_bad_combination_rejected(kw, words):
