@@ -122,11 +122,11 @@ def parse(model: type[BaseModel], body: dict) -> Any:
 
 
 def sampling_params(req: P._SamplingFields, prompt_len: int, settings: ServerSettings, stop_ids: list[int],
-                    logprobs: bool, top_logprobs: int, max_tokens: int | None) -> SamplingParams:
+                    logprobs: bool, top_logprobs: int, max_tokens: int | None, prompt_param: str) -> SamplingParams:
     """Map an OpenAI request onto SamplingParams, enforcing the caps and the context length."""
     room = settings.max_model_len - prompt_len
     if room < 1:
-        raise ApiError(400, f"the prompt is {prompt_len} tokens but the context is {settings.max_model_len}; shorten it.", param="messages", code="context_length_exceeded")
+        raise ApiError(400, f"the prompt is {prompt_len} tokens but the context is {settings.max_model_len}; shorten it.", param=prompt_param, code="context_length_exceeded")
     if max_tokens is None:
         max_tokens = min(room, settings.max_tokens_cap)
     elif max_tokens > settings.max_tokens_cap:
@@ -280,7 +280,7 @@ def build_app(engine: AsyncEngine, tokenizer: Any, settings: ServerSettings, *, 
             raise ApiError(400, str(err), param="messages") from None
         stop_ids = [] if req.ignore_eos else list(chat_stop_ids(tokenizer))
         params = sampling_params(req, len(prompt_ids), settings, stop_ids, req.logprobs, req.top_logprobs or 0,
-                                 req.max_completion_tokens or req.max_tokens)
+                                 req.max_completion_tokens or req.max_tokens, "messages")
         gen = start([list(prompt_ids)], params)
         rid, created = P.new_id("chatcmpl"), P.now()
 
@@ -324,7 +324,7 @@ def build_app(engine: AsyncEngine, tokenizer: Any, settings: ServerSettings, *, 
         prompts = encode_prompts(req.prompt, tokenizer)
         if len(prompts) > engine.max_concurrent:
             raise ApiError(400, f"{len(prompts)} prompts in one request; the limit is {engine.max_concurrent}.", param="prompt")
-        params = sampling_params(req, max(map(len, prompts)), settings, [], req.logprobs is not None, req.logprobs or 0, req.max_tokens)
+        params = sampling_params(req, max(map(len, prompts)), settings, [], req.logprobs is not None, req.logprobs or 0, req.max_tokens, "prompt")
         gen = start(prompts, params)
         rid, created = P.new_id("cmpl"), P.now()
 

@@ -178,7 +178,7 @@ FIELDS = ["model", "messages", "max_tokens", "temperature", "top_p", "n", "stop"
           "top_logprobs", "presence_penalty", "frequency_penalty", "max_completion_tokens", "stream_options", "prompt"]
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(field=st.sampled_from(FIELDS), value=json_values, endpoint=st.sampled_from(["chat/completions", "completions"]))
 def test_fuzzed_fields_never_500(url, field, value, endpoint):
     base = GOOD_CHAT if endpoint == "chat/completions" else GOOD_COMPLETION
@@ -189,7 +189,7 @@ def test_fuzzed_fields_never_500(url, field, value, endpoint):
         H.assert_error_shape(r, r.status_code)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(raw=st.binary(max_size=200))
 def test_fuzzed_bytes_never_500(url, raw):
     r = httpx.post(url + "/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
