@@ -135,3 +135,21 @@ def test_cached_greedy_matches_hf_generate(name):
                                do_sample=False, pad_token_id=0, eos_token_id=None)[:, 6:]
         got = greedy_cached(ours, prompt, 32)
     assert torch.equal(got, want)
+
+
+def test_deepseek_without_rope_interleave():
+    """rope_interleave=False checkpoints keep the halves layout: imported without a permutation."""
+    from model.hf_families import _reorder_rope
+
+    cfg = CONFIGS["deepseek_v3_mla_dense"]
+    ours = Transformer(cfg).eval()
+    randomize(ours)
+    # pre-apply the import permutation so export's inverse cancels it: HF gets our layout as is
+    hf_state, hf_config = to_hf(_reorder_rope(ours.state_dict(), cfg, to_hf=False), cfg)
+    hf_config["rope_interleave"] = False
+    theirs = hf_model(hf_state, hf_config)
+    idx = torch.randint(0, cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        assert (ours(idx) - theirs(idx).logits).abs().max().item() <= 1e-4
+    back, _ = from_hf(hf_state, hf_config)
+    assert all(torch.equal(v, back[k]) for k, v in ours.state_dict().items())
