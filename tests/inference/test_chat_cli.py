@@ -28,6 +28,7 @@ def chat(ckpt: Path, stdin: str, *extra: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # a fresh Python process imports torch: ~5 s idle, ~15 s on a busy 2-core box
 def test_history_reset_and_exit(ckpt):
     result = chat(ckpt, "Hello there\nHow are you today?\n/reset\nHello there\n/exit\nnever read\n", "--system", "Be brief.")
     assert result.returncode == 0, result.stderr

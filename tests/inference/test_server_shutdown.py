@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.inference import test_server_helpers as H
 
@@ -30,6 +31,7 @@ def stream_completion(url: str, record: dict) -> None:
                 record["done"] = True
 
 
+@pytest.mark.slow  # a fresh Python process imports torch: ~5 s idle, ~15 s on a busy 2-core box
 def test_sigterm_finishes_in_flight_requests(tmp_path):
     ckpt = H.tiny_checkpoint(tmp_path / "ckpt", H.train_tokenizer(tmp_path / "tokenizer.json"))
     port = H.free_port()
