@@ -64,7 +64,12 @@ class LLMEngine:
         self.device = torch.device(device)
         cfg = model.cfg
         if cfg.attention == "linear":
-            raise UserError("engine: linear attention keeps a recurrent state, not a KV cache; the paged engine does not serve it yet.")
+            # A recurrent state per sequence, not per block: no prefix sharing, no rollback.
+            enable_prefix_caching = False
+            if draft_model is not None:
+                raise UserError("engine: speculative decoding needs a KV-cache target; linear attention cannot roll back its state.")
+        if draft_model is not None and draft_model.cfg.attention == "linear":
+            raise UserError("engine: the draft model uses linear attention, which cannot roll back rejected tokens; pick a softmax-attention draft.")
         self.model = model.to(device=self.device, dtype=dtype).eval()
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len or cfg.max_seq_len
@@ -195,6 +200,7 @@ class LLMEngine:
                 for seq in self.requests.pop(item, []):
                     if not seq.is_finished:
                         self.scheduler.remove(seq)
+                        self.runner.drop_state(seq.seq_id)
                         seq.finish("abort")
                         self._early.append(self._output(seq, []))
 
@@ -217,7 +223,7 @@ class LLMEngine:
     def _run_plain(self, batch: Batch) -> list[RequestOutput]:
         toks = [s.token_ids[st : st + q] for s, st, q in zip(batch.seqs, batch.starts, batch.q_lens)]
         tables = [s.block_table for s in batch.seqs]
-        logits = self.runner.run(toks, tables, batch.starts, copies=batch.copies)
+        logits = self.runner.run(toks, tables, batch.starts, copies=batch.copies, seq_ids=[s.seq_id for s in batch.seqs])
         if self.draft_runner is not None:  # keep the draft's cache in step with the target's
             self.draft_runner.run(toks, tables, batch.starts, copies=batch.copies)
         rows: list[tuple[Sequence, int]] = []  # (sequence to sample for, logits row)
@@ -281,6 +287,7 @@ class LLMEngine:
             if self.tokenizer is not None:
                 child.detok = IncrementalDetokenizer(self.tokenizer, leader.params.stop)
             self.bm.fork(leader, child)
+            self.runner.fork_state(leader.seq_id, child.seq_id)
             self.scheduler.add_running(child)
             self.requests[leader.request_id].append(child)
             children.append(child)
@@ -323,6 +330,7 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish(reason)
         self.scheduler.remove(seq)
+        self.runner.drop_state(seq.seq_id)
         live = self.requests.get(seq.request_id, [])
         if all(s.is_finished for s in live) and not any(s.pending_forks for s in live):
             self.requests.pop(seq.request_id, None)
@@ -416,7 +424,4 @@ def load_tokenizer(path: Path):
     """The project's tokenizer for a tokenizer.json (data_pipeline/tokenizer/tokenizer.py)."""
     from data_pipeline.tokenizer.tokenizer import Tokenizer
 
-    for name in ("from_file", "load"):
-        if hasattr(Tokenizer, name):
-            return getattr(Tokenizer, name)(str(path))
-    return Tokenizer(str(path))
+    return Tokenizer.from_file(path)

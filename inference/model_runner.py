@@ -3,9 +3,15 @@
 Rows are padded to the longest row (T). Padding columns repeat the row's last real position,
 so they see exactly the keys the last real token sees (never an empty softmax, never a
 position past the model's table); their outputs are ignored and the cache does not store them.
+
+Linear attention keeps a recurrent state per sequence instead of keys/values. A running sum
+cannot skip padding, so such models run rows of equal length together, and the runner keeps
+each sequence's state between steps (a row starting at position 0 starts from a fresh state,
+which makes recompute after preemption correct without any bookkeeping).
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Optional
 
 import torch
@@ -18,6 +24,8 @@ class ModelRunner:
         self.model = model
         self.device = torch.device(device)
         self.cache = PagedKVCache(num_blocks, block_size, self.device)
+        self.recurrent = model.cfg.attention == "linear"
+        self.states: dict[int, dict[int, object]] = {}  # seq_id -> layer -> state with batch dim 1
 
     @torch.inference_mode()
     def run(
@@ -27,24 +35,93 @@ class ModelRunner:
         starts: list[int],
         all_positions: bool = False,
         copies: Optional[list[tuple[int, int]]] = None,
+        seq_ids: Optional[list[int]] = None,
     ) -> torch.Tensor:
         """Row b computes ``token_ids[b]`` at positions starts[b], starts[b]+1, ...
 
         Returns float32 logits of each row's last token (B, V), or with ``all_positions``
-        of every token (B, T, V) (padding columns hold garbage).
+        of every token (B, T, V) (padding columns hold garbage). ``seq_ids`` name the rows'
+        sequences (needed for recurrent models).
         """
         if copies:
             self.cache.copy_blocks(copies)
+        if self.recurrent:
+            return self._run_recurrent(token_ids, block_tables, starts, all_positions, seq_ids)
+        return self._forward(token_ids, block_tables, starts, all_positions, None)
+
+    def _forward(self, token_ids, block_tables, starts, all_positions, states) -> torch.Tensor:
         q_lens = [len(t) for t in token_ids]
         B, T = len(token_ids), max(q_lens)
         idx = [toks + [0] * (T - len(toks)) for toks in token_ids]
         positions = [list(range(s, s + len(toks))) + [s + len(toks) - 1] * (T - len(toks)) for toks, s in zip(token_ids, starts)]
         idx = torch.tensor(idx, dtype=torch.long, device=self.device)  # (B, T)
         positions = torch.tensor(positions, dtype=torch.long, device=self.device)  # (B, T)
-        view = self.cache.view(block_tables, starts, q_lens)
+        view = self.cache.view(block_tables, starts, q_lens, key_mask=states is None)
+        if states is not None:
+            view.states = states
         hidden = self.model(idx, positions=positions, cache=view, return_hidden=True)  # (B, T, d)
+        if states is not None:
+            states.update(view.states)
         if all_positions:
             return self.model.logits(hidden).float()
+        if T == 1:
+            return self.model.logits(hidden[:, 0]).float()
         last = torch.tensor(q_lens, device=self.device) - 1
         hidden = hidden[torch.arange(B, device=self.device), last]  # (B, d)
         return self.model.logits(hidden).float()
+
+    # ---- recurrent state (linear attention) --------------------------------------------------
+    def _run_recurrent(self, token_ids, block_tables, starts, all_positions, seq_ids) -> torch.Tensor:
+        assert seq_ids is not None, "recurrent models need seq_ids"
+        groups: dict[int, list[int]] = defaultdict(list)  # rows of equal length run together
+        for b, toks in enumerate(token_ids):
+            groups[len(toks)].append(b)
+        out: list[Optional[torch.Tensor]] = [None] * len(token_ids)
+        for rows in groups.values():
+            ids = [seq_ids[b] for b in rows]
+            states = self._gather_states(ids, [starts[b] for b in rows])
+            logits = self._forward([token_ids[b] for b in rows], [block_tables[b] for b in rows], [starts[b] for b in rows], all_positions, states)
+            for i, sid in enumerate(ids):
+                self.states[sid] = {layer: _index_state(s, i) for layer, s in states.items()}
+            for i, b in enumerate(rows):
+                out[b] = logits[i]
+        if all_positions:
+            T = max(t.shape[0] for t in out)
+            out = [torch.nn.functional.pad(t, (0, 0, 0, T - t.shape[0])) for t in out]
+        return torch.stack(out)
+
+    def _gather_states(self, ids: list[int], starts: list[int]) -> dict[int, object]:
+        """Batched per-layer state for these sequences; a row at position 0 starts fresh (zeros)."""
+        have = [self.states.get(sid) if s > 0 else None for sid, s in zip(ids, starts)]
+        template = next((h for h in have if h), None)
+        if template is None:
+            return {}  # every row starts fresh: the model creates zero states
+        return {
+            layer: _cat_states([h[layer] if h else _zeros_like_state(ref) for h in have])
+            for layer, ref in template.items()
+        }
+
+    def fork_state(self, parent_id: int, child_id: int) -> None:
+        if parent_id in self.states:  # states are replaced, never modified in place: sharing is safe
+            self.states[child_id] = dict(self.states[parent_id])
+
+    def drop_state(self, seq_id: int) -> None:
+        self.states.pop(seq_id, None)
+
+
+def _index_state(state, i: int):
+    if isinstance(state, torch.Tensor):
+        return state[i : i + 1]
+    return type(state)(_index_state(s, i) for s in state)
+
+
+def _cat_states(states: list):
+    if isinstance(states[0], torch.Tensor):
+        return torch.cat(states, 0)
+    return type(states[0])(_cat_states([s[j] for s in states]) for j in range(len(states[0])))
+
+
+def _zeros_like_state(state):
+    if isinstance(state, torch.Tensor):
+        return torch.zeros_like(state)
+    return type(state)(_zeros_like_state(s) for s in state)

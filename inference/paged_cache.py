@@ -53,8 +53,8 @@ class PagedKVCache:
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for pools in self.pools.values() for p in pools)
 
-    def view(self, block_tables: list[list[int]], starts: list[int], q_lens: list[int]) -> "PagedView":
-        return PagedView(self, block_tables, starts, q_lens)
+    def view(self, block_tables: list[list[int]], starts: list[int], q_lens: list[int], key_mask: bool = True) -> "PagedView":
+        return PagedView(self, block_tables, starts, q_lens, key_mask)
 
 
 class PagedView:
@@ -62,9 +62,12 @@ class PagedView:
 
     block_tables[b]: row b's physical blocks; starts[b]: tokens already cached;
     q_lens[b]: new tokens this forward (the rest of the T columns are padding).
+    ``key_mask=False`` reports no key padding (recurrent layers, which cache no keys).
     """
 
-    def __init__(self, cache: PagedKVCache, block_tables: list[list[int]], starts: list[int], q_lens: list[int]):
+    def __init__(
+        self, cache: PagedKVCache, block_tables: list[list[int]], starts: list[int], q_lens: list[int], key_mask: bool = True
+    ):
         # Built from Python lists with a handful of tensor calls: this runs every decode step.
         self.cache = cache
         self.states: dict[int, object] = {}
@@ -84,7 +87,8 @@ class PagedView:
         if not self.uniform:
             real = [c < q for q in q_lens for c in range(T)]
             self.real = torch.tensor(real, device=dev)  # (B*T,) which new tokens are not padding
-            self.k_valid = torch.arange(self.Tk, device=dev)[None, :] < torch.tensor(totals, device=dev)[:, None]
+            if key_mask:
+                self.k_valid = torch.arange(self.Tk, device=dev)[None, :] < torch.tensor(totals, device=dev)[:, None]
 
     # ---- the model's cache interface ------------------------------------------------------------
     def key_positions(self, q_pos: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
