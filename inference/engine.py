@@ -98,6 +98,7 @@ class LLMEngine:
         self.eos_id = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
         self.requests: dict[str, list[Sequence]] = {}
         self._pending: deque = deque()  # ("add", seq) / ("abort", request_id), from any thread
+        self._pending_ids: set[str] = set()
         self._lock = threading.Lock()
         self._early: list[RequestOutput] = []  # outputs decided outside a forward (errors, aborts)
         self._seq_ids = itertools.count()
@@ -156,6 +157,9 @@ class LLMEngine:
         if bad:
             raise UserError(f"prompt token ids must be integers in [0, {V}); got {bad[:5]}.")
         request_id = request_id or uuid.uuid4().hex
+        if request_id in self._pending_ids or request_id in self.requests:
+            raise UserError(f"request id {request_id!r} is already in use by a running request; use a unique id.")
+        self._pending_ids.add(request_id)
         seq = Sequence(next(self._seq_ids), request_id, prompt_ids, params, index=0, seed=params.seed)
         seq.pending_forks = params.n - 1
         if self.tokenizer is not None:
@@ -185,17 +189,14 @@ class LLMEngine:
             kind, item = self._pending.popleft()
             if kind == "add":
                 seq: Sequence = item
-                if seq.request_id in self.requests:
-                    seq.finish("error", f"request id {seq.request_id!r} is already running; use a unique id.")
-                    self._early.append(self._output(seq, []))
-                    continue
                 error = self.request_error(seq.token_ids, seq.params)
                 if error:
                     seq.finish("error", error)
                     self._early.append(self._output(seq, []))
-                    continue
-                self.requests[seq.request_id] = [seq]
-                self.scheduler.add(seq)
+                else:
+                    self.requests[seq.request_id] = [seq]  # before leaving _pending_ids (see add_request)
+                    self.scheduler.add(seq)
+                self._pending_ids.discard(seq.request_id)
             else:
                 for seq in self.requests.pop(item, []):
                     if not seq.is_finished:
