@@ -101,6 +101,10 @@ class BlockManager:
             hashes.append(h)
         return matched, hashes
 
+    def cached_prefix_len(self, seq: Sequence) -> int:
+        """Tokens of ``seq`` that the prefix cache holds now (what ``allocate`` would skip)."""
+        return len(self._match_prefix(seq)[0]) * self.block_size
+
     def can_allocate(self, seq: Sequence) -> bool:
         matched, _ = self._match_prefix(seq)
         revived = sum(1 for b in matched if b.ref_count == 0)  # cached but free: they leave the free list

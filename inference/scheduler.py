@@ -77,11 +77,12 @@ class Scheduler:
             width = seq.params.n if seq.pending_forks else 1  # siblings will need rows too
             if num_active + width > self.max_num_seqs:
                 break
-            if not seq.block_table:
-                if not self.bm.can_allocate(seq):
-                    break
-                self.bm.allocate(seq)
-            remaining = seq.num_tokens - seq.num_computed
+            if seq.block_table:  # already admitted: part-way through a chunked prefill
+                remaining = seq.num_tokens - seq.num_computed
+            elif self.bm.can_allocate(seq):
+                remaining = seq.num_tokens - self.bm.cached_prefix_len(seq)
+            else:
+                break
             if seqs:
                 # rows are padded to the longest: stop when the padded batch would not fit
                 take = min(remaining, budget // (len(seqs) + 1))
@@ -89,6 +90,8 @@ class Scheduler:
                     break
             else:
                 take = min(remaining, budget)  # a long prompt is computed in chunks
+            if not seq.block_table:
+                self.bm.allocate(seq)
             seqs.append(seq)
             q_lens.append(take)
             longest = max(longest, take)

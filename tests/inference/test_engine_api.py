@@ -115,3 +115,20 @@ def test_bad_engine_settings_are_user_errors():
     other_vocab = tiny_model(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=64))
     with pytest.raises(UserError, match="vocab_size"):
         LLMEngine(model, draft_model=other_vocab)
+
+
+def test_prefix_cache_skips_the_shared_prompt():
+    cfg = CONFIGS["llama3"]
+    model = tiny_model(cfg)
+    system = list(range(1, 34))  # 33 tokens: 8 full blocks of 4
+    a, b = system + [40, 41], system + [50, 51, 52]
+    engine = LLMEngine(model, block_size=4)
+    first = engine.generate([a], SamplingParams(max_tokens=4, temperature=0.0))[0].outputs[0]
+    computed_before = engine.stats["prompt_tokens"]
+    engine.add_request(b, SamplingParams(max_tokens=4, temperature=0.0), request_id="b")
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert outs[0].num_cached_tokens == 32 and engine.stats["prompt_tokens"] - computed_before == len(b) - 32
+    assert sum((o.new_token_ids for o in outs), []) == greedy_reference(model, b, 4)
+    assert first.token_ids == greedy_reference(model, a, 4)
