@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from model.config import ModelConfig
 from model.norms import RMSNorm
+from model import kernels
 from model.positions import apply_rotary
 
 
@@ -86,6 +87,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.window = cfg.layer_window(layer)
         self.softcap = cfg.attn_logit_softcap
+        self.fused_rope = cfg.kernels
         self.dropout = cfg.dropout
         scalar = cfg.query_pre_attn_scalar or cfg.head_dim
         self.scale = scalar**-0.5
@@ -95,8 +97,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(q_dim, cfg.d_model, bias=cfg.attn_out_bias)
         if cfg.qk_norm:  # per-head RMSNorm on q and k (Qwen3, Gemma-3)
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_unit_offset)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_unit_offset)
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_unit_offset, fused=cfg.kernels)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_unit_offset, fused=cfg.kernels)
         else:
             self.q_norm = self.k_norm = None
         if cfg.pos_emb == "alibi":
@@ -113,7 +115,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             cos, sin = rope
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            rotate = kernels.apply_rotary if self.fused_rope else apply_rotary
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, Tk, D)
         y = self.attend(q, k, v, mask)  # (B, H, T, D)

@@ -91,6 +91,7 @@ class ModelConfig:
     final_logit_softcap: Optional[float] = None
     query_pre_attn_scalar: Optional[float] = None  # attention scale = this ** -0.5 when set
     dropout: float = 0.0
+    kernels: bool = False  # fused Triton kernels (model/kernels) on CUDA tensors; PyTorch elsewhere
     init_std: float = 0.02
     # MoE (DeepSeekMoE)
     moe: Optional[dict] = None

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import kernels
 from model.config import ModelConfig
 
 
@@ -30,8 +31,11 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(cfg.d_model, d_ff, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(d_ff, cfg.d_model, bias=cfg.mlp_bias)
         self.act = activation(cfg.activation)
+        self.fused = cfg.kernels and cfg.activation == "silu"  # Triton SwiGLU on CUDA
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
