@@ -50,9 +50,11 @@ def parallel_map(fn: Callable[[Tokenizer, list[T]], list[R]], items: Sequence[T]
             out += fn(tok, chunk)
             bar.update(len(chunk))
     else:
-        # Each worker encodes single-threaded; the processes are the parallelism.
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        ctx = mp.get_context("spawn")  # no fork of a process holding Rust threads
+        # Each worker encodes single-threaded; the processes are the parallelism. Setting this
+        # before the fork also keeps tokenizers from warning about (and disabling) its thread
+        # pool in the children. Fork starts fast and needs no `__main__` guard in the caller.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         with ctx.Pool(num_workers, initializer=_init_worker, initargs=(str(tokenizer_path),)) as pool:
             for result in pool.imap(partial(_run_chunk, fn), chunks):
                 out += result

@@ -43,6 +43,17 @@ def _validate(messages: object) -> None:
                             f"got {type(m.get('content')).__name__}")
 
 
+_TEMPLATE_IDS: dict[tuple[str, str], list[int]] = {}
+
+
+def _piece(tok: Tokenizer, text: str) -> list[int]:
+    """Ids of a fixed template piece ('user\\n', '\\n', ...), cached per tokenizer."""
+    key = (getattr(tok, "hash", str(id(tok))), text)
+    if key not in _TEMPLATE_IDS:
+        _TEMPLATE_IDS[key] = tok.encode(text)
+    return _TEMPLATE_IDS[key]
+
+
 def render_chat(tok: Tokenizer, messages: list[dict],
                 add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
     """Render a conversation.
@@ -54,16 +65,16 @@ def render_chat(tok: Tokenizer, messages: list[dict],
     when ids[i] is assistant content or the ``<|im_end|>`` closing it.
     """
     _validate(messages)
-    newline = tok.encode("\n")
+    newline = _piece(tok, "\n")
     ids, mask = [tok.bos_id], [0]
     for m in messages:
-        header = [tok.im_start_id] + tok.encode(m["role"] + "\n")
+        header = [tok.im_start_id] + _piece(tok, m["role"] + "\n")
         body = tok.encode(m["content"]) + [tok.im_end_id]
         learn = 1 if m["role"] == "assistant" else 0
         ids += header + body + newline
         mask += [0] * len(header) + [learn] * len(body) + [0] * len(newline)
     if add_generation_prompt:
-        header = [tok.im_start_id] + tok.encode("assistant\n")
+        header = [tok.im_start_id] + _piece(tok, "assistant\n")
         ids += header
         mask += [0] * len(header)
     return ids, mask
