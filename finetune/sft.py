@@ -94,6 +94,7 @@ def build_sft_model(recipe: SFTRecipe, device: torch.device) -> tuple[nn.Module,
         info["base_bytes_per_param"] = base_bytes_per_param(model)
     if recipe.lora is not None:
         lc = recipe.lora
+        torch.manual_seed(recipe.train.seed)  # adapter init (kaiming A) is part of the run: same seed, same A
         info["lora_layers"] = apply_lora(model, lc.targets, lc.r, lc.alpha, lc.dropout, lc.rslora)
     info["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     info["total"] = sum(p.numel() for p in model.parameters())
@@ -148,39 +149,52 @@ def sft_loss(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
 # ----------------------------------------------------------------------------- data
 
 
-def make_loader(recipe: SFTRecipe, split: str, seed: int, rank: int = 0, world_size: int = 1):
-    try:
-        from data_pipeline.loader import SFTLoader
-    except ImportError as err:
-        raise UserError(f"the SFT data loader is not available ({err}); data_pipeline/loader.py must provide SFTLoader.") from None
+def make_loader(recipe: SFTRecipe, split: str, seed: int, rank: int = 0, world_size: int = 1, vocab_size: Optional[int] = None):
+    """The SFT bins as (x, y, loss_mask) batches, checked against the tokenizer and the model's vocabulary.
+
+    Packed rows keep contiguous positions: the loader's per-example position ids would let the
+    position-based causal mask see later examples, and the model has no segment mask, so packed
+    examples attend to earlier ones in the row (as HF packing without varlen attention does);
+    each starts with <|bos|> and only assistant tokens carry loss.
+    """
+    from data_pipeline.loader import SFTLoader
+    from data_pipeline.tokenizer.tokenizer import file_hash
+
+    tok = tokenizer_path(recipe)
     t = recipe.train
-    return SFTLoader(recipe.data.bin_dir, split, t.seq_len, t.batch_size, seed, rank, world_size, pack=recipe.data.pack)
+    loader = SFTLoader(recipe.data.bin_dir, split, t.seq_len, t.batch_size, seed, rank, world_size,
+                       pack=recipe.data.pack, expect_tokenizer_hash=file_hash(tok) if tok else None)
+    vocab = loader.meta.get("vocab_size")
+    if vocab_size is not None and isinstance(vocab, int) and vocab > vocab_size:
+        raise UserError(f"{recipe.data.bin_dir} holds token ids up to {vocab - 1} but the base model's vocab_size is "
+                        f"{vocab_size}; the bins were made with another tokenizer than the base was pretrained with.")
+    return loader
 
 
 def tokenizer_path(recipe: SFTRecipe) -> Optional[str]:
-    candidates = [recipe.data.tokenizer, Path(recipe.data.bin_dir) / "tokenizer.json",
-                  Path(recipe.data.bin_dir).parent / "tokenizer.json", Path(recipe.base_checkpoint) / "tokenizer.json"]
-    for c in candidates:
+    """The recipe's tokenizer, else the one saved beside the base checkpoint."""
+    for c in (recipe.data.tokenizer, Path(recipe.base_checkpoint) / "tokenizer.json"):
         if c and Path(c).is_file():
             return str(c)
     return None
 
 
-def make_eval_fn(recipe: SFTRecipe, n_batches: int):
-    """Validation loss over assistant tokens on the first ``n_batches`` of the val split."""
+def make_eval_fn(recipe: SFTRecipe, vocab_size: int):
+    """Validation loss over assistant tokens on the first ``eval_batches`` of the val split
+    (the same batches every time: a fixed seed and a fresh loader)."""
     from utils.distributed import all_reduce_mean, setup
 
+    if not recipe.data.val_split or recipe.train.eval_batches <= 0:
+        return None
+    env = setup(recipe.train.distributed, recipe.train.device)
+    make_loader(recipe, recipe.data.val_split, 0, env.rank, env.world_size, vocab_size)  # fail now, not at step 100
+
     def evaluate(model: nn.Module) -> dict:
-        env = setup(recipe.train.distributed, recipe.train.device)
-        try:
-            loader = make_loader(recipe, recipe.data.val_split, seed=0, rank=env.rank, world_size=env.world_size)
-        except UserError:
-            return {}
+        loader = make_loader(recipe, recipe.data.val_split, 0, env.rank, env.world_size)
         device = next(model.parameters()).device
         total, weight = 0.0, 0.0
-        it = iter(loader)
-        for _ in range(n_batches):
-            batch = [t.to(device) for t in next(it)]
+        for _ in range(recipe.train.eval_batches):
+            batch = [t.to(device) for t in next(loader)]
             loss, m = sft_loss(model, batch)
             total += float(loss) * m["loss_weight"]
             weight += m["loss_weight"]
@@ -206,9 +220,8 @@ def run_sft(recipe: SFTRecipe, mode: str, batches: Optional[Iterator] = None, ev
         print(f"sft[{mode}]: base {recipe.base_checkpoint} | context {model.cfg.max_seq_len} | "
               f"trainable {info['trainable']:,} of {info['total']:,} params{extra}")
     if batches is None:
-        batches = make_loader(recipe, "train", recipe.train.seed, env.rank, env.world_size)
-    if eval_fn is None:
-        eval_fn = make_eval_fn(recipe, recipe.train.eval_batches)
+        batches = make_loader(recipe, "train", recipe.train.seed, env.rank, env.world_size, model.cfg.vocab_size)
+        eval_fn = eval_fn or make_eval_fn(recipe, model.cfg.vocab_size)
     meta = {"stage": f"sft_{mode}", "base_checkpoint": str(recipe.base_checkpoint)}
     weights_fn = None
     if recipe.lora is not None:
