@@ -151,11 +151,7 @@ class LLMEngine:
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: Optional[str] = None) -> str:
         """Queue a request; returns its id. Bad sampling params or token ids raise UserError; a request
         that can never fit finishes at the next step with finish_reason "error" and a message."""
-        params.validate(self.max_model_len)
-        V = self.model.cfg.vocab_size
-        bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < V]
-        if bad:
-            raise UserError(f"prompt token ids must be integers in [0, {V}); got {bad[:5]}.")
+        self._validate(prompt_ids, params)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._pending_ids or request_id in self.requests:
             raise UserError(f"request id {request_id!r} is already in use by a running request; use a unique id.")
@@ -167,6 +163,13 @@ class LLMEngine:
         self._pending.append(("add", seq))
         self._try_apply_pending()
         return request_id
+
+    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        params.validate(self.max_model_len)
+        V = self.model.cfg.vocab_size
+        bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < V]
+        if bad:
+            raise UserError(f"prompt token ids must be integers in [0, {V}); got {bad[:5]}.")
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its blocks are freed (now, or at the start of the next step if a step
@@ -378,6 +381,8 @@ class LLMEngine:
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise UserError(f"generate: {len(prompts)} prompts but {len(plist)} sampling params.")
+        for p, sp in zip(prompts, plist):  # all or nothing: a bad request queues none
+            self._validate(list(p), sp)
         ids = [self.add_request(list(p), sp) for p, sp in zip(prompts, plist)]
         n_of = {rid: sp.n for rid, sp in zip(ids, plist)}
         want_lp = {rid: sp.logprobs for rid, sp in zip(ids, plist)}

@@ -79,7 +79,6 @@ def speculative_decode(
     target.cache.copy_blocks(copies or [])
     draft.cache.copy_blocks(copies or [])
     B = len(seqs)
-    params = [s.params for s in seqs]
     # Proposals stop before max_tokens or the context end (the last token must come from p).
     ks = [max(0, min(k, s.params.max_tokens - s.num_output - 1, max_model_len - s.num_tokens)) for s in seqs]
     proposals: list[list[int]] = [[] for _ in seqs]
@@ -114,17 +113,18 @@ def speculative_decode(
     logits = target.run(toks, [s.block_table for s in seqs], [s.num_computed for s in seqs], all_positions=True)
     K = max(ks)
     V = logits.shape[-1]
-    flat_rows, flat_params, flat_prompts, flat_outputs = [], [], [], []
+    # p_i for every row and position i <= K, each with its own history (penalties see the
+    # proposals before it); positions past a row's proposals repeat its last one (ignored).
+    flat_b, flat_i, flat_params, flat_prompts, flat_outputs = [], [], [], [], []
     for b, s in enumerate(seqs):
         for i in range(K + 1):
-            n = min(i, ks[b])  # padding positions reuse the last real history (ignored later)
-            flat_rows.append((b, min(i, ks[b])))
+            n = min(i, ks[b])
+            flat_b.append(b)
+            flat_i.append(n)
             flat_params.append(s.params)
             flat_prompts.append(s.prompt_ids)
             flat_outputs.append(s.output_ids + proposals[b][:n])
-    idx_b = torch.tensor([r[0] for r in flat_rows], device=logits.device)
-    idx_t = torch.tensor([r[1] for r in flat_rows], device=logits.device)
-    raw = logits[idx_b, idx_t]  # (B*(K+1), V)
+    raw = logits[torch.tensor(flat_b, device=logits.device), torch.tensor(flat_i, device=logits.device)]  # (B*(K+1), V)
     processed = sampler.processed_logits(raw, flat_params, flat_prompts, flat_outputs)
     p = sampler.probs_from_logits(processed, flat_params).view(B, K + 1, V)
     q = torch.zeros(B, K, V, device=logits.device)
