@@ -286,6 +286,12 @@ def run_sft_and_report(recipe: SFTRecipe, mode: str) -> None:
     print(f"sft[{mode}]: {result.final_step} steps; {what} saved to {result.checkpoint}")
     report = format_report(recipe, result.checkpoint)
     if report:
+        import json
+
+        from utils.fs import atomic_file
+
+        with atomic_file(Path(recipe.train.out_dir) / "format_eval.json") as f:  # read by the demo's report card
+            json.dump(report, f, indent=2)
         b, s = report["base"], report["sft"]
         print(f"format rate on {s['n']} held-out arithmetic prompts ('#### <number>' last line): "
               f"base {b['format_rate']:.0%} -> SFT {s['format_rate']:.0%} (correct answers {b['accuracy']:.0%} -> {s['accuracy']:.0%})")

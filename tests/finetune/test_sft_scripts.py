@@ -68,6 +68,8 @@ def test_qlora_script_end_to_end(setup_dir, tmp_path):
     assert meta["kind"] == "adapter" and meta["qlora"] and meta["base_checkpoint"] == str(setup_dir / "base")
     assert all(".lora_" in k for k in load_weights(out / "final"))
     assert "val_loss" in (out / "metrics.jsonl").read_text()  # evaluated on the val split at the end
+    fe = json.loads((out / "format_eval.json").read_text())
+    assert fe["sft"]["n"] == 2 and 0.0 <= fe["base"]["format_rate"] <= 1.0
 
 
 def run_script_main(script: str, argv: list, monkeypatch):
