@@ -132,3 +132,13 @@ def test_speculative_sampling_distribution_through_the_engine():
     dof = len(c) - 1
     critical = dof + 3.1 * (2 * dof) ** 0.5 + 4  # ~p = 0.001 for the chi-square tail
     assert chi2(c, e) < critical
+
+
+def test_speculative_with_n_siblings_copy_on_write():
+    cfg = CONFIGS["llama3"]
+    target, draft = tiny_model(cfg), tiny_model(cfg, seed=1)
+    prompt = make_prompts(cfg.vocab_size)[3]  # 33 tokens: the last block is shared, then copied
+    engine = LLMEngine(target, block_size=4, draft_model=draft, num_speculative_tokens=3, enable_prefix_caching=False)
+    out = engine.generate([prompt], SamplingParams(n=3, max_tokens=10, temperature=0.0))[0]
+    assert [c.token_ids for c in out.outputs] == [greedy_reference(target, prompt, 10)] * 3
+    assert engine.bm.num_free_blocks == engine.num_blocks
