@@ -108,14 +108,14 @@ _FLAG_HELP = {
 
 
 def _flags_to_overrides(argv: Sequence[str]) -> list[str]:
-    """Turn ``--key value`` / ``--key=value`` for a recipe field into the override ``key=value``."""
+    """Turn ``--key value`` / ``--key=value`` for a recipe key into the override ``key=value``."""
     names = {f.name for f in dataclasses.fields(EvalRecipe)}
     out, i = [], 0
     argv = list(argv)
     while i < len(argv):
         arg = argv[i]
         key, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if key in names and key not in ("config_path",):
+        if key.split(".")[0] in names:  # also nested keys: --engine.max_num_seqs 4
             if not eq:
                 if i + 1 >= len(argv):
                     raise UserError(f"--{key} needs a value (e.g. --{key} VALUE)")

@@ -344,7 +344,7 @@ def test_humaneval_samples_n_per_task_through_the_engine(synthetic, tmp_path, mo
 # ----------------------------------------------------------------------------- command line, loading
 
 def test_flags_and_overrides_are_the_same_keys(world, tmp_path):
-    a = parse_eval_args("gsm8k", "", ["--checkpoint", "x", "--limit", "3", "--temperature=0.5", "engine.max_num_seqs=4"])
+    a = parse_eval_args("gsm8k", "", ["--checkpoint", "x", "--limit", "3", "--temperature=0.5", "--engine.max_num_seqs", "4"])
     b = parse_eval_args("gsm8k", "", ["checkpoint=x", "limit=3", "--set", "temperature=0.5", "--set", "engine.max_num_seqs=4"])
     assert a == b and a.limit == 3 and a.temperature == 0.5 and a.engine.max_num_seqs == 4
     with pytest.raises(UserError, match="checkpoint"):
