@@ -79,12 +79,15 @@ def main() -> None:
     source = resolve_source(args.source, args.local_path)
     paths, seed = DataPaths.of(args.data_dir), args.seed
 
-    syn_train, syn_rl_test, syn_gsm8k = synthetic_math(seed, args.n_rl_train, args.n_rl_test, args.n_gsm8k_test)
-    syn_dev, syn_test = synthetic_mmlu(seed, args.n_mmlu_test, args.n_mmlu_dev_per_subject)
-    syn_he = humaneval_tasks(random.Random(f"{seed}-humaneval"), args.n_humaneval)
+    def synthetic_sets():
+        rl_train, rl_test, gsm8k = synthetic_math(seed, args.n_rl_train, args.n_rl_test, args.n_gsm8k_test)
+        dev, test = synthetic_mmlu(seed, args.n_mmlu_test, args.n_mmlu_dev_per_subject)
+        return rl_train, rl_test, gsm8k, dev, test, humaneval_tasks(random.Random(f"{seed}-humaneval"), args.n_humaneval)
+
     if source == "hf":
         gsm_train, _ = formats.convert(hf_rows("openai/gsm8k", "train", "main"), formats.to_gsm8k)
-        rl_train, rl_test = gsm_train[:-args.n_rl_test][:args.n_rl_train], gsm_train[-args.n_rl_test:]
+        cut = len(gsm_train) - args.n_rl_test  # the last rows are held out as the RL test set
+        rl_train, rl_test = gsm_train[:cut][:args.n_rl_train], gsm_train[cut:]
         gsm8k, _ = formats.convert(hf_rows("openai/gsm8k", "test", "main", limit=args.n_gsm8k_test), formats.to_gsm8k)
         dev, _ = formats.convert(hf_rows("cais/mmlu", "dev", "all"), formats.to_mmlu)
         test, _ = formats.convert(hf_rows("cais/mmlu", "test", "all", limit=args.n_mmlu_test), formats.to_mmlu)
@@ -95,15 +98,16 @@ def main() -> None:
             raise UserError(f"{args.local_path}: no row has question/answer with '#### N' ({skipped} skipped)")
         rl_train, rl_test = split_every(rows, 10)
         eval_dir = Path(args.eval_local_dir) if args.eval_local_dir else None
-        gsm8k = local_eval(eval_dir, "gsm8k_test.jsonl", formats.to_gsm8k)
-        dev = local_eval(eval_dir, "mmlu/dev.jsonl", formats.to_mmlu)
-        test = local_eval(eval_dir, "mmlu/test.jsonl", formats.to_mmlu)
-        he = local_eval(eval_dir, "humaneval.jsonl", formats.to_humaneval)
-        if None in (gsm8k, dev, test, he):
+        local = [local_eval(eval_dir, name, fn) for name, fn in (
+            ("gsm8k_test.jsonl", formats.to_gsm8k), ("mmlu/dev.jsonl", formats.to_mmlu),
+            ("mmlu/test.jsonl", formats.to_mmlu), ("humaneval.jsonl", formats.to_humaneval))]
+        if None in local:
             print("eval sets without a local file (see --eval_local_dir) use the synthetic ones")
-        gsm8k, dev, test, he = gsm8k or syn_gsm8k, dev or syn_dev, test or syn_test, he or syn_he
+            synthetic = synthetic_sets()[2:]
+            local = [mine if mine is not None else syn for mine, syn in zip(local, synthetic)]
+        gsm8k, dev, test, he = local
     else:
-        rl_train, rl_test, gsm8k, dev, test, he = syn_train, syn_rl_test, syn_gsm8k, syn_dev, syn_test, syn_he
+        rl_train, rl_test, gsm8k, dev, test, he = synthetic_sets()
 
     write_jsonl(paths.rl_prompts("train"), rl_train)
     write_jsonl(paths.rl_prompts("test"), rl_test)

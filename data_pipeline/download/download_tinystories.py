@@ -14,7 +14,9 @@ import pathlib
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # repo root
 
+import itertools
 import random
+from typing import Iterable, Iterator
 
 from data_pipeline.cli import add_source_args, base_parser
 from data_pipeline.download import formats
@@ -41,26 +43,42 @@ def synthetic_stories(seed: int, n_train: int, n_val: int) -> tuple[list[dict], 
     return train, val
 
 
-def get_part(name: str, source: str, local_path: str | None, args, synth, hf, convert_fn):
-    """(train_rows, val_rows) of one part from its source; prints skipped-row counts."""
+def converted(rows: Iterable[dict], fn, skipped: list[int]) -> Iterator[dict]:
+    """Lazily convert rows (hub streams can be large), counting the ones skipped."""
+    for row in rows:
+        out = fn(row) if isinstance(row, dict) else None
+        if out is None:
+            skipped[0] += 1
+        else:
+            yield out
+
+
+def write_part(name: str, source: str, local_path: str | None, synth, hf, convert_fn, paths_of) -> tuple[int, int]:
+    """Write one part's train/val jsonl files from its source; return the row counts."""
     if source == "local" and not local_path:
         print(f"{name}: no local file given, using the synthetic {name} data")
         source = "synthetic"
+    skipped = [0]
     if source == "synthetic":
-        return synth()
-    if source == "local":
-        rows, skipped = formats.convert(read_local(local_path), convert_fn)
+        train, val = synth()
+    elif source == "local":
+        rows, skipped[0] = formats.convert(read_local(local_path), convert_fn)
         if not rows:
             raise UserError(f"{local_path}: none of its rows has the {name} format "
                             "(see data_pipeline/download/formats.py)")
         train, val = split_every(rows, 50)
     else:
-        train, val = hf()
-        (train, s1), (val, s2) = formats.convert(train, convert_fn), formats.convert(val, convert_fn)
-        skipped = s1 + s2
-    if skipped:
-        print(f"{name}: skipped {skipped} rows not in the expected format")
-    return train, val
+        train, val = (converted(rows, convert_fn, skipped) for rows in hf())
+    train = iter(train)
+    first = next(train, None)  # check before writing anything
+    if first is None:
+        raise UserError(f"the {name} corpus is empty ({skipped[0]} rows skipped); check --source, "
+                        "--local_path and the size flags")
+    n_train = write_jsonl(paths_of("train"), itertools.chain([first], train))
+    n_val = write_jsonl(paths_of("val"), val)
+    if skipped[0]:
+        print(f"{name}: skipped {skipped[0]} rows not in the expected format")
+    return n_train, n_val
 
 
 def main() -> None:
@@ -88,41 +106,32 @@ def main() -> None:
 
     if "stories" in parts:
         n, n_val = args.n_stories, args.n_val_stories
-        train, val = get_part(
-            "stories", source, args.local_path, args,
-            synth=lambda: synthetic_stories(seed, n if n is not None else 16000, n_val if n_val is not None else 800),
-            hf=lambda: (list(hf_rows(HF_STORIES, "train", limit=n)), list(hf_rows(HF_STORIES, "validation", limit=n_val))),
-            convert_fn=formats.to_story)
-        if not train:
-            raise UserError("the story corpus is empty; check --source/--local_path or --n_stories")
-        write_jsonl(paths.stories("train"), train)
-        write_jsonl(paths.stories("val"), val)
-        mb = sum(len(r["text"].encode("utf-8")) for r in train) / 1e6
-        print(f"stories: {len(train)} train ({mb:.1f} MB) + {len(val)} val -> {paths.stories('train').parent}")
+        counts = write_part(
+            "stories", source, args.local_path,
+            synth=lambda: synthetic_stories(seed, 16000 if n is None else n, 800 if n_val is None else n_val),
+            hf=lambda: (hf_rows(HF_STORIES, "train", limit=n), hf_rows(HF_STORIES, "validation", limit=n_val)),
+            convert_fn=formats.to_story, paths_of=paths.stories)
+        mb = paths.stories("train").stat().st_size / 1e6
+        print(f"stories: {counts[0]} train ({mb:.1f} MB of jsonl) + {counts[1]} val -> {paths.raw}")
 
     if "sft" in parts:
-        train, val = get_part(
-            "sft", source, args.sft_local_path, args,
+        counts = write_part(
+            "sft", source, args.sft_local_path,
             synth=lambda: (sft.generate_conversations(random.Random(f"{seed}-sft"), args.n_sft, "sft"),
                            sft.generate_conversations(random.Random(f"{seed}-sft-val"), args.n_sft_val, "val")),
-            hf=lambda: (list(hf_rows(HF_SFT, "train", limit=args.n_sft)), list(hf_rows(HF_SFT, "test", limit=args.n_sft_val))),
-            convert_fn=formats.to_sft)
-        write_jsonl(paths.sft_raw("train"), train)
-        write_jsonl(paths.sft_raw("val"), val)
-        print(f"sft: {len(train)} train + {len(val)} val conversations -> {paths.sft_raw('train').parent}")
+            hf=lambda: (hf_rows(HF_SFT, "train", limit=args.n_sft), hf_rows(HF_SFT, "test", limit=args.n_sft_val)),
+            convert_fn=formats.to_sft, paths_of=paths.sft_raw)
+        print(f"sft: {counts[0]} train + {counts[1]} val conversations -> {paths.raw}")
 
     if "preference" in parts:
-        train, val = get_part(
-            "preference", source, args.preference_local_path, args,
+        counts = write_part(
+            "preference", source, args.preference_local_path,
             synth=lambda: (preferences.generate_pairs(random.Random(f"{seed}-pref"), args.n_preference, "sft"),
                            preferences.generate_pairs(random.Random(f"{seed}-pref-val"), args.n_preference_val, "val")),
-            hf=lambda: (list(hf_rows(HF_PREFERENCE, "train_prefs", limit=args.n_preference)),
-                        list(hf_rows(HF_PREFERENCE, "test_prefs", limit=args.n_preference_val))),
-            convert_fn=formats.to_preference)
-        write_jsonl(paths.preference_raw("train"), train)
-        write_jsonl(paths.preference_raw("val"), val)
-        print(f"preference: {len(train)} train + {len(val)} val pairs -> {paths.preference_raw('train').parent}")
-
+            hf=lambda: (hf_rows(HF_PREFERENCE, "train_prefs", limit=args.n_preference),
+                        hf_rows(HF_PREFERENCE, "test_prefs", limit=args.n_preference_val)),
+            convert_fn=formats.to_preference, paths_of=paths.preference_raw)
+        print(f"preference: {counts[0]} train + {counts[1]} val pairs -> {paths.raw}")
 
 if __name__ == "__main__":
     main_guard(main)

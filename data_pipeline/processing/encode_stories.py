@@ -26,7 +26,7 @@ from data_pipeline.jsonl import iter_jsonl
 from data_pipeline.paths import DataPaths
 from data_pipeline.processing.binfile import token_dtype, write_arrays, write_meta
 from data_pipeline.processing.dedup import near_duplicate_mask
-from data_pipeline.processing.parallel import parallel_map
+from data_pipeline.processing.parallel import parallel_imap
 from data_pipeline.processing.pii import scrub_pii
 from data_pipeline.tokenizer.tokenizer import Tokenizer
 from utils.cli import main_guard
@@ -34,13 +34,12 @@ from utils.errors import UserError
 
 
 def encode_chunk(tok: Tokenizer, texts: list[str]) -> list[np.ndarray]:
-    """Worker: token ids of each text as an int64 array."""
-    return [np.asarray(ids, dtype=np.int64) for ids in tok.encode_batch(texts)]
+    """Worker: token ids of each text as a uint32 array."""
+    return [np.asarray(ids, dtype=np.uint32) for ids in tok.encode_batch(texts)]
 
 
 def read_stories(path) -> list[str]:
-    texts = [row["text"] for row in iter_jsonl(path) if isinstance(row.get("text"), str) and row["text"].strip()]
-    return texts
+    return [row["text"] for row in iter_jsonl(path) if isinstance(row.get("text"), str) and row["text"].strip()]
 
 
 def main() -> None:
@@ -87,11 +86,17 @@ def main() -> None:
     t0 = time.time()
     with atomic_dir(paths.tokens_stories) as tmp:
         for split, docs in texts.items():
-            arrays = parallel_map(encode_chunk, docs, str(tok.path), args.num_workers, desc=f"encode {split}")
-            offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
-            np.cumsum([a.size for a in arrays], out=offsets[1:])
-            meta["n_tokens"][split] = write_arrays(tmp / f"{split}.bin", arrays, dtype)
-            meta["n_docs"][split] = len(arrays)
+            lengths: list[int] = []
+
+            def stream():  # write each document as it comes back; keep only its length
+                for ids in parallel_imap(encode_chunk, docs, str(tok.path), args.num_workers, desc=f"encode {split}"):
+                    lengths.append(ids.size)
+                    yield ids
+
+            meta["n_tokens"][split] = write_arrays(tmp / f"{split}.bin", stream(), dtype)
+            meta["n_docs"][split] = len(lengths)
+            offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
             np.save(tmp / f"{split}.offsets.npy", offsets)
         write_meta(tmp, meta)
     mb = sum(len(d.encode("utf-8")) for docs in texts.values() for d in docs) / 1e6

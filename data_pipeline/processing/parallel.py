@@ -9,7 +9,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 from functools import partial
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 from tqdm import tqdm
 
@@ -33,23 +33,24 @@ def _run_chunk(fn: Callable, chunk: list) -> list:
     return fn(_TOKENIZER, chunk)
 
 
-def parallel_map(fn: Callable[[Tokenizer, list[T]], list[R]], items: Sequence[T], tokenizer_path: str,
-                 num_workers: int | None = None, desc: str = "encode", chunk_size: int = 512) -> list[R]:
-    """Return ``fn(tok, chunk)`` concatenated over chunks of ``items``, in order.
+def parallel_imap(fn: Callable[[Tokenizer, list[T]], list[R]], items: Sequence[T], tokenizer_path: str,
+                  num_workers: int | None = None, desc: str = "encode", chunk_size: int = 512) -> Iterator[R]:
+    """Yield ``fn(tok, chunk)``'s results over chunks of ``items``, in input order.
 
     ``fn`` must be a module-level function (it is pickled to the workers) that
-    maps a list of items to a list of results of the same length.
+    maps a list of items to a list of results of the same length. Results stream
+    out as chunks finish, so a caller can write them without holding them all.
     """
     num_workers = default_workers() if num_workers is None else max(1, num_workers)
-    chunks = [list(items[i:i + chunk_size]) for i in range(0, len(items), chunk_size)]
-    out: list[R] = []
+    chunks = (list(items[i:i + chunk_size]) for i in range(0, len(items), chunk_size))
     bar = tqdm(total=len(items), desc=desc, unit="doc", disable=None, leave=False)
-    if num_workers == 1 or len(chunks) <= 1:
-        tok = Tokenizer.from_file(tokenizer_path)
-        for chunk in chunks:
-            out += fn(tok, chunk)
-            bar.update(len(chunk))
-    else:
+    try:
+        if num_workers == 1 or len(items) <= chunk_size:
+            tok = Tokenizer.from_file(tokenizer_path)
+            for chunk in chunks:
+                yield from fn(tok, chunk)
+                bar.update(len(chunk))
+            return
         # Each worker encodes single-threaded; the processes are the parallelism. Setting this
         # before the fork also keeps tokenizers from warning about (and disabling) its thread
         # pool in the children. Fork starts fast and needs no `__main__` guard in the caller.
@@ -57,7 +58,13 @@ def parallel_map(fn: Callable[[Tokenizer, list[T]], list[R]], items: Sequence[T]
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         with ctx.Pool(num_workers, initializer=_init_worker, initargs=(str(tokenizer_path),)) as pool:
             for result in pool.imap(partial(_run_chunk, fn), chunks):
-                out += result
+                yield from result
                 bar.update(len(result))
-    bar.close()
-    return out
+    finally:
+        bar.close()
+
+
+def parallel_map(fn: Callable[[Tokenizer, list[T]], list[R]], items: Sequence[T], tokenizer_path: str,
+                 num_workers: int | None = None, desc: str = "encode", chunk_size: int = 512) -> list[R]:
+    """``list(parallel_imap(...))``: all results, in input order."""
+    return list(parallel_imap(fn, items, tokenizer_path, num_workers, desc, chunk_size))
