@@ -79,10 +79,10 @@ def plan(recipe: DemoRecipe) -> list[Stage]:
     grpo_final = str(pathlib.Path(read_yaml_key(recipe.grpo, "train", "out_dir")) / "final")
     evals = [
         [py, "eval/gsm8k.py", "--checkpoint", grpo_final, "--source", "synthetic", "--limit", str(recipe.eval_limit),
-         "--out_dir", str(out / "eval")],
+         "--n_shot", "0", "--out_dir", str(out / "eval")],
         [py, "eval/mmlu.py", "--checkpoint", grpo_final, "--source", "synthetic", "--out_dir", str(out / "eval")],
         [py, "eval/perplexity.py", "--checkpoint", str(pathlib.Path(read_yaml_key(recipe.pretrain, "train", "out_dir")) / "final"),
-         "--out_dir", str(out / "eval")],
+         "--limit", str(recipe.eval_limit), "--out_dir", str(out / "eval")],
     ]
     return [
         Stage("data", data),
