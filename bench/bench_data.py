@@ -13,8 +13,8 @@ proportions train_tokenizer.py reads them), generated with seed 0.
 Timings are the median of ``--rounds``; wall seconds, CPU seconds in brackets
 (the machine may be shared: the ratio is measured in the same run).
 """
-import sys
 import pathlib
+import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # repo root
 

@@ -66,7 +66,7 @@ class PretrainLoader:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.step = 0
 
-    def __iter__(self) -> "PretrainLoader":
+    def __iter__(self) -> PretrainLoader:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,7 +152,7 @@ class SFTLoader:
         self.pad_id, self.return_position_ids = meta["pad_id"], return_position_ids
         self.order = _EpochOrder(np.arange(n_ex), seed, rank, world_size, shuffle)
 
-    def __iter__(self) -> "SFTLoader":
+    def __iter__(self) -> SFTLoader:
         return self
 
     def __next__(self):
@@ -227,7 +227,7 @@ class PreferenceLoader:
         self.seq_len, self.batch_size, self.pad_id = seq_len, batch_size, meta["pad_id"]
         self.order = _EpochOrder(fits, seed, rank, world_size, shuffle)
 
-    def __iter__(self) -> "PreferenceLoader":
+    def __iter__(self) -> PreferenceLoader:
         return self
 
     def _side(self, rows: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

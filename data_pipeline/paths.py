@@ -16,7 +16,7 @@ class DataPaths:
     root: Path
 
     @classmethod
-    def of(cls, data_dir: str | os.PathLike = "data") -> "DataPaths":
+    def of(cls, data_dir: str | os.PathLike = "data") -> DataPaths:
         return cls(Path(data_dir))
 
     # --- raw text written by the downloaders -------------------------------

@@ -11,8 +11,8 @@ With --source local, eval sets are read from --eval_local_dir (same file names
 as under data/eval) when given, else synthetic. Synthetic eval and RL-test
 questions come from the "eval" hash bucket, which no training data uses.
 """
-import sys
 import pathlib
+import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # repo root
 
@@ -21,7 +21,12 @@ from pathlib import Path
 
 from data_pipeline.cli import add_source_args, base_parser
 from data_pipeline.download import formats
-from data_pipeline.download.sources import hf_rows, read_local, resolve_source, split_every
+from data_pipeline.download.sources import (
+    hf_rows,
+    read_local,
+    resolve_source,
+    split_every,
+)
 from data_pipeline.jsonl import write_jsonl
 from data_pipeline.paths import DataPaths
 from data_pipeline.synthetic import arithmetic, mmlu
@@ -34,7 +39,7 @@ from utils.errors import UserError
 def synthetic_math(seed: int, n_train: int, n_rl_test: int, n_gsm8k: int):
     """(rl_train, rl_test, gsm8k_test): rl_train from the "rl" bucket; the two tests share one
     stream from the "eval" bucket, so they are disjoint from each other and from all training."""
-    key = lambda p: p["question"]  # noqa: E731
+    key = lambda p: p["question"]
     rng = random.Random(f"{seed}-rl")
     train = draw(lambda: arithmetic.generate_problem(rng), key, "rl", n_train)
     rng_eval = random.Random(f"{seed}-eval-math")
@@ -48,7 +53,7 @@ def synthetic_mmlu(seed: int, n_test: int, dev_per_subject: int) -> tuple[list[d
     dev, test = [], []
     per = [n_test // len(mmlu.SUBJECTS) + (i < n_test % len(mmlu.SUBJECTS)) for i in range(len(mmlu.SUBJECTS))]
     for subject, n in zip(mmlu.SUBJECTS, per):
-        items = draw(lambda: mmlu.generate_question(rng, subject),
+        items = draw(lambda subject=subject: mmlu.generate_question(rng, subject),
                      lambda q: q["question"] + "|" + "|".join(q["choices"]), "eval", dev_per_subject + n)
         dev += items[:dev_per_subject]
         test += items[dev_per_subject:]

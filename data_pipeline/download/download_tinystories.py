@@ -9,18 +9,23 @@ Sources per part:
 With --source local, a part without its local file falls back to synthetic (one line says so).
 Writes data/raw/{stories,sft,preference}_{train,val}.jsonl (formats: download/formats.py).
 """
-import sys
 import pathlib
+import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # repo root
 
 import itertools
 import random
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from data_pipeline.cli import add_source_args, base_parser
 from data_pipeline.download import formats
-from data_pipeline.download.sources import hf_rows, read_local, resolve_source, split_every
+from data_pipeline.download.sources import (
+    hf_rows,
+    read_local,
+    resolve_source,
+    split_every,
+)
 from data_pipeline.jsonl import write_jsonl
 from data_pipeline.paths import DataPaths
 from data_pipeline.synthetic import preferences, sft
@@ -37,7 +42,7 @@ HF_PREFERENCE = "HuggingFaceH4/ultrafeedback_binarized"
 def synthetic_stories(seed: int, n_train: int, n_val: int) -> tuple[list[dict], list[dict]]:
     """Distinct stories; val stories come from their own hash bucket, so never repeat train."""
     rng_train, rng_val = random.Random(f"{seed}-stories"), random.Random(f"{seed}-stories-val")
-    key = lambda row: row["text"]  # noqa: E731
+    key = lambda row: row["text"]
     train = draw(lambda: {"text": generate_story(rng_train)[0]}, key, ("eval", "sft", "rl"), n_train)
     val = draw(lambda: {"text": generate_story(rng_val)[0]}, key, "val", n_val)
     return train, val

@@ -11,8 +11,8 @@ import json
 import os
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import urlparse
 
 from data_pipeline.jsonl import iter_jsonl

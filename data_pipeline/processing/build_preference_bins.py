@@ -14,8 +14,8 @@ add_generation_prompt=True)``, checked). Layout per split:
 and meta.json {"format": "preference", "dtype", "pad_id", "tokenizer_hash",
 "n_tokens", "n_pairs", ...}. Read it with ``data_pipeline.loader.PreferenceLoader``.
 """
-import sys
 import pathlib
+import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # repo root
 

@@ -8,8 +8,8 @@ meta.json: {"format": "pretrain", "dtype": "uint16"|"uint32", "vocab_size",
 "eos_id", "tokenizer_hash", "n_tokens": {"train", "val"}, "n_docs": {...}, ...}.
 Fails (UserError) when the encoded stories were made by another tokenizer.
 """
-import sys
 import pathlib
+import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # repo root
 
@@ -20,8 +20,14 @@ import numpy as np
 from data_pipeline.atomic import atomic_dir
 from data_pipeline.cli import base_parser
 from data_pipeline.paths import DataPaths
-from data_pipeline.processing.binfile import (check_tokenizer_hash, open_array, read_meta, token_dtype,
-                                              write_arrays, write_meta)
+from data_pipeline.processing.binfile import (
+    check_tokenizer_hash,
+    open_array,
+    read_meta,
+    token_dtype,
+    write_arrays,
+    write_meta,
+)
 from data_pipeline.tokenizer.tokenizer import Tokenizer
 from utils.cli import main_guard
 from utils.errors import UserError

@@ -11,8 +11,8 @@ and meta.json {"format": "sft", "dtype", "pad_id", "tokenizer_hash", "n_tokens",
 "n_examples", "n_assistant_tokens", ...}. Conversations that fail validation
 (bad role, no assistant turn) are skipped and counted; none valid is a UserError.
 """
-import sys
 import pathlib
+import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # repo root
 

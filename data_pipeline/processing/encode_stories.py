@@ -10,8 +10,8 @@ Optional cleaning, with counts printed and stored in meta.json:
 Writes {split}.bin (token ids, no separators), {split}.offsets.npy (int64,
 n_docs + 1 document boundaries) and meta.json; build_pretrain_bins.py packs them.
 """
-import sys
 import pathlib
+import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # repo root
 
@@ -36,6 +36,25 @@ from utils.errors import UserError
 def encode_chunk(tok: Tokenizer, texts: list[str]) -> list[np.ndarray]:
     """Worker: token ids of each text as a uint32 array."""
     return [np.asarray(ids, dtype=np.uint32) for ids in tok.encode_batch(texts)]
+
+
+def encode_to_bin(docs: list[str], tok: Tokenizer, num_workers: int | None, path, dtype,
+                  split: str) -> tuple[int, np.ndarray]:
+    """Encode ``docs`` in parallel, streaming the ids into ``path``.
+
+    Returns (token count, int64 offsets of shape (n_docs + 1,) marking each document).
+    """
+    lengths: list[int] = []
+
+    def stream():  # write each document as it comes back; keep only its length
+        for ids in parallel_imap(encode_chunk, docs, str(tok.path), num_workers, desc=f"encode {split}"):
+            lengths.append(ids.size)
+            yield ids
+
+    n_tokens = write_arrays(path, stream(), dtype)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return n_tokens, offsets
 
 
 def read_stories(path) -> list[str]:
@@ -86,17 +105,8 @@ def main() -> None:
     t0 = time.time()
     with atomic_dir(paths.tokens_stories) as tmp:
         for split, docs in texts.items():
-            lengths: list[int] = []
-
-            def stream():  # write each document as it comes back; keep only its length
-                for ids in parallel_imap(encode_chunk, docs, str(tok.path), args.num_workers, desc=f"encode {split}"):
-                    lengths.append(ids.size)
-                    yield ids
-
-            meta["n_tokens"][split] = write_arrays(tmp / f"{split}.bin", stream(), dtype)
-            meta["n_docs"][split] = len(lengths)
-            offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-            np.cumsum(lengths, out=offsets[1:])
+            n_tokens, offsets = encode_to_bin(docs, tok, args.num_workers, tmp / f"{split}.bin", dtype, split)
+            meta["n_tokens"][split], meta["n_docs"][split] = n_tokens, len(offsets) - 1
             np.save(tmp / f"{split}.offsets.npy", offsets)
         write_meta(tmp, meta)
     mb = sum(len(d.encode("utf-8")) for docs in texts.values() for d in docs) / 1e6

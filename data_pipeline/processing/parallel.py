@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import TypeVar
 
 from tqdm import tqdm
 

@@ -15,7 +15,7 @@ minutes. Every answer is checked by evaluating its own steps (see the tests).
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 from data_pipeline.synthetic.stories import NAMES
 

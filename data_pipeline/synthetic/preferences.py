@@ -57,7 +57,7 @@ def _story_pair(rng: random.Random) -> dict:
 
 def generate_pairs(rng: random.Random, n: int, bucket: str) -> list[dict]:
     """``n`` preference pairs whose prompt falls in ``bucket`` ("sft" for train, "val")."""
-    key = lambda pair: pair["prompt"][-1]["content"]  # noqa: E731
+    key = lambda pair: pair["prompt"][-1]["content"]
     n_story = n // 5
     pairs = draw(lambda: _arithmetic_pair(rng), key, bucket, n - n_story)
     pairs += draw(lambda: _story_pair(rng), key, bucket, n_story)

@@ -81,7 +81,7 @@ def generate_conversations(rng: random.Random, n: int, bucket: str) -> list[dict
     for i, kind in enumerate(kinds):
         # The last kind takes the remainder so the total is exactly n.
         k = min(round(n * MIX[kind]), n - len(convs)) if i < len(kinds) - 1 else n - len(convs)
-        made = draw(lambda: {"messages": _maybe_system(rng, _MAKERS[kind](rng))}, first_user, bucket, k)
+        made = draw(lambda kind=kind: {"messages": _maybe_system(rng, _MAKERS[kind](rng))}, first_user, bucket, k)
         convs.extend(made)
     rng.shuffle(convs)
     return convs

@@ -7,7 +7,8 @@ the downloaders run separately or with different seeds.
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from utils.errors import UserError
 

@@ -221,7 +221,7 @@ def _plot_beats(plot: str, rng: random.Random, c: dict) -> list[list[str]]:
          f"{{name}} and {{friend}} gave the {animal} food and a warm bed."],
         [f"After a few days, the {animal} was strong again.", f"Every day the {animal} got a little better."],
         [f"The {animal} was happy and went back to the {{place}}. {{name}} waved goodbye.",
-         f"{{name}} felt proud. Helping others made {{him}} feel happy."],
+         "{name} felt proud. Helping others made {him} feel happy."],
     ]
 
 

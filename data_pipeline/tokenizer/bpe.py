@@ -25,11 +25,12 @@ replacement characters for partial sequences (like HF's ByteLevel decoder).
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 import os
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import regex
 
@@ -114,7 +115,7 @@ def train_bpe(word_counts: dict[str, int], vocab_size: int,
     pair_counts: dict[tuple[int, int], int] = {}
     where: dict[tuple[int, int], set[int]] = {}
     for wi, w in enumerate(words):
-        for pair in zip(w, w[1:]):
+        for pair in itertools.pairwise(w):
             pair_counts[pair] = pair_counts.get(pair, 0) + counts[wi]
             where.setdefault(pair, set()).add(wi)
     # Max-heap via negated counts; ties: smallest pair first; entry ids keep pos sets apart.
@@ -182,7 +183,7 @@ class ByteLevelBPE:
                             if special_tokens else None)
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, special_tokens: list[str]) -> "ByteLevelBPE":
+    def train(cls, texts: Iterable[str], vocab_size: int, special_tokens: list[str]) -> ByteLevelBPE:
         """Train on ``texts`` (see ``train_bpe``); raises UserError on a too small vocab."""
         if vocab_size < 256 + len(special_tokens):
             raise UserError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs 256 byte "
@@ -281,7 +282,7 @@ class ByteLevelBPE:
             tmp.write_text(json.dumps(self.to_hf_dict(), ensure_ascii=False, indent=1), encoding="utf-8")
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ByteLevelBPE":
+    def load(cls, path: str | os.PathLike) -> ByteLevelBPE:
         """Read a byte-level BPE tokenizer.json (written by ``save`` or by HF tokenizers)."""
         path = Path(path)
         if not path.is_file():

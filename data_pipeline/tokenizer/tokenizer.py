@@ -54,7 +54,7 @@ class Tokenizer:
         self.special_ids = frozenset(ids)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "Tokenizer":
+    def from_file(cls, path: str | os.PathLike) -> Tokenizer:
         """Load a tokenizer.json; UserError if it is missing or unreadable."""
         path = Path(path)
         if path.is_dir():
@@ -64,7 +64,7 @@ class Tokenizer:
                             "python data_pipeline/tokenizer/train_tokenizer.py --vocab_size 4096")
         try:
             hf = tokenizers.Tokenizer.from_file(str(path))
-        except Exception as err:  # the Rust loader raises a plain Exception
+        except Exception as err:  # noqa: BLE001  (the Rust loader raises a plain Exception)
             raise UserError(f"cannot read tokenizer {path} ({err}); retrain it with "
                             "python data_pipeline/tokenizer/train_tokenizer.py") from None
         return cls(hf, path, file_hash(path))

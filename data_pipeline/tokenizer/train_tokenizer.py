@@ -8,8 +8,8 @@ tokenizer.json (HF format), tokenizer_config.json and special_tokens_map.json
 so ``transformers.AutoTokenizer.from_pretrained("data/tokenizer")`` works,
 chat template included.
 """
-import sys
 import pathlib
+import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # repo root
 
@@ -23,7 +23,15 @@ from data_pipeline.jsonl import iter_jsonl
 from data_pipeline.paths import DataPaths
 from data_pipeline.tokenizer.bpe import ByteLevelBPE
 from data_pipeline.tokenizer.chat_template import HF_CHAT_TEMPLATE
-from data_pipeline.tokenizer.tokenizer import BOS, EOS, IM_END, IM_START, PAD, SPECIAL_TOKENS, Tokenizer
+from data_pipeline.tokenizer.tokenizer import (
+    BOS,
+    EOS,
+    IM_END,
+    IM_START,
+    PAD,
+    SPECIAL_TOKENS,
+    Tokenizer,
+)
 from utils.cli import main_guard
 from utils.errors import UserError
 
@@ -54,7 +62,8 @@ def read_corpus(paths: list[Path], limit_bytes: int) -> list[str]:
 
 def train_hf(texts: list[str], vocab_size: int, show_progress: bool):
     """HF trainer configured to be byte-for-byte what bpe.py computes."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()

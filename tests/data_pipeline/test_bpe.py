@@ -1,14 +1,22 @@
 """The scratch byte-level BPE against the HF tokenizers trainer, a naive reference, and round trips."""
 from __future__ import annotations
 
+import itertools
 import json
 import unicodedata
 from collections import Counter
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from data_pipeline.tokenizer.bpe import ByteLevelBPE, bytes_to_unicode, count_words, pretokenize, train_bpe
+from data_pipeline.tokenizer.bpe import (
+    ByteLevelBPE,
+    bytes_to_unicode,
+    count_words,
+    pretokenize,
+    train_bpe,
+)
 from data_pipeline.tokenizer.tokenizer import SPECIAL_TOKENS
 from data_pipeline.tokenizer.train_tokenizer import train_hf
 from utils.errors import UserError
@@ -49,7 +57,7 @@ def naive_bpe(word_counts: Counter, n_merges: int, specials: list[str]) -> list[
     for _ in range(n_merges):
         pairs = Counter()
         for w, c in words.items():
-            for p in zip(w, w[1:]):
+            for p in itertools.pairwise(w):
                 pairs[p] += c
         if not pairs:
             break

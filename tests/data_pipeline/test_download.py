@@ -6,7 +6,12 @@ import json
 import pytest
 
 from data_pipeline.download import formats
-from data_pipeline.download.sources import hub_reachable, read_local, resolve_source, split_every
+from data_pipeline.download.sources import (
+    hub_reachable,
+    read_local,
+    resolve_source,
+    split_every,
+)
 from utils.errors import UserError
 
 

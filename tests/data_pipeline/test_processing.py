@@ -9,7 +9,11 @@ import pytest
 
 from data_pipeline.atomic import atomic_dir, atomic_path
 from data_pipeline.processing.binfile import open_array, token_dtype
-from data_pipeline.processing.dedup import MinHasher, near_duplicate_mask, shingle_hashes
+from data_pipeline.processing.dedup import (
+    MinHasher,
+    near_duplicate_mask,
+    shingle_hashes,
+)
 from data_pipeline.processing.pii import luhn_ok, scrub_pii
 from data_pipeline.synthetic.stories import generate_story
 from utils.errors import UserError
@@ -81,18 +85,16 @@ def test_open_array_checks_size(tmp_path):
 def test_atomic_writes_leave_nothing_on_failure(tmp_path):
     target = tmp_path / "out.txt"
     target.write_text("old")
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("crash")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash")
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out.txt"]
     folder = tmp_path / "bins"
     with atomic_dir(folder) as tmp:
         (tmp / "a").write_text("1")
-    with pytest.raises(RuntimeError):
-        with atomic_dir(folder) as tmp:
-            (tmp / "a").write_text("2")
-            raise RuntimeError("crash")
+    with pytest.raises(RuntimeError), atomic_dir(folder) as tmp:
+        (tmp / "a").write_text("2")
+        raise RuntimeError("crash")
     assert (folder / "a").read_text() == "1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bins", "out.txt"]
     umask = os.umask(0)

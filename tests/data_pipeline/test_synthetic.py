@@ -55,7 +55,7 @@ def test_story_is_consistent():
 
 
 def test_splits_never_overlap():
-    key = lambda p: p["question"]  # noqa: E731
+    key = lambda p: p["question"]
     rng = random.Random(0)
     sets = {b: {key(p) for p in draw(lambda: arithmetic.generate_problem(rng), key, b, 150)}
             for b in ("eval", "val", "sft", "rl")}
@@ -117,10 +117,10 @@ def test_humaneval_tasks_pass_their_tests_and_catch_wrong_code():
     assert len(tasks) >= 10 and len({t["task_id"] for t in tasks}) == len(tasks)
     for t in tasks:
         env: dict = {}
-        exec(t["prompt"] + t["canonical_solution"] + "\n" + t["test"], env)
+        exec(t["prompt"] + t["canonical_solution"] + "\n" + t["test"], env)  # noqa: S102  (our own tasks)
         env["check"](env[t["entry_point"]])
         broken: dict = {}
-        exec(t["prompt"] + "    return None\n" + "\n" + t["test"], broken)
+        exec(t["prompt"] + "    return None\n" + "\n" + t["test"], broken)  # noqa: S102
         try:
             broken["check"](broken[t["entry_point"]])
         except AssertionError:
