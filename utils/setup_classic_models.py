@@ -145,6 +145,10 @@ STAGES: dict[str, tuple[str, str]] = {
     "3_rlhf_ppo.yaml": ("align.recipe:OnlineRecipe", "align/train_online.py"),
     "3_rlhf_grpo.yaml": ("align.recipe:OnlineRecipe", "align/train_online.py"),
     "3_rlhf_gspo.yaml": ("align.recipe:OnlineRecipe", "align/train_online.py"),
+    "4_eval_gsm8k.yaml": ("eval.common:EvalRecipe", "eval/gsm8k.py"),
+    "4_eval_mmlu.yaml": ("eval.common:EvalRecipe", "eval/mmlu.py"),
+    "4_eval_perplexity.yaml": ("eval.common:EvalRecipe", "eval/perplexity.py"),
+    "4_eval_humaneval.yaml": ("eval.common:EvalRecipe", "eval/humaneval.py"),
 }
 
 
@@ -231,6 +235,20 @@ def online(key: str, algorithm: str) -> dict:
     )
 
 
+def evaluation(key: str, name: str) -> dict:
+    # The aligned policy answers GSM8K; MMLU and HumanEval score the same model; perplexity
+    # measures the pretrained model on the held-out stories.
+    checkpoint = final(key, "pretrain" if name == "perplexity" else "rlhf_grpo")
+    recipe = dict(checkpoint=checkpoint, source="synthetic", out_dir=f"runs/classic/{key}/eval/{name}")
+    recipe.update({
+        "gsm8k": dict(n_shot=0, max_new_tokens=96),
+        "mmlu": dict(n_shot=5),
+        "perplexity": dict(bin_path="data/bins/pretrain/val.bin"),
+        "humaneval": dict(n_samples=10, temperature=0.8, k_list=[1, 10]),
+    }[name])
+    return recipe
+
+
 def stage_recipes(key: str, model: dict) -> dict[str, dict]:
     return {
         "0_pretrain.yaml": pretrain(key, model),
@@ -243,6 +261,7 @@ def stage_recipes(key: str, model: dict) -> dict[str, dict]:
         "3_rlhf_ppo.yaml": online(key, "ppo"),
         "3_rlhf_grpo.yaml": online(key, "grpo"),
         "3_rlhf_gspo.yaml": online(key, "gspo"),
+        **{f"4_eval_{name}.yaml": evaluation(key, name) for name in ("gsm8k", "mmlu", "perplexity", "humaneval")},
     }
 
 
@@ -257,6 +276,10 @@ READS = {
     "3_rlhf_ppo.yaml": "2_dpo's policy, with 2_reward's model as reward and critic",
     "3_rlhf_grpo.yaml": "2_dpo's policy",
     "3_rlhf_gspo.yaml": "2_dpo's policy",
+    "4_eval_gsm8k.yaml": "3_rlhf_grpo's policy",
+    "4_eval_mmlu.yaml": "3_rlhf_grpo's policy",
+    "4_eval_perplexity.yaml": "0_pretrain's checkpoint",
+    "4_eval_humaneval.yaml": "3_rlhf_grpo's policy",
 }
 
 

@@ -58,13 +58,14 @@ def test_stage_recipe_validates(rel, tmp_path, monkeypatch):
     recipe = config_from_dict(recipe_cls, data, source=rel)
     if Path(rel).name.startswith("1_sft_"):
         recipe.expect_mode(Path(rel).stem.removeprefix("1_sft_"))  # each SFT file is its script's kind
-    assert recipe.train.out_dir.startswith(f"runs/classic/{Path(rel).parent}/")
+    out_dir = recipe.out_dir if Path(rel).name.startswith("4_eval_") else recipe.train.out_dir
+    assert out_dir.startswith(f"runs/classic/{Path(rel).parent}/")
 
 
 def test_stages_chain_by_path():
     for key in NANO:
         load = lambda name: yaml.safe_load(FILES[f"{key}/{name}"])  # noqa: E731
-        out = {name: load(name)["train"]["out_dir"] + "/final" for name in STAGES}
+        out = {name: load(name)["train"]["out_dir"] + "/final" for name in STAGES if not name.startswith("4_eval_")}
         for sft in ("1_sft_full.yaml", "1_sft_lora.yaml", "1_sft_qlora.yaml"):
             assert load(sft)["base_checkpoint"] == out["0_pretrain.yaml"]
         for name in ("2_reward.yaml", "2_dpo.yaml", "2_orpo.yaml"):
@@ -74,6 +75,9 @@ def test_stages_chain_by_path():
         ppo = load("3_rlhf_ppo.yaml")
         assert ppo["reward"]["model_path"] == ppo["rl"]["critic_init"] == out["2_reward.yaml"]
         assert len(set(out.values())) == len(out)  # no two stages write the same run dir
+        for name in ("gsm8k", "mmlu", "humaneval"):
+            assert load(f"4_eval_{name}.yaml")["checkpoint"] == out["3_rlhf_grpo.yaml"]
+        assert load("4_eval_perplexity.yaml")["checkpoint"] == out["0_pretrain.yaml"]
 
 
 @pytest.mark.parametrize("key", sorted(NANO))
