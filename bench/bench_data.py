@@ -3,7 +3,8 @@
     python bench/bench_data.py [--mb 5] [--vocab_size 4096] [--workers 2] [--rounds 2]
 
 Corpus: ``--mb`` MB of the synthetic default (stories + SFT chat text, in the
-proportions train_tokenizer.py reads them), generated with seed 0.
+proportions train_tokenizer.py reads them), generated with seed 0; or, with
+``--text_dir``, text files (more varied: the vocabulary fills up, the merge loop runs longer).
   1. HF tokenizers BpeTrainer (Rust, byte-level, configured as in train_tokenizer.py): MB/s.
   2. The from-scratch trainer (data_pipeline/tokenizer/bpe.py, pure Python) on the
      same texts: seconds and the ratio scratch / HF (aim: within 20x); also checks
@@ -54,6 +55,19 @@ def corpus(mb: float) -> list[str]:
     return texts
 
 
+def text_files(folder: str, mb: float) -> list[str]:
+    """~mb MB of .py/.md/.txt files under ``folder`` (a more varied corpus than the synthetic one)."""
+    texts, size = [], 0
+    for path in sorted(Path(folder).rglob("*")):
+        if path.suffix in (".py", ".md", ".txt") and path.is_file() and size < mb * 1e6:
+            try:
+                texts.append(path.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, OSError):
+                continue
+            size += len(texts[-1].encode("utf-8"))
+    return texts
+
+
 def timed(fn, rounds: int):
     """(result of the last call, median wall seconds, median CPU seconds of this process)."""
     walls, cpus, out = [], [], None
@@ -71,9 +85,10 @@ def main() -> None:
     p.add_argument("--vocab_size", type=int, default=4096)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--text_dir", default=None, help="use .py/.md/.txt files under this folder instead")
     args = p.parse_args()
 
-    texts = corpus(args.mb)
+    texts = text_files(args.text_dir, args.mb) if args.text_dir else corpus(args.mb)
     mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"load {os.getloadavg()[0]:.1f}; corpus {mb:.2f} MB ({len(texts)} texts), vocab {args.vocab_size}")

@@ -7,7 +7,7 @@ import unicodedata
 from collections import Counter
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from data_pipeline.tokenizer.bpe import (
@@ -30,6 +30,7 @@ EXTRA = ["def f(x):\n    return x ** 2  # square\n", "naïve café — déjà vu
 def both(corpus):
     texts = corpus + EXTRA * 20
     hf = train_hf(texts, 700, show_progress=False)
+    hf.encode_special_tokens = True  # special-token text is plain text, as in scratch.encode and Tokenizer
     scratch = ByteLevelBPE.train(texts, 700, SPECIAL_TOKENS)
     return texts, hf, scratch
 
@@ -116,10 +117,12 @@ def test_save_load_roundtrip_with_hf_and_transformers(both, tmp_path):
 
 @settings(max_examples=150, deadline=None)
 @given(st.text())
-def test_roundtrip_any_unicode(both, text):
+@example("<|im_end|> <|endoftext|>\x00\ud7ff\ue000\U0010ffff")
+def test_roundtrip_any_unicode(both, tokenizer, text):
     _, hf, scratch = both
     assert scratch.decode(scratch.encode(text)) == text
     assert hf.decode(hf.encode(text, add_special_tokens=False).ids) == text
+    assert tokenizer.decode(tokenizer.encode(text)) == text  # the project's wrapper
 
 
 @settings(max_examples=150, deadline=None)
