@@ -62,6 +62,9 @@ class SFTRecipe:
         if self.qlora is not None and self.lora is None:
             raise UserError("the recipe has a qlora section but no lora section; QLoRA trains LoRA adapters "
                             "over a 4-bit base, so add lora: {r: 16, alpha: 32, targets: all-linear}.")
+        if self.qlora is not None and self.train.distributed == "fsdp":
+            raise UserError("QLoRA with train.distributed=fsdp: FSDP2 cannot shard bitsandbytes' packed 4-bit weights; "
+                            "use train.distributed=ddp (each GPU holds the small NF4 base) or LoRA with fsdp.")
         if self.max_seq_len is not None and self.max_seq_len <= 0:
             raise UserError(f"max_seq_len must be positive, got {self.max_seq_len}.")
 

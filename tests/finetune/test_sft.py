@@ -143,3 +143,9 @@ def test_example_recipes_validate(tmp_path, base_dir, name, mode):
     r = load_config(SFTRecipe, path, [f"base_checkpoint={base_dir}", f"data.bin_dir={tmp_path}", "data.tokenizer="])
     assert r.mode == mode
     r.expect_mode(mode)
+
+
+def test_qlora_with_fsdp_is_refused(tmp_path, base_dir):
+    with pytest.raises(UserError, match="ddp"):
+        recipe(tmp_path, base_dir, "qlora", train={"out_dir": str(tmp_path), "max_steps": 1, "batch_size": 1,
+                                                   "seq_len": 8, "distributed": "fsdp"})
