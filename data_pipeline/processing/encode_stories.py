@@ -86,7 +86,7 @@ def main() -> None:
                 pii.update(counts)
             texts[split] = cleaned
         stats["pii_replaced"] = dict(pii)
-        print(f"scrub_pii: replaced {sum(pii.values())} spans {dict(pii) or ''}")
+        print(f"scrub_pii: replaced {sum(pii.values())} spans" + (f" {dict(pii)}" if pii else ""))
     if args.dedup:
         t0 = time.time()
         both = texts["train"] + texts["val"]
