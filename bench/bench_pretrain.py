@@ -11,9 +11,11 @@ AdamW) on the same random batch, fp32.
 Rows, interleaved over ``rounds`` so machine load drifts hit every row alike:
   ours/loop : our model through utils.train_loop.train (the real pretraining path, with its
               bookkeeping: all-reduce of stats, finiteness checks, JSONL logging)
+  ours/bare : our model in the same minimal loop as hf/bare (isolates the loop's overhead)
   hf/bare   : LlamaForCausalLM in a minimal hand-written loop (the reference)
   hf/loop   : LlamaForCausalLM through utils.train_loop.train (isolates the model code)
-Tokens/s = batch*seq / median step time (first step of each round dropped as warm-up).
+Tokens/s = batch*seq / median step time (first step of each round dropped as warm-up);
+CPU-time ratios are printed too, since wall time on a shared box swings with others' load.
 """
 import sys
 import pathlib
@@ -60,17 +62,26 @@ def hf_llama(cfg: ModelConfig, ours: Transformer):
 
 
 class Repeat:
-    """The same (x, y) batch forever (data loading is not what is measured)."""
+    """The same (x, y) batch forever (data loading is not what is measured). Each fetch
+    starts a step, so it stamps the wall clock and this process's CPU time: consecutive
+    stamps bracket one whole step (forward, backward, optimizer, loop bookkeeping)."""
 
     def __init__(self, x, y):
-        self.batch, self.i = (x, y), 0
+        self.batch, self.i, self.stamps = (x, y), 0, []
 
     def __iter__(self):
         return self
 
     def __next__(self):
+        self.stamps.append((time.perf_counter(), time.process_time()))
         self.i += 1
         return self.batch
+
+    def step_times(self) -> tuple[list[float], list[float]]:
+        """(wall, cpu) seconds of every step but the first (warm-up) and the last (unbracketed)."""
+        wall = [b[0] - a[0] for a, b in zip(self.stamps, self.stamps[1:])][1:]
+        cpu = [b[1] - a[1] for a, b in zip(self.stamps, self.stamps[1:])][1:]
+        return wall, cpu
 
     def state_dict(self):
         return {"i": self.i}
@@ -89,32 +100,30 @@ def hf_loss(model, batch):
     return F.cross_entropy(model(input_ids=x).logits.flatten(0, 1).float(), y.flatten()), {}
 
 
-def in_loop(model, loss_fn, batch, steps: int, compile_: bool) -> list[float]:
-    """Seconds per optimizer step through the shared training loop."""
+def in_loop(model, loss_fn, batch, steps: int, compile_: bool) -> tuple[list[float], list[float]]:
+    """(wall, cpu) seconds per optimizer step through the shared training loop."""
+    data = Repeat(*batch)
     with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig(out_dir=out, max_steps=steps, batch_size=batch[0].shape[0], seq_len=batch[0].shape[1],
+        cfg = TrainConfig(out_dir=out, max_steps=steps + 1, batch_size=batch[0].shape[0], seq_len=batch[0].shape[1],
                           device="cpu", dtype="fp32", resume="never", progress=False, log_every=10**6,
                           compile=compile_, save_every=0)
         cfg.spike.enabled = False
-        res = train(model, Repeat(*batch), loss_fn, cfg, OPTIM)
-    return [h["dt_ms"] / 1000 for h in res.history]
+        train(model, data, loss_fn, cfg, OPTIM)
+    return data.step_times()
 
 
-def bare_hf(model, batch, steps: int) -> list[float]:
-    """Seconds per step of the minimal reference loop: fwd + bwd + clip + AdamW."""
+def bare(model, loss_fn, batch, steps: int) -> tuple[list[float], list[float]]:
+    """(wall, cpu) seconds per step of a minimal reference loop: fwd + bwd + clip + AdamW."""
     opt = build_optimizer(model, None, OPTIM, torch.device("cpu"))
-    x, y = batch
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        loss = F.cross_entropy(model(input_ids=x).logits.flatten(0, 1).float(), y.flatten())
+    data = Repeat(*batch)
+    for _ in range(steps + 1):
+        loss, _ = loss_fn(model, next(data))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss.item()  # wait for the step, as the loop's logging does
-        times.append(time.perf_counter() - t0)
-    return times
+    return data.step_times()
 
 
 def main() -> None:
@@ -138,25 +147,32 @@ def main() -> None:
           f"{os.cpu_count()} CPU(s) {platform.processor() or platform.machine()} | threads {torch.get_num_threads()} | "
           f"logits max |ours - hf| {diff:.1e}")
 
-    rows = {"ours/loop": [], "hf/bare": [], "hf/loop": []}
+    rows = {"ours/loop": [], "ours/bare": [], "hf/bare": [], "hf/loop": []}
     if args.compile:
         rows["ours/loop+compile"] = []
+    cpu = {k: [] for k in rows}
     for r in range(args.rounds):
-        # Each row gets its own copy of the starting weights so no row trains on another's updates.
-        rows["ours/loop"] += in_loop(_fresh(ours), ours_loss, (x, y), args.steps, False)[1:]
-        rows["hf/bare"] += bare_hf(hf_llama(CFG, ours), (x, y), args.steps)[1:]
-        rows["hf/loop"] += in_loop(hf_llama(CFG, ours), hf_loss, (x, y), args.steps, False)[1:]
+        # Each row starts from its own copy of the same weights.
+        runs = {"ours/loop": lambda: in_loop(_fresh(ours), ours_loss, (x, y), args.steps, False),
+                "ours/bare": lambda: bare(_fresh(ours), ours_loss, (x, y), args.steps),
+                "hf/bare": lambda: bare(hf_llama(CFG, ours), hf_loss, (x, y), args.steps),
+                "hf/loop": lambda: in_loop(hf_llama(CFG, ours), hf_loss, (x, y), args.steps, False)}
         if args.compile:
-            rows["ours/loop+compile"] += in_loop(_fresh(ours), ours_loss, (x, y), args.steps + 2, True)[3:]
+            runs["ours/loop+compile"] = lambda: in_loop(_fresh(ours), ours_loss, (x, y), args.steps + 2, True)
+        for name, fn in runs.items():
+            wall, used = fn()
+            rows[name] += wall[2:] if name.endswith("compile") else wall  # compile warms up over more steps
+            cpu[name] += used[2:] if name.endswith("compile") else used
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {statistics.median(v) * 1000:.0f} ms" for k, v in rows.items()),
               flush=True)
 
     tokens = args.batch * args.seq
-    ref = tokens / statistics.median(rows["hf/bare"])
-    print(f"\n{'row':<20}{'ms/step':>10}{'tokens/s':>12}{'vs hf/bare':>12}")
-    for k, v in rows.items():
-        tps = tokens / statistics.median(v)
-        print(f"{k:<20}{statistics.median(v) * 1000:>10.0f}{tps:>12,.0f}{tps / ref:>11.2f}x")
+    ref_wall, ref_cpu = statistics.median(rows["hf/bare"]), statistics.median(cpu["hf/bare"])
+    print(f"\nmedian over {len(rows['hf/bare'])} steps per row; CPU time = this process's, robust to other load on the box")
+    print(f"{'row':<20}{'wall ms':>9}{'tokens/s':>10}{'vs hf/bare':>12}{'cpu ms':>9}{'vs hf/bare':>12}")
+    for k in rows:
+        w, c = statistics.median(rows[k]), statistics.median(cpu[k])
+        print(f"{k:<20}{w * 1000:>9.0f}{tokens / w:>10,.0f}{ref_wall / w:>11.2f}x{c * 1000:>9.0f}{ref_cpu / c:>11.2f}x")
 
 
 def _fresh(model: Transformer) -> Transformer:

@@ -386,7 +386,7 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable, train_cfg: Tra
                     history[-1].update(final_eval)
                 run.logger.log({"step": run.step, **final_eval})
                 run.logger.console({"step": run.step, **final_eval})
-            if manager.latest() is None or manager.latest() != manager.path_for(run.step):
+            if manager.latest() != manager.path_for(run.step):  # not saved at this step yet
                 S.save_step(run, extra)
             final = S.save_final(run, extra)
             if env.is_main:
