@@ -81,15 +81,25 @@ class PairBatches:
     def __iter__(self) -> "PairBatches":
         return self
 
-    def __next__(self) -> dict[str, Tensor]:
+    def _next_indices(self) -> list[int]:
         stride = self.batch_size * self.world_size
         if self.pos + stride > len(self._order):  # drop the ragged tail; reshuffle
             self.epoch, self.pos = self.epoch + 1, 0
             self._order = self._shuffle()
         start = self.pos + self.rank * self.batch_size
-        idx = [self._order[(start + i) % len(self._order)] for i in range(self.batch_size)]
         self.pos += stride
+        return [self._order[(start + i) % len(self._order)] for i in range(self.batch_size)]
+
+    def __next__(self) -> dict[str, Tensor]:
+        idx = self._next_indices()
         return collate_pairs([self.pairs[i] for i in idx], idx)
+
+    def upcoming(self, n_batches: int) -> list[int]:
+        """Sorted distinct pair indices of the next ``n_batches`` batches (state unchanged):
+        the pairs a run of known length will ever touch, so the reference pass can skip the rest."""
+        probe = PairBatches(self.pairs, self.batch_size, self.seed, self.rank, self.world_size)
+        probe.load_state_dict(self.state_dict())
+        return sorted({i for _ in range(n_batches) for i in probe._next_indices()})
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos}
@@ -150,22 +160,26 @@ def mismatched_batch(pairs: Sequence[PreferencePair], indices: Sequence[int]) ->
 
 @torch.no_grad()
 def compute_reference_logps(ref_model: nn.Module, pairs: Sequence[PreferencePair], batch_size: int,
-                            device: torch.device, mismatched: bool = False) -> ReferenceLogps:
-    """Run the frozen reference over every pair once, in index order (eval mode, no grad)."""
+                            device: torch.device, mismatched: bool = False,
+                            indices: Optional[Sequence[int]] = None) -> ReferenceLogps:
+    """Run the frozen reference once over the pairs (all, or only ``indices``), in eval mode
+    without grad. Returns (N,) tensors; entries of pairs not computed hold NaN, so a lookup
+    of a pair outside ``indices`` poisons the loss instead of passing silently."""
     was_training = ref_model.training
     ref_model.eval()
-    chosen, rejected, mism = [], [], []
-    for start in range(0, len(pairs), batch_size):
-        idx = list(range(start, min(start + batch_size, len(pairs))))
+    todo = list(range(len(pairs))) if indices is None else list(indices)
+    out = ReferenceLogps(torch.full((len(pairs),), float("nan")), torch.full((len(pairs),), float("nan")),
+                         torch.full((len(pairs),), float("nan")) if mismatched else None)
+    for start in range(0, len(todo), batch_size):
+        idx = todo[start : start + batch_size]
         batch = {k: v.to(device) for k, v in collate_pairs([pairs[i] for i in idx], idx).items()}
-        out = pair_logps(ref_model, batch)
-        chosen.append(out["chosen"].cpu())
-        rejected.append(out["rejected"].cpu())
+        logps = pair_logps(ref_model, batch)
+        out.chosen[idx], out.rejected[idx] = logps["chosen"].cpu(), logps["rejected"].cpu()
         if mismatched:
             mb = mismatched_batch(pairs, idx)
-            mism.append(response_logps(ref_model, mb["ids"].to(device), mb["mask"].to(device))[0].cpu())
+            out.mismatched[idx] = response_logps(ref_model, mb["ids"].to(device), mb["mask"].to(device))[0].cpu()
     ref_model.train(was_training)
-    return ReferenceLogps(torch.cat(chosen), torch.cat(rejected), torch.cat(mism) if mismatched else None)
+    return out
 
 
 # ----------------------------------------------------------------------------- batch losses
@@ -214,9 +228,15 @@ def make_preference_loss(
     if algorithm in ("dpo", "kto") and ref is None:
         raise ValueError(f"{algorithm} needs cached reference log-probs")
 
+    def cached(i: Tensor, *tables: Tensor) -> None:
+        if any(torch.isnan(t[i]).any() for t in tables):
+            raise RuntimeError(f"reference log-probs of pairs {i.tolist()} were not precomputed "
+                               "(compute_reference_logps(indices=...) must cover every batch the run sees)")
+
     def dpo(model, batch):
         out = pair_logps(model, batch)
         i = batch["index"].cpu()
+        cached(i, ref.chosen, ref.rejected)
         dev = out["chosen"].device
         return losses.dpo_loss(out["chosen"], out["rejected"], ref.chosen[i].to(dev), ref.rejected[i].to(dev),
                                beta, label_smoothing, dpo_loss_type)
@@ -236,6 +256,7 @@ def make_preference_loss(
         # Each pair gives two unpaired examples: chosen is desirable, rejected undesirable.
         out = pair_logps(model, batch)
         i = batch["index"].cpu()
+        cached(i, ref.chosen, ref.rejected, ref.mismatched)
         dev = out["chosen"].device
         pi = torch.cat([out["chosen"], out["rejected"]])
         ref_logps = torch.cat([ref.chosen[i], ref.rejected[i]]).to(dev)

@@ -36,7 +36,7 @@ from utils.config import parse_args  # noqa: E402
 from utils.distributed import setup  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.fs import atomic_file  # noqa: E402
-from utils.train_loop import TrainResult, train  # noqa: E402
+from utils.train_loop import TrainResult, grad_accum_steps, train  # noqa: E402
 
 
 def run(cfg: OfflineRecipe) -> dict:
@@ -66,14 +66,20 @@ def run(cfg: OfflineRecipe) -> dict:
     needs_ref = cfg.algorithm in ("dpo", "kto")
     # The reference is the starting policy. Its log-probs are computed now, once: for the
     # training pairs (dpo/kto losses) and for the held-out pairs (the log-ratio accuracy).
+    batches = PairBatches(train_pairs, bs, seed=cfg.train.seed, rank=env.rank, world_size=env.world_size)
     t0 = time.perf_counter()
-    train_ref: Optional[ReferenceLogps] = (
-        compute_reference_logps(policy, train_pairs, bs, env.device, mismatched=cfg.algorithm == "kto") if needs_ref else None)
+    train_ref: Optional[ReferenceLogps] = None
+    if needs_ref:
+        # Only the pairs this run's max_steps will reach (a short run skips most of a big file);
+        # a spike rollback replays steps on fresh data, so then every pair is computed.
+        n_batches = cfg.train.max_steps * grad_accum_steps(cfg.train, env.world_size)
+        rollback = cfg.train.spike.enabled and cfg.train.spike.policy == "rollback"
+        used = list(range(len(train_pairs))) if rollback else batches.upcoming(n_batches)
+        train_ref = compute_reference_logps(policy, train_pairs, bs, env.device, cfg.algorithm == "kto", used)
     val_ref = compute_reference_logps(policy, val_pairs, bs, env.device) if cfg.algorithm != "reward" else None
     if env.is_main and val_ref is not None:
         print(f"reference log-probs cached in {time.perf_counter() - t0:.1f}s "
-              f"({len(train_pairs) if needs_ref else 0} train + {len(val_pairs)} held-out pairs; "
-              "data.max_train_pairs bounds this)")
+              f"({len(used) if needs_ref else 0} train + {len(val_pairs)} held-out pairs)")
 
     if cfg.algorithm == "reward":
         model = ScalarHeadModel(policy).to(env.device)
@@ -97,7 +103,6 @@ def run(cfg: OfflineRecipe) -> dict:
         cfg.algorithm, beta=cfg.loss.beta, ref=train_ref, pairs=train_pairs, label_smoothing=cfg.loss.label_smoothing,
         dpo_loss_type=cfg.loss.dpo_loss_type, orpo_lambda=cfg.loss.orpo_lambda, simpo_gamma=cfg.loss.simpo_gamma,
         kto_desirable_weight=cfg.loss.kto_desirable_weight, kto_undesirable_weight=cfg.loss.kto_undesirable_weight)
-    batches = PairBatches(train_pairs, bs, seed=cfg.train.seed, rank=env.rank, world_size=env.world_size)
     result: TrainResult = train(model, batches, loss_fn, cfg.train, cfg.optim, eval_fn=eval_fn, recipe=cfg,
                                 params=trainable_params, weights_fn=weights_fn, checkpoint_meta=meta,
                                 tokenizer_path=tokenizer_path)

@@ -32,7 +32,7 @@ from align.policy import frozen_copy, load_policy, load_tokenizer, make_trainabl
 from align.recipe import OnlineRecipe  # noqa: E402
 from align.rewards import get_reward_fn  # noqa: E402
 from align.rollout import check_rollout_length, encode_prompts, evaluate_exact_accuracy, load_prompts, rule_rewards  # noqa: E402
-from utils.checkpoint import load_model, save_checkpoint  # noqa: E402
+from utils.checkpoint import save_checkpoint  # noqa: E402
 from utils.cli import main_guard  # noqa: E402
 from utils.config import parse_args  # noqa: E402
 from utils.distributed import setup  # noqa: E402
@@ -108,7 +108,7 @@ def run(cfg: OnlineRecipe) -> dict:
     trainable = make_trainable(policy, cfg.model, quantized)
     critic = None
     if cfg.algorithm == "ppo":
-        critic = load_scalar_model(rl.critic_init, env.device) if rl.critic_init else ScalarHeadModel(load_model(cfg.model.init_from, env.device))
+        critic = load_scalar_model(rl.critic_init, env.device) if rl.critic_init else ScalarHeadModel(load_policy(cfg.model, env.device))
         critic = critic.to(env.device).train()
     chunk = max(cfg.train.batch_size, 8)
     engine_kwargs = {"block_size": ro_cfg.block_size, "max_num_seqs": ro_cfg.max_num_seqs, "max_model_len": longest}

@@ -130,3 +130,19 @@ def test_preference_file_with_an_empty_reply_is_refused(tmp_path, monkeypatch):
         load_preference_pairs(str(path), CharTok(), 64)
     pairs, dropped = load_preference_pairs(str(path), CharTok(), 64, limit=1)
     assert dropped == 0 and pairs[0].chosen == [5, 5, 1] and pairs[0].prompt == [2, 0, 1, 2, 1, 3]
+
+
+def test_reference_pass_covers_exactly_the_pairs_a_run_reaches(data):
+    train_pairs, _ = data
+    batches = PairBatches(train_pairs, 16, seed=0)
+    used = batches.upcoming(3)  # 3 batches of 16 from a 64-pair epoch: 48 distinct pairs
+    seen = sorted({int(i) for _ in range(3) for i in next(batches)["index"]})
+    assert used == seen and len(used) == 48
+    ref = compute_reference_logps(tiny_policy(0), train_pairs, 16, CPU, indices=used)
+    full = compute_reference_logps(tiny_policy(0), train_pairs, 16, CPU)
+    assert torch.equal(ref.chosen[used], full.chosen[used])
+    assert torch.isnan(ref.chosen).sum() == 16
+    loss_fn = make_preference_loss("dpo", beta=0.1, ref=ref)
+    with pytest.raises(RuntimeError, match="were not precomputed"):
+        missing = [i for i in range(64) if i not in used][:4]
+        loss_fn(tiny_policy(0), collate_pairs([train_pairs[i] for i in missing], missing))
