@@ -42,6 +42,9 @@ def hf_module_name(name: str, cfg) -> str:
 
 def to_peft_adapter(model: nn.Module, lora_cfg: LoRAConfig) -> tuple[dict[str, torch.Tensor], dict]:
     """Our adapters -> (PEFT state dict, PEFT adapter_config dict) for the HF-exported base."""
+    if lora_cfg.modules_to_save:
+        raise UserError("this adapter also trains whole modules (lora.modules_to_save); PEFT export covers LoRA "
+                        "matrices only, so export the merged model (export_merged_hf) instead.")
     state, targets = {}, []
     for name, layer in lora_layers(model).items():
         hf = hf_module_name(name, model.cfg)

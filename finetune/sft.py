@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from finetune.recipe import SFTRecipe
 from model.config import ModelConfig
-from model.lora import adapter_meta, apply_lora, lora_layers, load_lora, merge_and_unload, read_adapter_config
+from model.lora import adapter_meta, apply_lora, load_lora, lora_state_dict, merge_and_unload, read_adapter_config
 from model.transformer import Transformer
 from utils.checkpoint import load_into, load_model_config, load_weights, read_meta
 from utils.errors import UserError
@@ -95,20 +95,27 @@ def build_sft_model(recipe: SFTRecipe, device: torch.device) -> tuple[nn.Module,
     if recipe.lora is not None:
         lc = recipe.lora
         torch.manual_seed(recipe.train.seed)  # adapter init (kaiming A) is part of the run: same seed, same A
-        info["lora_layers"] = apply_lora(model, lc.targets, lc.r, lc.alpha, lc.dropout, lc.rslora)
+        info["lora_layers"] = apply_lora(model, lc.targets, lc.r, lc.alpha, lc.dropout, lc.rslora, lc.modules_to_save)
     info["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     info["total"] = sum(p.numel() for p in model.parameters())
     return model, info
 
 
-def lora_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The live adapter tensors (the loop saves them and copies them back on resume)."""
+def lora_weights_fn(lora_cfg):
+    """``weights_fn`` for the loop: the live adapter tensors (and fully trained modules)."""
     from utils.distributed import unwrap
 
-    out = {}
-    for name, layer in lora_layers(unwrap(model)).items():
-        out[f"{name}.lora_A"], out[f"{name}.lora_B"] = layer.lora_A, layer.lora_B
-    return out
+    def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+        return lora_state_dict(unwrap(model), lora_cfg.modules_to_save, live=True)
+
+    return weights
+
+
+def lora_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The live adapter tensors (no fully trained modules); kept for align/policy.py."""
+    from utils.distributed import unwrap
+
+    return lora_state_dict(unwrap(model), live=True)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -225,7 +232,7 @@ def run_sft(recipe: SFTRecipe, mode: str, batches: Optional[Iterator] = None, ev
     meta = {"stage": f"sft_{mode}", "base_checkpoint": str(recipe.base_checkpoint)}
     weights_fn = None
     if recipe.lora is not None:
-        weights_fn = lora_weights
+        weights_fn = lora_weights_fn(recipe.lora)
         meta = adapter_meta(model, recipe.lora, **meta, qlora=recipe.qlora is not None, quantized=info.get("quantized", []))
     return train(model, batches, sft_loss, recipe.train, recipe.optim, eval_fn=eval_fn, recipe=recipe,
                  weights_fn=weights_fn, checkpoint_meta=meta, tokenizer_path=tokenizer_path(recipe),

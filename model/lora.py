@@ -20,9 +20,9 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -42,6 +42,9 @@ class LoRAConfig:
     dropout: float = 0.0
     rslora: bool = False  # scale alpha/sqrt(r) (Kalajdzievski 2023) instead of alpha/r
     targets: Targets = "all-linear"  # name patterns (fnmatch, e.g. "q_proj", "layers.*.ffn.*") or "all-linear"
+    # Modules trained in full beside the adapters and saved with them (PEFT's modules_to_save), e.g.
+    # [embed, lm_head] when the base never saw the chat tokens: frozen untrained rows cannot learn them.
+    modules_to_save: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.r <= 0:
@@ -156,9 +159,10 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 def apply_lora(
     model: nn.Module, targets: Targets = "all-linear", r: int = 8, alpha: float = 16.0,
-    dropout: float = 0.0, rslora: bool = False,
+    dropout: float = 0.0, rslora: bool = False, modules_to_save: Sequence[str] = (),
 ) -> list[str]:
-    """Wrap the selected linear layers in LoRALinear and freeze everything but the adapters.
+    """Wrap the selected linear layers in LoRALinear and freeze everything but the adapters
+    (and the parameters of ``modules_to_save``, which train in full).
 
     Returns the wrapped module names. Call it after the base weights are loaded (and after
     ``model.quant.quantize_model`` for QLoRA).
@@ -176,7 +180,31 @@ def apply_lora(
     for name in names:
         wrapper = LoRALinear(model.get_submodule(name), r, alpha, dropout, rslora, name=name)
         _set_module(model, name, wrapper.train(model.training))  # a new module would start in train mode
+    for p in saved_parameters(model, modules_to_save).values():
+        p.requires_grad_(True)
     return names
+
+
+def saved_parameters(model: nn.Module, modules_to_save: Sequence[str]) -> dict[str, nn.Parameter]:
+    """Parameters of the fully trained modules, by state-dict name, each tensor once (tied
+    embedding and head are one tensor). Patterns match module names as in ``match_linears``."""
+    wrapped = set(lora_layers(model))
+    out: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for pattern in modules_to_save:
+        hits = [n for n, _ in model.named_modules() if n and (fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, "*." + pattern))]
+        if not hits:
+            raise UserError(f"lora.modules_to_save pattern {pattern!r} matches no module of this model (e.g. embed, lm_head, norm).")
+        for name in hits:
+            if any(name == w or name.startswith(w + ".") or w.startswith(name + ".") for w in wrapped):
+                raise UserError(f"{name} is both a LoRA target and in lora.modules_to_save; a layer is either adapted or trained in full.")
+            if any(_is_4bit(m) for m in model.get_submodule(name).modules()):
+                raise UserError(f"{name} is stored in 4 bits (QLoRA) and cannot be trained in full; leave it out of qlora.targets.")
+            for p_name, p in model.get_submodule(name).named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out[f"{name}.{p_name}"] = p
+    return out
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -236,13 +264,15 @@ def merge_and_unload(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
 # ----------------------------------------------------------------------------- saving / loading
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter tensors only: ``{name}.lora_A`` (r, in) and ``{name}.lora_B`` (out, r)."""
-    state = {}
+def lora_state_dict(model: nn.Module, modules_to_save: Sequence[str] = (), live: bool = False) -> dict[str, torch.Tensor]:
+    """Adapter tensors: ``{name}.lora_A`` (r, in), ``{name}.lora_B`` (out, r), plus the fully
+    trained modules' parameters. ``live=True`` returns the parameters themselves (the training
+    loop saves them and copies resumed values back into them); else detached CPU copies."""
+    state: dict[str, torch.Tensor] = {}
     for name, layer in lora_layers(model).items():
-        state[f"{name}.lora_A"] = layer.lora_A.detach().cpu().contiguous()
-        state[f"{name}.lora_B"] = layer.lora_B.detach().cpu().contiguous()
-    return state
+        state[f"{name}.lora_A"], state[f"{name}.lora_B"] = layer.lora_A, layer.lora_B
+    state.update(saved_parameters(model, modules_to_save))
+    return state if live else {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
 def base_fingerprint(model: nn.Module) -> str:
@@ -278,7 +308,8 @@ def save_adapter(path: str | os.PathLike, model: nn.Module, lora_cfg: LoRAConfig
     """Write the adapters alone (a small checkpoint dir whose meta.json says kind=adapter), atomically."""
     from utils.checkpoint import save_checkpoint
 
-    return save_checkpoint(path, model, weights=lora_state_dict(model), meta=adapter_meta(model, lora_cfg, **meta))
+    weights = lora_state_dict(model, lora_cfg.modules_to_save)
+    return save_checkpoint(path, model, weights=weights, meta=adapter_meta(model, lora_cfg, **meta))
 
 
 def read_adapter_config(path: str | os.PathLike) -> LoRAConfig:
@@ -312,19 +343,16 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> list[str]:
             "load the base checkpoint it was made for (see its model_config.json)."
         )
     if not lora_layers(model):
-        apply_lora(model, meta["lora_layers"], lora_cfg.r, lora_cfg.alpha, lora_cfg.dropout, lora_cfg.rslora)
+        apply_lora(model, meta["lora_layers"], lora_cfg.r, lora_cfg.alpha, lora_cfg.dropout, lora_cfg.rslora, lora_cfg.modules_to_save)
     if base_fingerprint(model) != meta.get("base_fingerprint"):
         raise UserError(f"adapter {path} was trained on a base with different weight shapes; load the base it was made for.")
     state = load_weights(path)
-    layers = lora_layers(model)
-    expected = {f"{n}.lora_{ab}" for n in layers for ab in "AB"}
-    if set(state) != expected:
-        raise UserError(f"adapter {path} holds {len(state)} tensors but this model's adapters need {len(expected)}; the adapter does not fit.")
+    targets = lora_state_dict(model, lora_cfg.modules_to_save, live=True)
+    if set(state) != set(targets):
+        raise UserError(f"adapter {path} holds {len(state)} tensors but this model's adapters need {len(targets)}; the adapter does not fit.")
     with torch.no_grad():
-        for name, layer in layers.items():
-            for ab in "AB":
-                dst, src = getattr(layer, f"lora_{ab}"), state[f"{name}.lora_{ab}"]
-                if dst.shape != src.shape:
-                    raise UserError(f"adapter {path}: {name}.lora_{ab} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}.")
-                dst.copy_(src)
-    return sorted(layers)
+        for key, dst in targets.items():
+            if dst.shape != state[key].shape:
+                raise UserError(f"adapter {path}: {key} has shape {tuple(state[key].shape)}, expected {tuple(dst.shape)}.")
+            dst.copy_(state[key])
+    return sorted(lora_layers(model))

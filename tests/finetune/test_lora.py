@@ -174,3 +174,33 @@ def test_mla_moe_model_decode_with_adapters():
         model(IDX[:, :-1], cache=cache)
         last = model(IDX[:, -1:], cache=cache)  # one query over a longer cache: the absorbed path
     assert (last[:, -1] - full[:, -1]).abs().max().item() <= 1e-5
+
+
+def test_modules_to_save_train_in_full_and_travel_with_the_adapter(tmp_path):
+    model = tiny_model(tie_embeddings=True)
+    cfg = LoRAConfig(r=2, alpha=4, targets=["q_proj"], modules_to_save=["embed", "lm_head"])
+    apply_lora(model, cfg.targets, cfg.r, cfg.alpha, modules_to_save=cfg.modules_to_save)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"embed.weight"} | {f"layers.{i}.attn.q_proj.lora_{ab}" for i in range(2) for ab in "AB"}
+    randomize_adapters(model)
+    with torch.no_grad():
+        model.embed.weight.mul_(1.5)  # stands for a trained embedding (tied: the head changes too)
+        want = model(IDX)
+    state = lora_state_dict(model, cfg.modules_to_save)
+    assert "embed.weight" in state and "lm_head.weight" not in state  # the tied tensor is stored once
+    path = save_adapter(tmp_path / "adapter", model, cfg)
+    fresh = tiny_model(tie_embeddings=True)
+    load_lora(fresh, path)
+    with torch.no_grad():
+        assert torch.equal(fresh(IDX), want)
+    from finetune.export import export_peft_adapter
+
+    with pytest.raises(UserError, match="merged"):
+        export_peft_adapter(model, cfg, tmp_path / "peft")
+
+
+def test_modules_to_save_bad_input():
+    with pytest.raises(UserError, match="matches no module"):
+        apply_lora(tiny_model(), "q_proj", r=2, modules_to_save=["embedding"])
+    with pytest.raises(UserError, match="both a LoRA target"):
+        apply_lora(tiny_model(), "q_proj", r=2, modules_to_save=["layers.0.attn"])

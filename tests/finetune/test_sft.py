@@ -149,3 +149,15 @@ def test_qlora_with_fsdp_is_refused(tmp_path, base_dir):
     with pytest.raises(UserError, match="ddp"):
         recipe(tmp_path, base_dir, "qlora", train={"out_dir": str(tmp_path), "max_steps": 1, "batch_size": 1,
                                                    "seq_len": 8, "distributed": "fsdp"})
+
+
+def test_lora_with_modules_to_save(tmp_path, base_dir):
+    r = recipe(tmp_path, base_dir, "lora", lora={"r": 2, "alpha": 4, "targets": ["q_proj"], "modules_to_save": ["embed", "lm_head"]})
+    r.train.max_steps = 3
+    result = run_sft(r, "lora", batches=FixedBatches(), eval_fn=lambda m: {})
+    saved = load_weights(result.checkpoint)
+    assert {"embed.weight", "lm_head.weight"} <= set(saved) and len(saved) == 2 + 2 * 2
+    base = load_weights(base_dir)
+    assert not torch.equal(saved["embed.weight"], base["embed.weight"])  # trained in full
+    model = load_finetuned(result.checkpoint)
+    assert torch.equal(model.embed.weight, saved["embed.weight"])
