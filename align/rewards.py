@@ -7,10 +7,9 @@ answer ("72").
 from __future__ import annotations
 
 import difflib
-import re
 from typing import Callable, Dict
 
-from eval.answer import NUMBER, extract_gsm8k_answer, extract_hash_answer
+from eval.answer import ends_with_answer_line, extract_gsm8k_answer, extract_hash_answer
 from utils.errors import UserError
 
 RewardFn = Callable[[str, str], float]
@@ -19,7 +18,6 @@ RewardFn = Callable[[str, str], float]
 # answer (0.1) always scores below a correct one (1.0 or 1.1).
 FORMAT_WEIGHT = 0.1
 
-_FINAL_LINE = re.compile(r"####[ \t]*" + NUMBER + r"[ \t]*")
 
 
 def _reference_number(reference_answer: str) -> str:
@@ -42,8 +40,7 @@ def gsm8k_exact(completion: str, reference_answer: str) -> float:
 
 def gsm8k_format(completion: str, reference_answer: str) -> float:
     """1.0 if the completion's last non-empty line is ``#### <number>``, else 0.0."""
-    lines = [line for line in completion.splitlines() if line.strip()]
-    return float(bool(lines) and _FINAL_LINE.fullmatch(lines[-1].strip()) is not None)
+    return float(ends_with_answer_line(completion))
 
 
 def gsm8k_combined(completion: str, reference_answer: str) -> float:

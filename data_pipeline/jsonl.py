@@ -6,7 +6,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from data_pipeline.atomic import atomic_path
+from utils.fs import atomic_path
 from utils.errors import UserError
 
 

@@ -59,3 +59,12 @@ def extract_gsm8k_answer(text: str) -> Optional[str]:
         return answer
     numbers = _ANY_NUMBER.findall(text)
     return normalize_number(numbers[-1]) if numbers else None
+
+
+_ANSWER_LINE = re.compile(r"####[ \t]*" + NUMBER + r"[ \t]*")
+
+
+def ends_with_answer_line(text: str) -> bool:
+    """The GSM8K answer format: the last non-empty line is ``#### <number>``."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    return bool(lines) and _ANSWER_LINE.fullmatch(lines[-1].strip()) is not None

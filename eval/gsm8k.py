@@ -18,11 +18,10 @@ import pathlib
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # repo root
 
-import re
 import time
 from typing import Callable, Optional, Sequence
 
-from eval.answer import NUMBER, extract_gsm8k_answer, extract_hash_answer
+from eval.answer import ends_with_answer_line, extract_gsm8k_answer, extract_hash_answer
 from eval.common import REPO_ROOT, EvalRecipe, load_tokenizer, out_dir, parse_eval_args, summary_header
 from eval.data import DOWNLOAD_CMD, GSM8K_FIELDS, _hf_stream, _read_records, _require_fields, load_gsm8k
 from eval.report import write_results
@@ -32,17 +31,10 @@ from utils.errors import UserError
 NAME = "gsm8k"
 DEFAULT_N_SHOT = 5  # lm-eval-harness's gsm8k default
 SYNTHETIC_SHOTS = REPO_ROOT / "data" / "prompts" / "rl_train.jsonl"
-_ANSWER_LINE = re.compile(r"####\s*" + NUMBER + r"\s*")
 
 # prompts (token ids) -> [{"text": output, ...extra record fields}], same order;
 # the engine in real runs, a stub in tests
 Generate = Callable[[list[list[int]]], list[dict]]
-
-
-def ends_with_answer_line(text: str) -> bool:
-    """The format GSM8K solutions use: the last non-empty line is ``#### <number>``."""
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return bool(lines) and _ANSWER_LINE.fullmatch(lines[-1].strip()) is not None
 
 
 def load_shots(recipe: EvalRecipe, n: int) -> list[dict]:

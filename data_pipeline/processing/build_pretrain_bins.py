@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from data_pipeline.atomic import atomic_dir
+from utils.fs import atomic_dir
 from data_pipeline.cli import base_parser
 from data_pipeline.paths import DataPaths
 from data_pipeline.processing.binfile import (

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from data_pipeline.atomic import atomic_dir
+from utils.fs import atomic_dir
 from data_pipeline.cli import add_workers_arg, base_parser
 from data_pipeline.jsonl import load_jsonl
 from data_pipeline.paths import DataPaths

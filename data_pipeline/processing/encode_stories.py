@@ -20,7 +20,7 @@ from collections import Counter
 
 import numpy as np
 
-from data_pipeline.atomic import atomic_dir
+from utils.fs import atomic_dir
 from data_pipeline.cli import add_workers_arg, base_parser
 from data_pipeline.jsonl import iter_jsonl
 from data_pipeline.paths import DataPaths

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import regex
 
-from data_pipeline.atomic import atomic_path
+from utils.fs import atomic_path
 from utils.errors import UserError
 
 # The GPT-2 pre-tokenization regex (same string as HF's ByteLevel pre-tokenizer).

@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from data_pipeline.atomic import atomic_dir
+from utils.fs import atomic_dir
 from data_pipeline.cli import base_parser
 from data_pipeline.jsonl import iter_jsonl
 from data_pipeline.paths import DataPaths

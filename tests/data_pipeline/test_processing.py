@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from data_pipeline.atomic import atomic_dir, atomic_path
+from utils.fs import atomic_dir, atomic_path
 from data_pipeline.processing.binfile import open_array, token_dtype
 from data_pipeline.processing.dedup import (
     MinHasher,

@@ -1,6 +1,6 @@
 import pytest
 
-from eval.answer import extract_gsm8k_answer, extract_hash_answer, normalize_number
+from eval.answer import ends_with_answer_line, extract_gsm8k_answer, extract_hash_answer, normalize_number
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -35,3 +35,9 @@ def test_extract_hash_answer_is_strict():
     assert extract_hash_answer("the answer is 7.") is None
     assert extract_hash_answer("#### 7") == "7"
     assert extract_hash_answer("#### none") is None
+
+
+@pytest.mark.parametrize("text,ok", [("a\n#### 12", True), ("#### 1,234.5\n\n", True), ("#### 12 apples", False),
+                                     ("12", False), ("#### 3\nmore", False), ("#### -7", True)])
+def test_ends_with_answer_line(text, ok):
+    assert ends_with_answer_line(text) is ok
