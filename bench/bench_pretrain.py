@@ -1,6 +1,7 @@
 """Training throughput: our Transformer in the shared loop vs HF LlamaForCausalLM, one run.
 
     python bench/bench_pretrain.py [--steps 6] [--rounds 3] [--batch 8] [--seq 256] [--compile]
+    python bench/bench_pretrain.py --gpu_mfu [--batch 16] [--seq 1024]   # CUDA: GPT-2-124M, bf16, compiled
 
 A ~10M-parameter Llama-style config (d 256, 10 layers, 8 heads / 4 KV heads, SwiGLU 704,
 vocab 4096, untied head) is built twice with the same weights: ours (model/transformer.py)
@@ -126,6 +127,33 @@ def bare(model, loss_fn, batch, steps: int) -> tuple[list[float], list[float]]:
     return data.step_times()
 
 
+GPT2_124M = ModelConfig(vocab_size=50304, d_model=768, n_layers=12, n_heads=12, max_seq_len=1024, norm="layernorm",
+                        ffn="gelu_mlp", activation="gelu_tanh", pos_emb="learned", tie_embeddings=True, qkv_bias=True,
+                        attn_out_bias=True, mlp_bias=True)
+
+
+def gpu_mfu(batch: int, seq: int, steps: int) -> None:
+    """MFU of GPT-2-124M (vocab padded to 50304, as llm.c/nanoGPT) through the shared loop:
+    bf16 autocast, torch.compile, fused AdamW, on one CUDA device; peak from utils.flops."""
+    if not torch.cuda.is_available():
+        raise SystemExit("--gpu_mfu needs a CUDA device")
+    torch.manual_seed(0)
+    model = Transformer(GPT2_124M)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 50257, (batch, seq), generator=g)
+    data = Repeat(x, torch.roll(x, -1, dims=1))
+    with tempfile.TemporaryDirectory() as out:
+        cfg = TrainConfig(out_dir=out, max_steps=steps, batch_size=batch, seq_len=seq, device="cuda", dtype="bf16",
+                          compile=True, resume="never", progress=False, log_every=10)
+        cfg.spike.enabled = False
+        res = train(model, data, ours_loss, cfg, OptimConfig(lr=6e-4, warmup_steps=10))
+    steady = res.history[steps // 2:]
+    tps = statistics.median(h["tok_per_s"] for h in steady)
+    mfu = statistics.median(h["mfu"] for h in steady if h["mfu"] is not None) if steady[0]["mfu"] else None
+    print(f"GPT-2-124M on {torch.cuda.get_device_name()}: {tps:,.0f} tokens/s, MFU "
+          f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} (median of steps {steps // 2 + 1}..{steps})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=6, help="steps per round (the first is warm-up)")
@@ -133,7 +161,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--compile", action="store_true", help="also time ours with torch.compile")
+    p.add_argument("--gpu_mfu", action="store_true", help="instead: MFU of GPT-2-124M on CUDA (bf16, compiled)")
     args = p.parse_args()
+    if args.gpu_mfu:
+        return gpu_mfu(args.batch if args.batch != 8 else 16, args.seq if args.seq != 256 else 1024, max(args.steps, 40))
 
     torch.manual_seed(0)
     ours = Transformer(CFG)
