@@ -66,7 +66,8 @@ def test_qlora_script_end_to_end(setup_dir, tmp_path):
     assert "format rate on 2 held-out arithmetic prompts" in res.stdout and "NF4 base" in res.stdout
     meta = read_meta(out / "final")
     assert meta["kind"] == "adapter" and meta["qlora"] and meta["base_checkpoint"] == str(setup_dir / "base")
-    assert all(".lora_" in k for k in load_weights(out / "final"))
+    saved = set(load_weights(out / "final"))  # adapters + the example's modules_to_save (embed, lm_head)
+    assert {k for k in saved if ".lora_" not in k} == {"embed.weight", "lm_head.weight"} and len(saved) == 2 + 2 * 2 * 7
     assert "val_loss" in (out / "metrics.jsonl").read_text()  # evaluated on the val split at the end
     fe = json.loads((out / "format_eval.json").read_text())
     assert fe["sft"]["n"] == 2 and 0.0 <= fe["base"]["format_rate"] <= 1.0
