@@ -177,7 +177,8 @@ def pretrain(key: str, model: dict) -> dict:
 
 
 def sft(key: str, mode: str) -> dict:
-    lora = dict(r=16, alpha=32, dropout=0.05, targets="all-linear")
+    # modules_to_save: the stories-only base never saw the chat tokens and digits of SFT data
+    lora = dict(r=16, alpha=32, dropout=0.05, targets="all-linear", modules_to_save=["embed", "lm_head"])
     recipe = dict(
         base_checkpoint=final(key, "pretrain"),
         data=dict(bin_dir="data/bins/sft", tokenizer=TOKENIZER),
