@@ -161,11 +161,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--compile", action="store_true", help="also time ours with torch.compile")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 is steadier on a busy box")
     p.add_argument("--gpu_mfu", action="store_true", help="instead: MFU of GPT-2-124M on CUDA (bf16, compiled)")
     args = p.parse_args()
     if args.gpu_mfu:
         return gpu_mfu(args.batch if args.batch != 8 else 16, args.seq if args.seq != 256 else 1024, max(args.steps, 40))
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ours = Transformer(CFG)
     hf = hf_llama(CFG, ours)
