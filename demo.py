@@ -22,6 +22,7 @@ sys.path[0] = str(pathlib.Path(__file__).resolve().parent)  # repo root, whateve
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
@@ -50,6 +51,7 @@ class DemoRecipe:
     dpo: str = field(default="", metadata={"path": "file"})
     grpo: str = field(default="", metadata={"path": "file"})
     eval_limit: int = 200  # held-out problems per eval set
+    threads: int = 0  # OMP_NUM_THREADS for every stage; 0 keeps torch's default (one per core)
     serve_port: int = 0  # 0: a free port
 
 
@@ -77,12 +79,18 @@ def plan(recipe: DemoRecipe) -> list[Stage]:
     out = pathlib.Path(recipe.out_dir)
     data = [[py, step.script, *step.args] for step in recipe.data]
     grpo_final = str(pathlib.Path(read_yaml_key(recipe.grpo, "train", "out_dir")) / "final")
+    data_dir = pathlib.Path(recipe.data_dir)
+    # The embedded eval sets are read by path (source=local, their original formats), so the demo
+    # works with any data_dir.
     evals = [
-        [py, "eval/gsm8k.py", "--checkpoint", grpo_final, "--source", "synthetic", "--limit", str(recipe.eval_limit),
-         "--n_shot", "0", "--out_dir", str(out / "eval")],
-        [py, "eval/mmlu.py", "--checkpoint", grpo_final, "--source", "synthetic", "--out_dir", str(out / "eval")],
+        [py, "eval/gsm8k.py", "--checkpoint", grpo_final, "--source", "local", "--data_path",
+         str(data_dir / "eval" / "gsm8k_test.jsonl"), "--limit", str(recipe.eval_limit), "--n_shot", "0",
+         "--out_dir", str(out / "eval")],
+        [py, "eval/mmlu.py", "--checkpoint", grpo_final, "--source", "local", "--data_path", str(data_dir / "eval" / "mmlu"),
+         "--out_dir", str(out / "eval")],
         [py, "eval/perplexity.py", "--checkpoint", str(pathlib.Path(read_yaml_key(recipe.pretrain, "train", "out_dir")) / "final"),
-         "--limit", str(recipe.eval_limit), "--out_dir", str(out / "eval")],
+         "--bin_path", str(data_dir / "bins" / "pretrain" / "val.bin"), "--limit", str(recipe.eval_limit),
+         "--out_dir", str(out / "eval")],
     ]
     return [
         Stage("data", data),
@@ -109,7 +117,7 @@ def banner(i: int, n: int, text: str) -> None:
     print(f"\n{'=' * 78}\n[{i}/{n}] {text}\n{'=' * 78}", flush=True)
 
 
-def run_stage(stage: Stage, stamps: pathlib.Path, log_dir: pathlib.Path) -> float:
+def run_stage(stage: Stage, stamps: pathlib.Path, log_dir: pathlib.Path, env: dict) -> float:
     """Run a stage's commands (streaming their output) unless its stamp says it is done."""
     stamp_file = stamps / f"{stage.name}.json"
     stamp = stamp_of(stage)
@@ -125,7 +133,7 @@ def run_stage(stage: Stage, stamps: pathlib.Path, log_dir: pathlib.Path) -> floa
             print("$ " + " ".join(cmd[1:] if cmd[0] == sys.executable else cmd), flush=True)
             log.write("$ " + " ".join(cmd) + "\n")
             log.flush()
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
             for line in proc.stdout:
                 sys.stdout.write(line)
                 log.write(line)
@@ -194,7 +202,7 @@ def report_card(recipe: DemoRecipe, seconds: dict[str, float]) -> str:
             rows.append(("eval", "GSM8K '#### <n>' format rate", "", fmt(gsm.get("format_rate"), True)))
     mmlu = read_json(out / "eval" / "mmlu_summary.json")
     if mmlu:
-        rows.append(("eval", f"MMLU-format accuracy (synthetic, 4 choices; chance 25%)", "", fmt(mmlu.get("micro"), True)))
+        rows.append(("eval", "MMLU-format accuracy (synthetic, 4 choices; chance 25%)", "", fmt(mmlu.get("micro"), True)))
     ppx = read_json(out / "eval" / "perplexity_summary.json")
     if ppx:
         rows.append(("eval", "pretrain val perplexity / bits per byte", "", f"{fmt(ppx.get('perplexity'))} / {fmt(ppx.get('bits_per_byte'))}"))
@@ -294,12 +302,15 @@ def main() -> None:
         ]:
             shutil.rmtree(d, ignore_errors=True)
     only = set(args.only.split(",")) if args.only else None
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if recipe.threads > 0:  # tiny models on few cores: one thread avoids OpenMP spin-waits
+        env["OMP_NUM_THREADS"] = str(recipe.threads)
     seconds: dict[str, float] = {}
     for i, stage in enumerate(stages, 1):
         if only and stage.name not in only:
             continue
         banner(i, len(stages), stage.name)
-        seconds[stage.name] = run_stage(stage, out / "stamps", out / "logs")
+        seconds[stage.name] = run_stage(stage, out / "stamps", out / "logs", env)
     plot_curves(recipe, out / "loss_curves.png")
     card = report_card(recipe, seconds)
     with atomic_file(out / "report.md") as f:
