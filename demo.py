@@ -74,7 +74,7 @@ def read_yaml_key(path: str, *keys: str):
     return node
 
 
-def plan(recipe: DemoRecipe) -> list[Stage]:
+def plan(recipe: DemoRecipe, recipe_path: str) -> list[Stage]:
     py = sys.executable
     out = pathlib.Path(recipe.out_dir)
     data = [[py, step.script, *step.args] for step in recipe.data]
@@ -99,7 +99,7 @@ def plan(recipe: DemoRecipe) -> list[Stage]:
         Stage("dpo", [[py, "align/train_offline.py", "--config_path", recipe.dpo]], recipe.dpo),
         Stage("grpo", [[py, "align/train_online.py", "--config_path", recipe.grpo]], recipe.grpo),
         Stage("eval", evals),
-        Stage("serve", [[py, "demo.py", "--serve_check", grpo_final, "--port", str(recipe.serve_port)]]),
+        Stage("serve", [[py, "demo.py", "--recipe", recipe_path, "--serve_check", grpo_final, "--port", str(recipe.serve_port)]]),
     ]
 
 
@@ -295,7 +295,7 @@ def main() -> None:
         return serve_check(args.serve_check, args.port, recipe.out_dir)
 
     out = pathlib.Path(recipe.out_dir)
-    stages = plan(recipe)
+    stages = plan(recipe, args.recipe)
     if args.fresh:
         for d in [out, pathlib.Path(recipe.data_dir)] + [
             pathlib.Path(read_yaml_key(getattr(recipe, n), "train", "out_dir")) for n in ("pretrain", "sft", "dpo", "grpo")
