@@ -51,9 +51,13 @@ def _chunked(fn: Callable[[Tensor], Tensor], tokens: Tensor, chunk: int) -> Tens
     return torch.cat([fn(tokens[i : i + chunk]) for i in range(0, tokens.shape[0], chunk)])
 
 
-def token_logps(model: nn.Module, tokens: Tensor, mask: Tensor) -> Tensor:
-    """(B, T-1) log pi(tokens[:, j+1] | tokens[:, :j+1]) on the shifted grid, 0 off ``mask``."""
-    return sequence_logprobs(model(tokens[:, :-1]), tokens[:, 1:], mask)
+def token_logps(model: nn.Module, tokens: Tensor, mask: Tensor, temperature: float = 1.0) -> Tensor:
+    """(B, T-1) log pi_T(tokens[:, j+1] | tokens[:, :j+1]) on the shifted grid, 0 off ``mask``.
+
+    pi_T = softmax(logits / T) is the policy the engine sampled from at temperature T, so
+    ratios and KL are those of the behaviour policy (on-policy even when T != 1)."""
+    logits = model(tokens[:, :-1])
+    return sequence_logprobs(logits / temperature if temperature != 1.0 else logits, tokens[:, 1:], mask)
 
 
 def _last_token(mask: Tensor) -> Tensor:
@@ -109,8 +113,10 @@ class RolloutPhase:
         tokens = ro.tokens.to(self.device)
         mask = ro.response_mask[:, 1:].to(self.device)  # (N, L-1) shifted grid
         with self.autocast():
-            old_logp = _chunked(lambda t: token_logps(self.policy, t, torch.ones_like(t[:, 1:], dtype=torch.bool)), tokens, self.chunk)
-            ref_logp = _chunked(lambda t: token_logps(self.reference, t, torch.ones_like(t[:, 1:], dtype=torch.bool)), tokens, self.chunk)
+            T = self.sampling.temperature
+            every = lambda t: torch.ones_like(t[:, 1:], dtype=torch.bool)  # noqa: E731
+            old_logp = _chunked(lambda t: token_logps(self.policy, t, every(t), T), tokens, self.chunk)
+            ref_logp = _chunked(lambda t: token_logps(self.reference, t, every(t), T), tokens, self.chunk)
             values = _chunked(lambda t: self.critic(t[:, :-1]), tokens, self.chunk) if self.critic is not None else None
         old_logp = torch.where(mask, old_logp.float(), torch.zeros_like(old_logp, dtype=torch.float32))
         ref_logp = torch.where(mask, ref_logp.float(), torch.zeros_like(ref_logp, dtype=torch.float32))
@@ -214,8 +220,10 @@ class RolloutBatches:
 
 
 def make_rl_loss(algorithm: str, *, clip_eps: float, clip_eps_high: Optional[float] = None, kl_beta: float = 0.0,
-                 aggregation: str = "token", vf_coef: float = 0.1, vf_clip: float = 0.2) -> Callable:
-    """``loss_fn(model, batch) -> (loss, metrics)`` for the loop.
+                 aggregation: str = "token", vf_coef: float = 0.1, vf_clip: float = 0.2,
+                 temperature: float = 1.0) -> Callable:
+    """``loss_fn(model, batch) -> (loss, metrics)`` for the loop. ``temperature``: the
+    rollout sampling temperature; log-probs are those of softmax(logits / temperature).
 
     Each returns ``loss_weight`` (response tokens, or sequences for sequence-level
     objectives), so the loop's weighted mean over micro-batches equals the objective over
@@ -229,14 +237,14 @@ def make_rl_loss(algorithm: str, *, clip_eps: float, clip_eps_high: Optional[flo
 
     def grpo(model, batch):
         mask = batch["mask"]
-        logp = token_logps(model, batch["tokens"], mask)
+        logp = token_logps(model, batch["tokens"], mask, temperature)
         loss, m = losses.grpo_loss(logp, batch["old_logp"], batch["ref_logp"], batch["advantages"], mask,
                                    clip_eps, kl_beta, aggregation, clip_eps_high)
         return loss, {**m, **common(batch, mask, aggregation == "sequence")}
 
     def gspo(model, batch):
         mask = batch["mask"]
-        logp = token_logps(model, batch["tokens"], mask)
+        logp = token_logps(model, batch["tokens"], mask, temperature)
         loss, m = losses.gspo_loss(logp, batch["old_logp"], batch["advantages"], mask, clip_eps, clip_eps_high)
         return loss, {**m, **common(batch, mask, True)}
 
@@ -244,7 +252,7 @@ def make_rl_loss(algorithm: str, *, clip_eps: float, clip_eps_high: Optional[flo
         mask = batch["mask"]
         tokens = batch["tokens"]
         logits, values = model(tokens[:, :-1])
-        logp = sequence_logprobs(logits, tokens[:, 1:], mask)
+        logp = sequence_logprobs(logits / temperature if temperature != 1.0 else logits, tokens[:, 1:], mask)
         policy_loss, pm = losses.ppo_policy_loss(logp, batch["old_logp"], batch["advantages"], mask, clip_eps, clip_eps_high)
         value_loss, vm = losses.ppo_value_loss(values.float(), batch["old_values"], batch["returns"], mask, vf_clip)
         loss = policy_loss + vf_coef * value_loss

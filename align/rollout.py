@@ -15,7 +15,7 @@ is shared, not copied), so no cached K/V outlives a policy update.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -187,5 +187,3 @@ def evaluate_exact_accuracy(
     return {"accuracy": exact.mean().item(), "format": fmt.mean().item(),
             "mean_response_tokens": ro.response_lengths.float().mean().item(), "n": len(prompts)}
 
-
-ScoreFn = Callable[[Rollout], Tensor]

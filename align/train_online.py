@@ -124,7 +124,8 @@ def run(cfg: OnlineRecipe) -> dict:
     batches = RolloutBatches(phase, cfg.train.batch_size, rl.epochs, seed=cfg.train.seed)
     clip, clip_high = rl.clip(cfg.algorithm)
     loss_fn = make_rl_loss(cfg.algorithm, clip_eps=clip, clip_eps_high=clip_high, kl_beta=rl.kl_beta,
-                           aggregation=rl.aggregation, vf_coef=rl.vf_coef, vf_clip=rl.vf_clip)
+                           aggregation=rl.aggregation, vf_coef=rl.vf_coef, vf_clip=rl.vf_clip,
+                           temperature=ro_cfg.temperature)
 
     def policy_weights(actor: torch.nn.Module) -> dict:
         return trainable.weights_fn(actor) if trainable.weights_fn else model_state_for_saving_live(actor)

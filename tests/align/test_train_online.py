@@ -2,6 +2,8 @@
 LoRA base stay frozen, resume replays the buffer exactly, bad recipes fail before training."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -140,3 +142,15 @@ def test_bad_recipes_fail_before_training():
         _recipe(rl={"clip_epsilon": 0.1})
     assert _recipe(algorithm="gspo").rl.clip("gspo") == (3e-4, 4e-4)
     assert _recipe(algorithm="ppo", rollout={"group_size": 1}).buffer_rows == 8
+
+
+def test_log_probs_are_those_of_the_sampling_temperature():
+    policy = tiny_policy(5)
+    phase = make_phase("grpo", policy, frozen_copy(policy), toy_prompts(8), G=4, P=4)
+    phase.sampling = replace(phase.sampling, temperature=0.5)
+    buffer, _ = phase(0)
+    batch = next(RolloutBatches(lambda r: (buffer, {}), 16, 1, seed=0))
+    _, on_policy = make_rl_loss("grpo", clip_eps=0.2, kl_beta=0.04, temperature=0.5)(policy, batch)
+    _, mismatched = make_rl_loss("grpo", clip_eps=0.2, kl_beta=0.04, temperature=1.0)(policy, batch)
+    assert on_policy["ratio"] == pytest.approx(1.0, abs=1e-6) and on_policy["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert abs(float(mismatched["ratio"]) - 1.0) > 1e-3  # T=1 log-probs are not the behaviour policy's
