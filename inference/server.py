@@ -410,10 +410,46 @@ def add_engine_args(parser: argparse.ArgumentParser, max_num_seqs: int = 32) -> 
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's max_seq_len)")
 
 
-def main(argv: list[str] | None = None) -> None:
-    import os
+def apply_config_file(parser: argparse.ArgumentParser, argv: list[str] | None) -> None:
+    """``--config_path serve.yaml``: a YAML whose keys are the flags' names (``max_num_seqs`` or
+    ``max-num-seqs``) becomes the parser's defaults; flags on the command line still win.
+    Unknown keys and wrong types are reported together, with the closest flag."""
+    import difflib
+    import sys
 
-    import uvicorn
+    from utils.config import read_yaml
+
+    parser.add_argument("--config_path", default=None, help="YAML of flag values (e.g. configs/.../5_serve.yaml)")
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config_path", default=None)
+    path = pre.parse_known_args(sys.argv[1:] if argv is None else argv)[0].config_path
+    if path is None:
+        return
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config_path")}
+    values, problems = {}, []
+    for key, value in read_yaml(path).items():
+        dest = str(key).replace("-", "_")
+        if dest not in actions:
+            match = difflib.get_close_matches(dest, list(actions), n=1)
+            problems.append(f"{path}: {key}: unknown key{f' (did you mean {match[0]!r}?)' if match else ''}")
+            continue
+        kind = actions[dest].type
+        if kind in (int, float) and not (isinstance(value, (int, float)) and not isinstance(value, bool)) and value is not None:
+            problems.append(f"{path}: {key}: expected {kind.__name__}, got {value!r}")
+            continue
+        choices = actions[dest].choices
+        if choices and value not in choices:
+            problems.append(f"{path}: {key}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+            continue
+        values[dest] = value
+        actions[dest].required = False
+    if problems:
+        raise UserError(f"invalid serve recipe ({len(problems)} problem(s)):\n  " + "\n  ".join(problems))
+    parser.set_defaults(**values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import os
 
     parser = argparse.ArgumentParser(description="OpenAI-compatible server for a checkpoint.")
     add_engine_args(parser)
@@ -427,7 +463,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get to finish after SIGTERM")
     parser.add_argument("--log-level", default="info")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_serve_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    apply_config_file(parser, argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    args = parse_serve_args(argv)
     for flag in ("port", "max_concurrent", "max_tokens_cap", "n_cap", "max_body_bytes", "max_num_seqs"):
         if getattr(args, flag) < 1 and not (flag == "port" and getattr(args, flag) == 0):
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}.")

@@ -149,6 +149,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "4_eval_mmlu.yaml": ("eval.common:EvalRecipe", "eval/mmlu.py"),
     "4_eval_perplexity.yaml": ("eval.common:EvalRecipe", "eval/perplexity.py"),
     "4_eval_humaneval.yaml": ("eval.common:EvalRecipe", "eval/humaneval.py"),
+    "5_serve.yaml": ("inference.server:parse_serve_args", "inference/server.py"),  # flags as YAML keys
 }
 
 
@@ -250,6 +251,11 @@ def evaluation(key: str, name: str) -> dict:
     return recipe
 
 
+def serve(key: str) -> dict:
+    return dict(checkpoint=final(key, "rlhf_grpo"), host="127.0.0.1", port=8000, max_num_seqs=32, max_tokens_cap=1024,
+                n_cap=8, model_name=key.replace("/", "-"))
+
+
 def stage_recipes(key: str, model: dict) -> dict[str, dict]:
     return {
         "0_pretrain.yaml": pretrain(key, model),
@@ -263,6 +269,7 @@ def stage_recipes(key: str, model: dict) -> dict[str, dict]:
         "3_rlhf_grpo.yaml": online(key, "grpo"),
         "3_rlhf_gspo.yaml": online(key, "gspo"),
         **{f"4_eval_{name}.yaml": evaluation(key, name) for name in ("gsm8k", "mmlu", "perplexity", "humaneval")},
+        "5_serve.yaml": serve(key),
     }
 
 
@@ -281,6 +288,7 @@ READS = {
     "4_eval_mmlu.yaml": "3_rlhf_grpo's policy",
     "4_eval_perplexity.yaml": "0_pretrain's checkpoint",
     "4_eval_humaneval.yaml": "3_rlhf_grpo's policy",
+    "5_serve.yaml": "3_rlhf_grpo's policy (OpenAI-compatible API and chat page on port 8000)",
 }
 
 

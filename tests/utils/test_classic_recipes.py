@@ -52,6 +52,10 @@ def _stub_inputs(data, root: Path) -> None:
 def test_stage_recipe_validates(rel, tmp_path, monkeypatch):
     module, cls = STAGES[Path(rel).name][0].split(":")
     recipe_cls = getattr(importlib.import_module(module), cls)
+    if Path(rel).name == "5_serve.yaml":  # the server's flags, read through its own parser
+        args = recipe_cls(["--config_path", str(ROOT / OUT_DIR / rel)])
+        assert args.checkpoint.startswith(f"runs/classic/{Path(rel).parent}/") and args.port == 8000
+        return
     data = yaml.safe_load((ROOT / OUT_DIR / rel).read_text())
     _stub_inputs(data, tmp_path)
     monkeypatch.chdir(tmp_path)
@@ -65,7 +69,7 @@ def test_stage_recipe_validates(rel, tmp_path, monkeypatch):
 def test_stages_chain_by_path():
     for key in NANO:
         load = lambda name: yaml.safe_load(FILES[f"{key}/{name}"])  # noqa: E731
-        out = {name: load(name)["train"]["out_dir"] + "/final" for name in STAGES if not name.startswith("4_eval_")}
+        out = {name: load(name)["train"]["out_dir"] + "/final" for name in STAGES if name[0] in "0123"}
         for sft in ("1_sft_full.yaml", "1_sft_lora.yaml", "1_sft_qlora.yaml"):
             assert load(sft)["base_checkpoint"] == out["0_pretrain.yaml"]
         for name in ("2_reward.yaml", "2_dpo.yaml", "2_orpo.yaml"):
@@ -78,6 +82,7 @@ def test_stages_chain_by_path():
         for name in ("gsm8k", "mmlu", "humaneval"):
             assert load(f"4_eval_{name}.yaml")["checkpoint"] == out["3_rlhf_grpo.yaml"]
         assert load("4_eval_perplexity.yaml")["checkpoint"] == out["0_pretrain.yaml"]
+        assert load("5_serve.yaml")["checkpoint"] == out["3_rlhf_grpo.yaml"]
 
 
 @pytest.mark.parametrize("key", sorted(NANO))
