@@ -74,11 +74,11 @@ def make_trainable(model: nn.Module, cfg: PolicyConfig, quantized: Optional[list
     and pass its result, so the adapter's meta.json says which base layers were NF4)."""
     if cfg.lora is None:
         return Trainable()
-    from finetune.sft import lora_weights
+    from finetune.sft import lora_weights_fn
     from model.lora import adapter_meta, apply_lora, trainable_parameters
 
     lora = cfg.lora
-    apply_lora(model, lora.targets, lora.r, lora.alpha, lora.dropout, lora.rslora)
+    apply_lora(model, lora.targets, lora.r, lora.alpha, lora.dropout, lora.rslora, lora.modules_to_save)
     meta = adapter_meta(model, lora, base_checkpoint=str(cfg.init_from), qlora=cfg.qlora is not None,
                         quantized=quantized or [])
-    return Trainable(trainable_parameters(model), lora_weights, meta)
+    return Trainable(trainable_parameters(model), lora_weights_fn(lora), meta)

@@ -61,10 +61,10 @@ def extract_gsm8k_answer(text: str) -> Optional[str]:
     return normalize_number(numbers[-1]) if numbers else None
 
 
-_ANSWER_LINE = re.compile(r"####[ \t]*" + NUMBER + r"[ \t]*")
+_ANSWER_LINE = re.compile(r"####[ \t]+" + NUMBER + r"[ \t]*")
 
 
 def ends_with_answer_line(text: str) -> bool:
-    """The GSM8K answer format: the last non-empty line is ``#### <number>``."""
+    """The GSM8K answer format: the last non-empty line is ``#### <number>`` (with the space)."""
     lines = [line for line in text.splitlines() if line.strip()]
     return bool(lines) and _ANSWER_LINE.fullmatch(lines[-1].strip()) is not None

@@ -10,18 +10,13 @@ SFT validation bucket (``data_pipeline.synthetic.splits``), so SFT never trained
 from __future__ import annotations
 
 import random
-import re
 from typing import Callable, Optional
 
-from eval.answer import extract_hash_answer, normalize_number
-
-_FORMAT_LINE = re.compile(r"#### -?\d+")
-
+from eval.answer import ends_with_answer_line, extract_hash_answer, normalize_number
 
 def in_exact_format(completion: str) -> bool:
-    """True when the completion's last non-empty line is exactly ``#### <integer>``."""
-    lines = [line for line in completion.strip().splitlines() if line.strip()]
-    return bool(lines) and _FORMAT_LINE.fullmatch(lines[-1].strip()) is not None
+    """True when the completion's last non-empty line is ``#### <number>`` (eval.answer's check)."""
+    return ends_with_answer_line(completion)
 
 
 def heldout_problems(n: int, seed: int = 0, bucket: str = "val") -> list[dict]:

@@ -111,13 +111,6 @@ def lora_weights_fn(lora_cfg):
     return weights
 
 
-def lora_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The live adapter tensors (no fully trained modules); kept for align/policy.py."""
-    from utils.distributed import unwrap
-
-    return lora_state_dict(unwrap(model), live=True)
-
-
 # ----------------------------------------------------------------------------- loss
 
 

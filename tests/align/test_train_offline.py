@@ -146,3 +146,18 @@ def test_reference_pass_covers_exactly_the_pairs_a_run_reaches(data):
     with pytest.raises(RuntimeError, match="were not precomputed"):
         missing = [i for i in range(64) if i not in used][:4]
         loss_fn(tiny_policy(0), collate_pairs([train_pairs[i] for i in missing], missing))
+
+
+def test_lora_policy_trains_and_saves_modules_to_save():
+    # modules_to_save in an align recipe train fully and land in the adapter beside the LoRA tensors
+    from align.policy import make_trainable
+    from align.recipe import PolicyConfig
+    from model import ModelConfig, Transformer
+    from model.lora import LoRAConfig
+
+    model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=16))
+    lora = LoRAConfig(r=2, alpha=4, targets="all-linear", modules_to_save=["lm_head"])
+    trainable = make_trainable(model, PolicyConfig(init_from="unused", lora=lora))
+    saved = trainable.weights_fn(model)
+    assert any(k.startswith("lm_head") for k in saved) and any("lora_A" in k for k in saved)
+    assert all(p.requires_grad for p in model.lm_head.parameters())
