@@ -18,8 +18,13 @@ from tests.inference import test_server_helpers as H
 REPO = Path(__file__).resolve().parents[2]
 
 
+# Long enough that, with one sequence at a time, a request cannot finish before the next arrives
+# (at 60 tokens a quiet machine finished each one between polls, so in_flight never reached 3).
+MAX_TOKENS = 600
+
+
 def stream_completion(url: str, record: dict) -> None:
-    body = {"model": "ckpt", "prompt": "Once upon a time", "max_tokens": 60, "ignore_eos": True, "temperature": 0,
+    body = {"model": "ckpt", "prompt": "Once upon a time", "max_tokens": MAX_TOKENS, "ignore_eos": True, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
         for line in r.iter_lines():
@@ -33,7 +38,7 @@ def stream_completion(url: str, record: dict) -> None:
 
 @pytest.mark.slow  # a fresh Python process imports torch: ~5 s idle, ~15 s on a busy 2-core box
 def test_sigterm_finishes_in_flight_requests(tmp_path):
-    ckpt = H.tiny_checkpoint(tmp_path / "ckpt", H.train_tokenizer(tmp_path / "tokenizer.json"))
+    ckpt = H.tiny_checkpoint(tmp_path / "ckpt", H.train_tokenizer(tmp_path / "tokenizer.json"), max_seq_len=1024)
     port = H.free_port()
     url = f"http://127.0.0.1:{port}"
     # --max-num-seqs 1: the engine runs one request at a time, so two of the three still wait in
@@ -78,7 +83,7 @@ def test_sigterm_finishes_in_flight_requests(tmp_path):
         for t in threads:
             t.join(timeout=60)
         for rec in records:
-            assert rec.get("done") and rec["usage"]["completion_tokens"] == 60, rec
+            assert rec.get("done") and rec["usage"]["completion_tokens"] == MAX_TOKENS, rec
         # uvicorn re-raises the captured SIGTERM after its clean shutdown, so the exit status is
         # "terminated by SIGTERM" (what process managers expect), or 0.
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM), proc.communicate()
