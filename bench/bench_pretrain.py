@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from model.config import ModelConfig
 from model.transformer import Transformer
+from pretrain.train import lm_loss
 from utils.cli import main_guard
 from utils.optim import OptimConfig, build_optimizer
 from utils.train_loop import TrainConfig, train
@@ -92,8 +93,8 @@ class Repeat:
 
 
 def ours_loss(model, batch):
-    x, y = batch
-    return F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()), {}
+    """The pretraining loss itself (pretrain/train.py: chunked head + cross-entropy)."""
+    return lm_loss(model, batch)
 
 
 def hf_loss(model, batch):

@@ -122,8 +122,7 @@ def sft_loss(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
     count. ``loss_weight`` (the count of assistant tokens) makes the loop average over
     tokens across micro-batches, not over micro-batches.
     """
-    from model.kernels import linear_cross_entropy
-    from utils.distributed import unwrap
+    from model.loss import lm_loss
 
     if isinstance(batch, dict):
         x, y, mask, positions = batch["x"], batch["y"], batch["loss_mask"], batch.get("positions")
@@ -131,17 +130,7 @@ def sft_loss(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
         x, y, mask = batch[:3]
         positions = batch[3] if len(batch) > 3 else None
     mask = mask.bool()
-    targets = y.masked_fill(~mask, -100)  # (B, T)
-    head = unwrap(model).lm_head
-    if isinstance(head, nn.Linear):
-        # Fused head + CE: the (B*T, V) logits are never materialised.
-        hidden = model(x, positions=positions, return_hidden=True)  # (B, T, d_model)
-        loss = linear_cross_entropy(hidden.flatten(0, 1), head.weight, targets.flatten(),
-                                    softcap=unwrap(model).cfg.final_logit_softcap)
-    else:  # an adapted lm_head: go through the module
-        logits = model(x, positions=positions)
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
-                                           reduction="sum") / mask.sum().clamp(min=1)
+    loss = lm_loss(model, x, y.masked_fill(~mask, -100), positions)  # prompts and padding do not count
     n_target = int(mask.sum())  # a micro-batch without assistant tokens has loss 0 and weight 0
     return loss, {"loss_weight": float(n_target), "n_tokens": x.numel(), "target_frac": n_target / mask.numel()}
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from data_pipeline.loader import PretrainLoader
 from data_pipeline.tokenizer.tokenizer import file_hash
+from model.loss import lm_loss as next_token_loss
 from model.transformer import Transformer
 from pretrain.recipe import PretrainDataConfig, PretrainRecipe  # noqa: F401  (re-exported for recipe generators)
 from utils import distributed as D
@@ -32,13 +33,13 @@ from utils.train_loop import grad_accum_steps, train
 
 
 def lm_loss(model, batch) -> tuple[torch.Tensor, dict]:
-    """Next-token cross-entropy: batch = (x, y) int64 (B, T); mean over the B*T targets.
+    """Next-token cross-entropy: batch = (x, y) int64 (B, T); mean over the B*T targets
+    (model/loss.py: the chunked head + loss, no (B*T, V) logits).
     MoE layers' sequence-wise balance losses (already scaled by their coefficient) are added."""
     from model.moe import moe_aux_loss
 
     x, y = batch
-    logits = model(x)  # (B, T, V)
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    ce = next_token_loss(model, x, y)
     metrics = {"n_tokens": y.numel()}
     aux = moe_aux_loss(D.unwrap(model)) if D.unwrap(model).cfg.ffn == "moe" else None
     if aux is None:

@@ -1,6 +1,7 @@
 import pytest
 
-from align.rewards import FORMAT_WEIGHT, REWARD_FUNCTIONS, get_reward_fn, gsm8k_combined, gsm8k_exact, gsm8k_format
+from align.rewards import (FORMAT_WEIGHT, REWARD_FUNCTIONS, STEP_WEIGHT, calculation_numbers, get_reward_fn, gsm8k_combined,
+                           gsm8k_exact, gsm8k_format, gsm8k_steps)
 from utils.errors import UserError
 
 REFERENCE = "Natalia sold 48/2 = 24 clips in May.\nShe sold 48+24 = 72 clips.\n#### 72"
@@ -48,8 +49,30 @@ def test_gsm8k_combined():
     assert gsm8k_combined("no idea", REFERENCE) == 0.0
 
 
+STEPS_REFERENCE = "They have 6 + 19 = <<6+19=25>>25 cookies.\n25 - 8 = <<25-8=17>>17 are left.\n#### 17"
+
+
+def test_calculation_numbers():
+    assert calculation_numbers(STEPS_REFERENCE) == ["6", "19", "25", "25", "8", "17"]
+    assert calculation_numbers("<<1,200/4=300.0>> and <<no numbers>>") == ["1200", "4", "300"]
+    assert calculation_numbers("no annotations 6 + 19 = 25") == []
+
+
+def test_gsm8k_steps():
+    full = gsm8k_combined(STEPS_REFERENCE, STEPS_REFERENCE)
+    assert gsm8k_steps(STEPS_REFERENCE, STEPS_REFERENCE) == pytest.approx(full + STEP_WEIGHT)
+    # first step copied right (3 of 6 numbers in place), second wrong, final answer wrong
+    half = "They have 6 + 19 = <<6+19=25>>25.\n25 - 9 = <<25-9=15>>15.\n#### 15"
+    assert gsm8k_steps(half, STEPS_REFERENCE) == pytest.approx(FORMAT_WEIGHT + STEP_WEIGHT * 4 / 6)  # 6, 19, 25, 25
+    # numbers out of place earn nothing; a right answer always beats any partial credit
+    assert gsm8k_steps("<<19+6=25>>\n#### 3", STEPS_REFERENCE) == pytest.approx(FORMAT_WEIGHT + STEP_WEIGHT / 6)
+    assert gsm8k_steps("#### 17", STEPS_REFERENCE) > gsm8k_steps(half, STEPS_REFERENCE)
+    # a reference without annotations (bare number) leaves gsm8k_combined
+    assert gsm8k_steps("x\n#### 72", "72") == gsm8k_combined("x\n#### 72", "72")
+
+
 def test_registry_by_name():
-    assert set(REWARD_FUNCTIONS) == {"gsm8k_exact", "gsm8k_format", "gsm8k_combined"}
+    assert set(REWARD_FUNCTIONS) == {"gsm8k_exact", "gsm8k_format", "gsm8k_combined", "gsm8k_steps"}
     assert get_reward_fn("gsm8k_exact") is gsm8k_exact
     with pytest.raises(UserError) as err:
         get_reward_fn("gsm8k_exat")
