@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from model.config import ModelConfig
 from model.transformer import Transformer
-from pretrain.train import lm_loss
+from pretrain.train import lm_loss as ours_loss  # the pretraining loss itself (chunked head + CE)
 from utils.cli import main_guard
 from utils.optim import OptimConfig, build_optimizer
 from utils.train_loop import TrainConfig, train
@@ -90,11 +90,6 @@ class Repeat:
 
     def load_state_dict(self, s):
         self.i = s["i"]
-
-
-def ours_loss(model, batch):
-    """The pretraining loss itself (pretrain/train.py: chunked head + cross-entropy)."""
-    return lm_loss(model, batch)
 
 
 def hf_loss(model, batch):

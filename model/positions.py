@@ -90,11 +90,6 @@ class Rotary(nn.Module):
         return cos[:, None].to(dtype), sin[:, None].to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x_i, x_{i+d/2}) by angle pos*theta_i. x: (B, H, T, head_dim).
 
@@ -108,10 +103,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def _turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin, or with ``transpose`` the transposed map, in five kernels
-    and one output buffer: out1 = x1 c1 - x2 s1, out2 = x2 c2 + x1 s2 (transposed: out1 =
+    """x * cos + cat(-x2, x1) * sin (the "halves" rotation), or with ``transpose`` the transposed
+    map, in five kernels and one output buffer: out1 = x1 c1 - x2 s1, out2 = x2 c2 + x1 s2 (transposed: out1 =
     x1 c1 + x2 s2, out2 = x2 c2 - x1 s1). Products are rounded before the sums, so the
-    forward equals the rotate_half formula bit for bit."""
+    forward equals that formula bit for bit."""
     h = x.shape[-1] // 2
     out = x * cos
     x1, x2, s1, s2 = x[..., :h], x[..., h:], sin[..., :h], sin[..., h:]
@@ -126,7 +121,7 @@ def _turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool
 
 class _Rotary(torch.autograd.Function):
     """RoPE with a hand-written backward: the gradient is the transposed rotation of the
-    incoming gradient. Saves only cos and sin (autograd would also keep rotate_half's copy)
+    incoming gradient. Saves only cos and sin (autograd would also keep the rotated copy)
     and runs five kernels each way instead of about eight: RoPE's time on CPU halves."""
 
     @staticmethod

@@ -18,7 +18,6 @@ import math
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from data_pipeline.loader import PretrainLoader
 from data_pipeline.tokenizer.tokenizer import file_hash
@@ -66,7 +65,7 @@ def make_eval_fn(recipe: PretrainRecipe, env: D.DistEnv) -> Optional[Callable]:
         total = 0.0
         for _ in range(recipe.train.eval_batches):
             x, y = (t.to(env.device) for t in next(loader))
-            total += float(F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()))
+            total += float(next_token_loss(model, x, y))
         loss = D.all_reduce_mean({"val_loss": total / recipe.train.eval_batches}, env)["val_loss"]
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 

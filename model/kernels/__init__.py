@@ -98,6 +98,8 @@ def linear_cross_entropy(
     The (N, V) logits are never built: rows are processed ``chunk_size`` at a time (default:
     ~8 chunks, each <= 1 GiB of fp32 logits). Triton on CUDA, PyTorch elsewhere.
     """
+    if not torch.is_grad_enabled():  # both kernels form the gradients in the forward when inputs require them
+        hidden, weight = hidden.detach(), weight.detach()
     if use_triton(hidden):
         from model.kernels.triton_ce import fused_linear_cross_entropy as fused
 
