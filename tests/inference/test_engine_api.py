@@ -53,11 +53,17 @@ def test_step_thread_with_concurrent_add_and_abort():
     thread = threading.Thread(target=loop)
     thread.start()
     try:
-        engine.add_request(list(range(1, 20)), SamplingParams(max_tokens=40, temperature=0.0), request_id="doomed")
+        engine.add_request(list(range(1, 20)), SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),
+                           request_id="doomed")
+        # Abort as soon as it runs: its 39 remaining tokens take 39 steps, the abort one call
+        # (aborting after fixed sleeps raced a fast machine, which finished all 40 tokens first).
+        deadline = time.time() + 60
+        while not got.get("doomed") and time.time() < deadline:
+            time.sleep(0.0005)
+        engine.abort("doomed")
         for i, p in enumerate(prompts):
             engine.add_request(p, SamplingParams(max_tokens=8, temperature=0.0), request_id=f"r{i}")
             time.sleep(0.01)
-        engine.abort("doomed")
         deadline = time.time() + 60
         while len(reasons) < len(prompts) + 1 and time.time() < deadline:
             time.sleep(0.01)
