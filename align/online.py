@@ -27,7 +27,7 @@ from torch import Tensor
 
 from align import losses
 from align.advantages import gae, group_advantages, whiten
-from align.heads import ScalarHeadModel
+from model.heads import ScalarHeadModel
 from align.logprobs import masked_mean, sequence_logprobs
 from align.rewards import gsm8k_exact
 from align.rollout import Rollout, generate_rollouts, make_engine, rule_rewards
@@ -44,6 +44,11 @@ class ActorCritic(nn.Module):
 
     def forward(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         return self.actor(idx), self.critic(idx)
+
+    def aux_loss(self) -> Optional[Tensor]:
+        """Both networks' auxiliary losses (MoE balance), for model/loss.py's add_aux_loss."""
+        parts = [a for a in (self.actor.aux_loss(), self.critic.aux_loss()) if a is not None]
+        return torch.stack(parts).sum() if parts else None
 
 
 @torch.no_grad()

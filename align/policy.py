@@ -2,42 +2,38 @@
 its frozen reference, and what the training loop should save.
 
     tok, tok_path = load_tokenizer(cfg.model)
-    policy = load_model(cfg.model.init_from)
+    policy = load_policy(cfg.model, device)    # through model/load.py: a full checkpoint or an adapter (merged)
+    quantized = quantize_base(policy, cfg.model)
     reference = frozen_copy(policy)            # before adapters: the reference is the start point
-    trainable = make_trainable(policy, cfg.model)
+    trainable = make_trainable(policy, cfg.model, quantized)
     train(policy, ..., params=trainable.params, weights_fn=trainable.weights_fn, checkpoint_meta=trainable.meta)
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
 
 from align.recipe import PolicyConfig
-from utils.errors import UserError
 
 
 def load_tokenizer(cfg: PolicyConfig) -> tuple[Any, str]:
-    """The tokenizer named by the recipe, else the one saved beside the starting checkpoint."""
-    from inference.engine import load_tokenizer as _load
+    """The starting checkpoint's tokenizer (or the recipe's model.tokenizer_path), and its path."""
+    from model.load import load_tokenizer as load_tok
+    from model.load import tokenizer_path
 
-    path = cfg.tokenizer_path or str(Path(cfg.init_from) / "tokenizer.json")
-    if not Path(path).is_file():
-        raise UserError(f"no tokenizer at {path}; set model.tokenizer_path to the tokenizer.json the "
-                        "checkpoint was trained with (data/tokenizer/tokenizer.json by default).")
-    return _load(Path(path)), path
+    path = tokenizer_path(cfg.init_from, cfg.tokenizer_path or None)
+    return load_tok(cfg.init_from, path), str(path)
 
 
 def load_policy(cfg: PolicyConfig, device: torch.device) -> nn.Module:
-    """The starting model as a plain Transformer: a full checkpoint as is, an SFT adapter
-    merged onto the base its meta.json names (finetune.sft.load_finetuned)."""
-    from finetune.sft import load_finetuned
+    """The starting model in train mode: a full checkpoint as is, an adapter merged onto its base."""
+    from model.load import load_model
 
-    return load_finetuned(cfg.init_from, device)
+    return load_model(cfg.init_from, device=device, train=True, expect="lm")
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -61,12 +57,9 @@ def quantize_base(model: nn.Module, cfg: PolicyConfig) -> list[str]:
     """QLoRA: store the frozen base's linear layers in NF4 (before apply_lora); returns their names."""
     if cfg.qlora is None:
         return []
-    from finetune.sft import resolve_compute_dtype
-    from model.quant import quantize_model
+    from model.quant import quantize_for_qlora
 
-    q = cfg.qlora
-    device = next(model.parameters()).device
-    return quantize_model(model, q.targets, resolve_compute_dtype(q.compute_dtype, device), q.double_quant)
+    return quantize_for_qlora(model, cfg.qlora)
 
 
 def make_trainable(model: nn.Module, cfg: PolicyConfig, quantized: Optional[list[str]] = None) -> Trainable:
@@ -74,11 +67,10 @@ def make_trainable(model: nn.Module, cfg: PolicyConfig, quantized: Optional[list
     and pass its result, so the adapter's meta.json says which base layers were NF4)."""
     if cfg.lora is None:
         return Trainable()
-    from finetune.sft import lora_weights_fn
-    from model.lora import adapter_meta, apply_lora, trainable_parameters
+    from model.lora import adapter_meta, apply_lora, live_adapter_weights, trainable_parameters
 
     lora = cfg.lora
     apply_lora(model, lora.targets, lora.r, lora.alpha, lora.dropout, lora.rslora, lora.modules_to_save)
     meta = adapter_meta(model, lora, base_checkpoint=str(cfg.init_from), qlora=cfg.qlora is not None,
                         quantized=quantized or [])
-    return Trainable(trainable_parameters(model), lora_weights_fn(lora), meta)
+    return Trainable(trainable_parameters(model), live_adapter_weights(lora.modules_to_save), meta)

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from finetune.recipe import QLoRAConfig
 from model.lora import LoRAConfig
+from model.quant import QLoRAConfig
 from utils.errors import UserError
 from utils.optim import OptimConfig
-from utils.train_loop import TrainConfig
+from utils.train_config import TrainConfig
 
 
 @dataclass

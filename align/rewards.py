@@ -10,7 +10,7 @@ import difflib
 import re
 from typing import Callable, Dict
 
-from eval.answer import ends_with_answer_line, extract_gsm8k_answer, extract_hash_answer, normalize_number
+from data_pipeline.answer import ends_with_answer_line, extract_gsm8k_answer, extract_hash_answer, normalize_number
 from utils.errors import UserError
 
 RewardFn = Callable[[str, str], float]

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from align.rewards import RewardFn, gsm8k_exact, gsm8k_format
+from align.rewards import RewardFn
 from utils.errors import UserError
 
 
@@ -148,42 +148,3 @@ def load_prompts(path: str) -> list[dict]:
             raise UserError(f"{path} row {n} needs a non-empty 'question' and an 'answer' string (GSM8K format "
                             f"'... #### N'), got keys {sorted(row)}")
     return rows
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def evaluate_exact_accuracy(
-    model: nn.Module,
-    tokenizer: Any,
-    prompts: Sequence[dict],
-    engine_kwargs: Optional[dict] = None,
-    max_new_tokens: int = 128,
-) -> dict[str, float]:
-    """Greedy exact-answer accuracy on GSM8K-format prompts, generated through the engine.
-
-    prompts: rows ``{"question": str, "answer": "... #### N"}``.
-    Returns {"accuracy": share with the right number after ####, "format": share whose last
-    line is "#### <number>", "mean_response_tokens", "n": number of prompts}.
-    """
-    from data_pipeline.tokenizer.chat_template import chat_stop_ids
-    from inference.sampling_params import SamplingParams
-
-    was_training = model.training
-    model.eval()
-    ids = encode_prompts(tokenizer, [p["question"] for p in prompts])
-    max_new = min(max_new_tokens, model.cfg.max_seq_len - max(len(p) for p in ids))
-    if max_new < 1:
-        raise UserError(f"the longest eval prompt ({max(len(p) for p in ids)} tokens) fills the model's context "
-                        f"({model.cfg.max_seq_len}); drop it or use a model with a longer context")
-    engine = make_engine(model, tokenizer, **(engine_kwargs or {}))
-    ro = generate_rollouts(engine, ids, SamplingParams(max_tokens=max_new, temperature=0.0), 1,
-                           chat_stop_ids(tokenizer), tokenizer)
-    model.train(was_training)
-    refs = [p["answer"] for p in prompts]
-    exact = rule_rewards(ro.texts, refs, gsm8k_exact)
-    fmt = rule_rewards(ro.texts, refs, gsm8k_format)
-    return {"accuracy": exact.mean().item(), "format": fmt.mean().item(),
-            "mean_response_tokens": ro.response_lengths.float().mean().item(), "n": len(prompts)}
-

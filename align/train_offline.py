@@ -24,13 +24,14 @@ from typing import Optional, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
-from align.heads import KIND, ScalarHeadModel, live_scalar_weights  # noqa: E402
 from align.policy import load_policy, load_tokenizer, make_trainable, quantize_base  # noqa: E402
 from align.preference import (  # noqa: E402
     PairBatches, ReferenceLogps, compute_reference_logps, make_preference_loss, preference_accuracy,
 )
 from align.preference_data import load_preference_bins, load_preference_pairs  # noqa: E402
 from align.recipe import OfflineRecipe  # noqa: E402
+from model.heads import KIND, ScalarHeadModel  # noqa: E402
+from model.loss import with_aux_loss  # noqa: E402
 from utils.cli import main_guard  # noqa: E402
 from utils.config import parse_args  # noqa: E402
 from utils.distributed import setup  # noqa: E402
@@ -83,7 +84,7 @@ def run(cfg: OfflineRecipe) -> dict:
 
     if cfg.algorithm == "reward":
         model = ScalarHeadModel(policy).to(env.device)
-        trainable_params, weights_fn, meta = None, live_scalar_weights, {"kind": KIND}
+        trainable_params, weights_fn, meta = None, lambda m: m.weights(live=True), {"kind": KIND}
     else:
         model = policy
         trainable = make_trainable(model, cfg.model, quantized)  # LoRA adapters start at B = 0: still the reference
@@ -103,6 +104,7 @@ def run(cfg: OfflineRecipe) -> dict:
         cfg.algorithm, beta=cfg.loss.beta, ref=train_ref, pairs=train_pairs, label_smoothing=cfg.loss.label_smoothing,
         dpo_loss_type=cfg.loss.dpo_loss_type, orpo_lambda=cfg.loss.orpo_lambda, simpo_gamma=cfg.loss.simpo_gamma,
         kto_desirable_weight=cfg.loss.kto_desirable_weight, kto_undesirable_weight=cfg.loss.kto_undesirable_weight)
+    loss_fn = with_aux_loss(loss_fn, cfg.train.aux_loss, print if env.is_main else (lambda s: None))
     result: TrainResult = train(model, batches, loss_fn, cfg.train, cfg.optim, eval_fn=eval_fn, recipe=cfg,
                                 params=trainable_params, weights_fn=weights_fn, checkpoint_meta=meta,
                                 tokenizer_path=tokenizer_path)

@@ -26,12 +26,15 @@ from typing import Optional, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 
-from align.heads import ScalarHeadModel, live_scalar_weights, load_scalar_model, save_scalar_model  # noqa: E402
 from align.online import ActorCritic, RolloutBatches, RolloutPhase, make_rl_loss  # noqa: E402
 from align.policy import frozen_copy, load_policy, load_tokenizer, make_trainable, quantize_base  # noqa: E402
 from align.recipe import OnlineRecipe  # noqa: E402
 from align.rewards import get_reward_fn  # noqa: E402
-from align.rollout import check_rollout_length, encode_prompts, evaluate_exact_accuracy, load_prompts, rule_rewards  # noqa: E402
+from align.rollout import check_rollout_length, encode_prompts, load_prompts, rule_rewards  # noqa: E402
+from inference.answers import exact_answer_check  # noqa: E402
+from model.heads import ScalarHeadModel, save_scalar_model  # noqa: E402
+from model.load import load_model  # noqa: E402
+from model.loss import with_aux_loss  # noqa: E402
 from utils.checkpoint import save_checkpoint  # noqa: E402
 from utils.cli import main_guard  # noqa: E402
 from utils.config import parse_args  # noqa: E402
@@ -56,7 +59,7 @@ def _score_fn(cfg: OnlineRecipe, policy_cfg, device: torch.device, chunk: int):
     if not cfg.reward.model_path:
         fn = get_reward_fn(cfg.reward.function)
         return lambda ro, answers: rule_rewards(ro.texts, answers, fn)
-    rm = load_scalar_model(cfg.reward.model_path, device).eval()
+    rm = load_model(cfg.reward.model_path, device=device, expect="scalar_head")
     if rm.cfg.vocab_size != policy_cfg.vocab_size:
         raise UserError(f"reward model {cfg.reward.model_path} has vocab_size {rm.cfg.vocab_size}, the policy "
                         f"{policy_cfg.vocab_size}; it must be trained with the same tokenizer.")
@@ -108,7 +111,8 @@ def run(cfg: OnlineRecipe) -> dict:
     trainable = make_trainable(policy, cfg.model, quantized)
     critic = None
     if cfg.algorithm == "ppo":
-        critic = load_scalar_model(rl.critic_init, env.device) if rl.critic_init else ScalarHeadModel(load_policy(cfg.model, env.device))
+        critic = (load_model(rl.critic_init, device=env.device, train=True, expect="scalar_head") if rl.critic_init
+                  else ScalarHeadModel(load_policy(cfg.model, env.device)))
         critic = critic.to(env.device).train()
     chunk = max(cfg.train.batch_size, 8)
     engine_kwargs = {"block_size": ro_cfg.block_size, "max_num_seqs": ro_cfg.max_num_seqs, "max_model_len": longest}
@@ -126,13 +130,14 @@ def run(cfg: OnlineRecipe) -> dict:
     loss_fn = make_rl_loss(cfg.algorithm, clip_eps=clip, clip_eps_high=clip_high, kl_beta=rl.kl_beta,
                            aggregation=rl.aggregation, vf_coef=rl.vf_coef, vf_clip=rl.vf_clip,
                            temperature=ro_cfg.temperature)
+    loss_fn = with_aux_loss(loss_fn, cfg.train.aux_loss, print if env.is_main else (lambda s: None))
 
     def policy_weights(actor: torch.nn.Module) -> dict:
-        return trainable.weights_fn(actor) if trainable.weights_fn else model_state_for_saving_live(actor)
+        return trainable.weights_fn(actor) if trainable.weights_fn else actor.weights(live=True)
 
     if critic is not None:
         model = ActorCritic(policy, critic)
-        weights_fn = lambda m: {**policy_weights(m.actor), **{"critic." + k: v for k, v in live_scalar_weights(m.critic).items()}}  # noqa: E731
+        weights_fn = lambda m: {**policy_weights(m.actor), **{"critic." + k: v for k, v in m.critic.weights(live=True).items()}}  # noqa: E731
     else:
         model, weights_fn = policy, trainable.weights_fn
 
@@ -140,8 +145,8 @@ def run(cfg: OnlineRecipe) -> dict:
         if not test_rows:
             return {}
         actor = m.actor if isinstance(m, ActorCritic) else m
-        out = evaluate_exact_accuracy(actor, tokenizer, test_rows, engine_kwargs, ro_cfg.max_new_tokens)
-        return {"val_accuracy": out["accuracy"], "val_format": out["format"], "val_response_len": out["mean_response_tokens"]}
+        out = exact_answer_check(actor, tokenizer, test_rows, ro_cfg.max_new_tokens, **engine_kwargs)
+        return {"val_accuracy": out["accuracy"], "val_format": out["format_rate"], "val_response_len": out["mean_response_tokens"]}
 
     meta = {**trainable.meta, "stage": f"align_{cfg.algorithm}"}
     train_cfg = replace(cfg.train, seq_len=longest)
@@ -169,14 +174,6 @@ def run(cfg: OnlineRecipe) -> dict:
         with atomic_file(out_dir / "rl_eval.json") as f:
             json.dump(summary, f, indent=2)
     return {**summary, "train": result}
-
-
-def model_state_for_saving_live(model: torch.nn.Module) -> dict:
-    """The model's state without copies (tied lm_head once), for the loop's weights_fn."""
-    state = dict(model.state_dict())
-    if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    return state
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

@@ -116,7 +116,7 @@ def load_hf(ckpt: Path, workdir: Path):
     from transformers import AutoModelForCausalLM
 
     from model.hf_interop import export_hf
-    from utils.checkpoint import load_model
+    from model.load import load_model
 
     hf_dir = export_hf(load_model(ckpt), workdir / "hf")
     return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
@@ -155,9 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         ckpt = Path(args.checkpoint) if args.checkpoint else build_default_checkpoint(work / "ckpt", args.vocab_size, args.d_model, args.n_layers)
-        from utils.checkpoint import load_model_config
+        from model.load import read_config
 
-        cfg = load_model_config(ckpt)
+        cfg = read_config(ckpt)
         prompts = make_prompts(cfg.vocab_size, args.concurrency, args.prompt_len)
         print(f"model: d_model={cfg.d_model} n_layers={cfg.n_layers} vocab={cfg.vocab_size}; {args.concurrency} requests x "
               f"{args.max_tokens} tokens, prompts of {args.prompt_len} tokens; torch threads={torch.get_num_threads()}", flush=True)
@@ -188,9 +188,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"speedup: {srv_tps / hf_tps:.2f}x (vs HF runs: {srv_tps / max(hf_rates):.2f}x .. {srv_tps / min(hf_rates):.2f}x)   time to first token under load: p50 {statistics.median(ttfts) * 1000:.0f} ms, "
               f"p90 {p90 * 1000:.0f} ms, max {ttfts[-1] * 1000:.0f} ms")
 
-        from inference.engine import load_tokenizer
+        from model.load import load_tokenizer
 
-        tok = load_tokenizer(ckpt / "tokenizer.json")
+        tok = load_tokenizer(ckpt)
         same = sum(tok.decode(h) == r["text"] for h, r in zip(hf_outputs, results))
         print(f"greedy outputs equal to HF's (as text): {same}/{len(hf_outputs)}")
         figures = {"hf_tok_s": hf_tps, "server_tok_s": srv_tps, "speedup": srv_tps / hf_tps, "ttft_p50_s": statistics.median(ttfts),

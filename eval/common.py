@@ -10,8 +10,6 @@ YAML recipe (``--config_path configs/examples/eval_gsm8k.yaml``) can be overridd
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +18,10 @@ from typing import Literal, Optional, Sequence
 import torch
 
 from utils.config import parse_args, to_dict
+from utils.device import DType
 from utils.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TOKENIZER = REPO_ROOT / "data" / "tokenizer" / "tokenizer.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -47,8 +44,8 @@ class EvalRecipe:
     """
 
     checkpoint: str = ""  # model checkpoint dir, or a LoRA adapter dir (merged onto its base)
-    base_checkpoint: Optional[str] = None  # an adapter's base when its meta.json does not record one
-    tokenizer: Optional[str] = None  # default: tokenizer.json in the checkpoint (or its base), else data/tokenizer
+    base_checkpoint: Optional[str] = None  # an adapter's base when its meta.json's record is wrong here
+    tokenizer: Optional[str] = None  # default: tokenizer.json in the checkpoint (or its adapter base)
     source: Literal["hf", "local", "synthetic"] = "synthetic"
     data_path: Optional[str] = None  # with source=local: your copy of the set, original format
     limit: Optional[int] = None  # first N examples (MMLU: per subject; perplexity: documents)
@@ -57,8 +54,8 @@ class EvalRecipe:
     out_dir: Optional[str] = None
     seed: int = 0
     progress: bool = True
-    device: str = "auto"  # auto: cuda when available
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (auto: cuda when available)
+    dtype: DType = "fp32"  # auto: bf16 on a GPU that has it
     # generation (GSM8K, HumanEval)
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0 = greedy
@@ -92,52 +89,10 @@ class EvalRecipe:
 
 # ----------------------------------------------------------------------------- command line
 
-_FLAG_HELP = {
-    "checkpoint": "checkpoint dir (full model or LoRA adapter)",
-    "source": "hf | local | synthetic (default synthetic)",
-    "data_path": "local copy of the eval set (with --source local)",
-    "limit": "evaluate only the first N examples",
-    "n_shot": "few-shot examples per prompt",
-    "out_dir": "where the summary JSON and records JSONL go (default out/eval/<name>)",
-    "max_new_tokens": "generation budget per answer",
-    "temperature": "sampling temperature (0 = greedy)",
-    "n_samples": "completions per task (HumanEval)",
-    "text_path": "held-out corpus, .jsonl with 'text' or .txt (perplexity)",
-    "device": "cpu, cuda, cuda:1 ... or auto",
-}
-
-
-def _flags_to_overrides(argv: Sequence[str]) -> list[str]:
-    """Turn ``--key value`` / ``--key=value`` for a recipe key into the override ``key=value``."""
-    names = {f.name for f in dataclasses.fields(EvalRecipe)}
-    out, i = [], 0
-    argv = list(argv)
-    while i < len(argv):
-        arg = argv[i]
-        key, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if key.split(".")[0] in names:  # also nested keys: --engine.max_num_seqs 4
-            if not eq:
-                if i + 1 >= len(argv):
-                    raise UserError(f"--{key} needs a value (e.g. --{key} VALUE)")
-                value, i = argv[i + 1], i + 1
-            out.append(f"{key}={value}")
-        else:
-            out.append(arg)
-        i += 1
-    return out
-
-
 def parse_eval_args(name: str, description: str, argv: Optional[Sequence[str]] = None) -> EvalRecipe:
     """The recipe from ``--config_path`` + overrides (``key=value``, ``--set key=value`` or ``--key value``)."""
-    import sys
-
-    def add_args(p: argparse.ArgumentParser) -> None:  # for --help only: flags are rewritten before parsing
-        for key, text in _FLAG_HELP.items():
-            p.add_argument(f"--{key}", help=text)
-
-    argv = _flags_to_overrides(sys.argv[1:] if argv is None else argv)
     recipe, _ = parse_args(EvalRecipe, f"{description} Any recipe key can be given as --key value or key=value.",
-                           argv, add_args=add_args)
+                           argv, flags=True)
     if not recipe.checkpoint:
         raise UserError(f"{name}: no checkpoint given; pass --checkpoint <dir> (a model or LoRA adapter "
                         f"checkpoint), or --config_path configs/examples/eval_{name}.yaml")
@@ -150,75 +105,28 @@ def out_dir(recipe: EvalRecipe, name: str) -> Path:
 
 # ----------------------------------------------------------------------------- model and tokenizer
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device {name!r} is not a torch device; use cpu, cuda, cuda:1 or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for but CUDA is not available; use device=cpu")
-    return device
-
-
-def tokenizer_path_for(recipe: EvalRecipe) -> Optional[Path]:
-    """recipe.tokenizer, else tokenizer.json beside the checkpoint, its adapter base, or data/tokenizer."""
-    from utils.checkpoint import read_meta
-
-    if recipe.tokenizer:
-        if not Path(recipe.tokenizer).exists():
-            raise UserError(f"tokenizer {recipe.tokenizer} does not exist; point tokenizer= at a tokenizer.json")
-        return Path(recipe.tokenizer)
-    ckpt = Path(recipe.checkpoint)
-    base = recipe.base_checkpoint or (read_meta(ckpt).get("base_checkpoint") if ckpt.is_dir() else None)
-    for candidate in (ckpt / "tokenizer.json", Path(base) / "tokenizer.json" if base else None, DEFAULT_TOKENIZER):
-        if candidate is not None and candidate.is_file():
-            return candidate
-    return None
-
-
 def load_tokenizer(recipe: EvalRecipe):
-    """The project Tokenizer for the checkpoint; UserError naming where it looked."""
-    from data_pipeline.tokenizer.tokenizer import Tokenizer
+    """The checkpoint's tokenizer (model/load.py's rule; recipe.tokenizer overrides)."""
+    from model.load import load_tokenizer as load_tok
 
-    if not Path(recipe.checkpoint).is_dir():
-        raise UserError(f"checkpoint {recipe.checkpoint!r} does not exist; point --checkpoint at a directory "
-                        "written by a training stage (e.g. runs/pretrain_tiny/final)")
-    path = tokenizer_path_for(recipe)
-    if path is None:
-        raise UserError(f"no tokenizer.json in {recipe.checkpoint} (or its base checkpoint) nor at "
-                        f"{DEFAULT_TOKENIZER}; pass tokenizer=<path to tokenizer.json>")
-    return Tokenizer.from_file(path)
+    return load_tok(recipe.checkpoint, recipe.tokenizer, recipe.base_checkpoint)
 
 
 def load_model(recipe: EvalRecipe) -> torch.nn.Module:
-    """The checkpoint's Transformer in eval mode on the recipe's device and dtype.
+    """The checkpoint's model in eval mode on the recipe's device and dtype, through the one
+    loader: a LoRA/QLoRA adapter is merged onto its base, so the model evaluated is exactly the
+    one the adapter describes, with no adapter overhead."""
+    from model.load import load_model as load
 
-    A LoRA adapter dir is merged onto its base (finetune.sft.load_finetuned), so the
-    model evaluated is exactly the one the adapter describes, with no adapter overhead.
-    """
-    from utils.checkpoint import load_model as load_full
-    from utils.checkpoint import read_meta
-
-    device = resolve_device(recipe.device)
-    if read_meta(recipe.checkpoint).get("kind") == "adapter":
-        from finetune.sft import load_finetuned
-
-        model = load_finetuned(recipe.checkpoint, "cpu", recipe.base_checkpoint)
-    else:
-        model = load_full(recipe.checkpoint, "cpu")
-    return model.to(device=device, dtype=DTYPES[recipe.dtype]).eval()
+    return load(recipe.checkpoint, device=recipe.device, dtype=recipe.dtype, base=recipe.base_checkpoint, expect="lm")
 
 
 def load_model_and_tokenizer(recipe: EvalRecipe):
-    """(model, tokenizer); checks that the tokenizer's ids fit the model's vocabulary."""
-    tok = load_tokenizer(recipe)  # first: a missing tokenizer should fail before the weights load
-    model = load_model(recipe)
-    if tok.vocab_size > model.cfg.vocab_size:
-        raise UserError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model's vocab_size is "
-                        f"{model.cfg.vocab_size}; use the tokenizer the checkpoint was trained with")
-    return model, tok
+    """(model, tokenizer); the tokenizer is checked first and must fit the model's vocabulary."""
+    from model.load import load
+
+    return load(recipe.checkpoint, tokenizer=recipe.tokenizer, base=recipe.base_checkpoint, device=recipe.device,
+                dtype=recipe.dtype, expect="lm")
 
 
 def make_engine(model: torch.nn.Module, tok, recipe: EvalRecipe):

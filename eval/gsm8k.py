@@ -21,7 +21,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # repo roo
 import time
 from typing import Callable, Optional, Sequence
 
-from eval.answer import ends_with_answer_line, extract_gsm8k_answer, extract_hash_answer
+from data_pipeline.answer import ends_with_answer_line, extract_gsm8k_answer, extract_hash_answer
 from eval.common import REPO_ROOT, EvalRecipe, load_tokenizer, out_dir, parse_eval_args, summary_header
 from eval.data import DOWNLOAD_CMD, GSM8K_FIELDS, _hf_stream, _read_records, _require_fields, load_gsm8k
 from eval.report import write_results

@@ -15,12 +15,13 @@ script checks that it was given its own kind.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Optional
 
-from model.lora import LoRAConfig, Targets
+from model.lora import LoRAConfig
+from model.quant import QLoRAConfig
 from utils.errors import UserError
 from utils.optim import OptimConfig
-from utils.train_loop import TrainConfig
+from utils.train_config import TrainConfig
 
 MODES = {"full": "finetune/sft_train.py", "lora": "finetune/peft/lora/sft_lora_train.py",
          "qlora": "finetune/peft/qlora/sft_qlora_train.py"}
@@ -32,17 +33,8 @@ class SFTDataConfig:
 
     bin_dir: str = field(default="data/sft", metadata={"path": "dir"})
     tokenizer: str = field(default="", metadata={"path": "file?"})  # "" -> bin_dir/../tokenizer.json or the base's
-    pack: bool = True  # pack short conversations into full rows (attention never crosses a boundary)
+    pack: bool = True  # pack short conversations into full rows (no document mask: later examples see earlier ones)
     val_split: str = "val"
-
-
-@dataclass
-class QLoRAConfig:
-    """Recipe section ``qlora``: how the frozen base is quantized (NF4, bitsandbytes)."""
-
-    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    double_quant: bool = True  # quantize the block scales too (~0.516 instead of ~0.56 bytes/param)
-    targets: Targets = "all-linear"  # which base linear layers are stored in 4 bits (lm_head stays full)
 
 
 @dataclass

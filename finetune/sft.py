@@ -18,12 +18,9 @@ import torch.nn as nn
 
 from finetune.recipe import SFTRecipe
 from model.config import ModelConfig
-from model.lora import adapter_meta, apply_lora, load_lora, lora_state_dict, merge_and_unload, read_adapter_config
-from model.transformer import Transformer
-from utils.checkpoint import load_into, load_model_config, load_weights, read_meta
+from model.load import load_model, read_config
+from model.lora import adapter_meta, apply_lora, live_adapter_weights
 from utils.errors import UserError
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ----------------------------------------------------------------------------- model
@@ -59,21 +56,6 @@ def long_context_config(base: ModelConfig, seq_len: int, max_seq_len: Optional[i
     return cfg
 
 
-def load_base(path: str | os.PathLike, cfg: Optional[ModelConfig] = None, device: str | torch.device = "cpu") -> Transformer:
-    """A pretrain checkpoint's weights in a Transformer built from ``cfg`` (default: its own config)."""
-    if read_meta(path).get("kind") == "adapter":
-        raise UserError(f"base_checkpoint {path} holds LoRA adapters only; point it at a full model checkpoint.")
-    model = Transformer(cfg or load_model_config(path))
-    load_into(model, load_weights(path), str(path))
-    return model.to(device)
-
-
-def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
-
-
 def build_sft_model(recipe: SFTRecipe, device: torch.device) -> tuple[nn.Module, dict]:
     """Base model, long-context config, NF4 base (QLoRA) and adapters (LoRA) as the recipe says.
 
@@ -82,15 +64,14 @@ def build_sft_model(recipe: SFTRecipe, device: torch.device) -> tuple[nn.Module,
     """
     from utils.flops import flops_per_token
 
-    base_cfg = load_model_config(recipe.base_checkpoint)
+    base_cfg = read_config(recipe.base_checkpoint)
     cfg = long_context_config(base_cfg, recipe.train.seq_len, recipe.max_seq_len, recipe.rope_scaling)
-    model = load_base(recipe.base_checkpoint, cfg, device)
+    model = load_model(recipe.base_checkpoint, config=cfg, device=device, train=True, expect="lm")
     info: dict[str, Any] = {"flops_per_token": flops_per_token(model, recipe.train.seq_len), "mode": recipe.mode}
     if recipe.qlora is not None:
-        from model.quant import base_bytes_per_param, quantize_model
+        from model.quant import base_bytes_per_param, quantize_for_qlora
 
-        q = recipe.qlora
-        info["quantized"] = quantize_model(model, q.targets, resolve_compute_dtype(q.compute_dtype, device), q.double_quant)
+        info["quantized"] = quantize_for_qlora(model, recipe.qlora)
         info["base_bytes_per_param"] = base_bytes_per_param(model)
     if recipe.lora is not None:
         lc = recipe.lora
@@ -99,16 +80,6 @@ def build_sft_model(recipe: SFTRecipe, device: torch.device) -> tuple[nn.Module,
     info["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     info["total"] = sum(p.numel() for p in model.parameters())
     return model, info
-
-
-def lora_weights_fn(lora_cfg):
-    """``weights_fn`` for the loop: the live adapter tensors (and fully trained modules)."""
-    from utils.distributed import unwrap
-
-    def weights(model: nn.Module) -> dict[str, torch.Tensor]:
-        return lora_state_dict(unwrap(model), lora_cfg.modules_to_save, live=True)
-
-    return weights
 
 
 # ----------------------------------------------------------------------------- loss
@@ -149,10 +120,9 @@ def make_loader(recipe: SFTRecipe, split: str, seed: int, rank: int = 0, world_s
     from data_pipeline.loader import SFTLoader
     from data_pipeline.tokenizer.tokenizer import file_hash
 
-    tok = tokenizer_path(recipe)
     t = recipe.train
     loader = SFTLoader(recipe.data.bin_dir, split, t.seq_len, t.batch_size, seed, rank, world_size,
-                       pack=recipe.data.pack, expect_tokenizer_hash=file_hash(tok) if tok else None)
+                       pack=recipe.data.pack, expect_tokenizer_hash=file_hash(tokenizer_path(recipe)))
     vocab = loader.meta.get("vocab_size")
     if vocab_size is not None and isinstance(vocab, int) and vocab > vocab_size:
         raise UserError(f"{recipe.data.bin_dir} holds token ids up to {vocab - 1} but the base model's vocab_size is "
@@ -160,12 +130,12 @@ def make_loader(recipe: SFTRecipe, split: str, seed: int, rank: int = 0, world_s
     return loader
 
 
-def tokenizer_path(recipe: SFTRecipe) -> Optional[str]:
-    """The recipe's tokenizer, else the one saved beside the base checkpoint."""
-    for c in (recipe.data.tokenizer, Path(recipe.base_checkpoint) / "tokenizer.json"):
-        if c and Path(c).is_file():
-            return str(c)
-    return None
+def tokenizer_path(recipe: SFTRecipe, required: bool = True) -> Optional[str]:
+    """The recipe's data.tokenizer, else the base checkpoint's (model/load.py's one rule)."""
+    from model.load import tokenizer_path as checkpoint_tokenizer
+
+    path = checkpoint_tokenizer(recipe.base_checkpoint, recipe.data.tokenizer or None, required=required)
+    return None if path is None else str(path)
 
 
 def make_eval_fn(recipe: SFTRecipe, vocab_size: int):
@@ -197,12 +167,14 @@ def make_eval_fn(recipe: SFTRecipe, vocab_size: int):
 
 def run_sft(recipe: SFTRecipe, mode: str, batches: Optional[Iterator] = None, eval_fn=None):
     """Build, train and save; returns the loop's TrainResult. ``batches`` overrides the loader (tests)."""
-    from utils.distributed import resolve_device, setup
+    from model.loss import with_aux_loss
+    from utils.device import resolve_device
+    from utils.distributed import setup
     from utils.train_loop import train
 
     recipe.expect_mode(mode)
     env = setup(recipe.train.distributed, recipe.train.device)
-    device = resolve_device(recipe.train.device, env.local_rank)
+    device = resolve_device(recipe.train.device, env.local_rank, "train.device")
     model, info = build_sft_model(recipe, device)
     if env.is_main:
         extra = f" | NF4 base {info['base_bytes_per_param']:.3f} bytes/param" if "base_bytes_per_param" in info else ""
@@ -214,53 +186,25 @@ def run_sft(recipe: SFTRecipe, mode: str, batches: Optional[Iterator] = None, ev
     meta = {"stage": f"sft_{mode}", "base_checkpoint": str(recipe.base_checkpoint)}
     weights_fn = None
     if recipe.lora is not None:
-        weights_fn = lora_weights_fn(recipe.lora)
+        weights_fn = live_adapter_weights(recipe.lora.modules_to_save)
         meta = adapter_meta(model, recipe.lora, **meta, qlora=recipe.qlora is not None, quantized=info.get("quantized", []))
-    return train(model, batches, sft_loss, recipe.train, recipe.optim, eval_fn=eval_fn, recipe=recipe,
-                 weights_fn=weights_fn, checkpoint_meta=meta, tokenizer_path=tokenizer_path(recipe),
+    loss_fn = with_aux_loss(sft_loss, recipe.train.aux_loss, print if env.is_main else lambda _: None)
+    return train(model, batches, loss_fn, recipe.train, recipe.optim, eval_fn=eval_fn, recipe=recipe,
+                 weights_fn=weights_fn, checkpoint_meta=meta, tokenizer_path=tokenizer_path(recipe, required=False),
                  flops_per_token=info["flops_per_token"])
 
 
-def load_finetuned(path: str | os.PathLike, device: str | torch.device = "cpu", base_checkpoint: Optional[str] = None) -> Transformer:
-    """A plain Transformer from an SFT output: a full checkpoint as is, an adapter merged onto its base.
-
-    An adapter's base is ``base_checkpoint`` or the one recorded in its meta.json. A QLoRA
-    adapter is merged onto the dequantized NF4 base it was trained against.
-    """
-    meta = read_meta(path)
-    if meta.get("kind") != "adapter":
-        from utils.checkpoint import load_model
-
-        return load_model(path, device)
-    read_adapter_config(path)
-    base = base_checkpoint or meta.get("base_checkpoint")
-    if not base:
-        raise UserError(f"adapter {path} does not record its base checkpoint; pass base_checkpoint.")
-    model = load_base(base, load_model_config(path), device)  # the adapter's config (long context included)
-    if meta.get("qlora"):
-        from model.quant import quantize_model
-
-        quantize_model(model, meta.get("quantized") or "all-linear", torch.float32)
-    load_lora(model, path)
-    return merge_and_unload(model).eval()
-
-
 def format_report(recipe: SFTRecipe, finetuned_path: str | os.PathLike, device: str | torch.device = "cpu") -> Optional[dict]:
-    """Format rate of held-out arithmetic prompts, base vs finetuned (None when it cannot run)."""
-    from finetune.format_rate import engine_generate, heldout_problems, measure_format_rate
+    """Format rate of held-out arithmetic prompts, base vs finetuned (None when switched off)."""
+    from finetune.format_rate import format_rate, heldout_problems
+    from model.load import load_tokenizer
 
-    tok_path = tokenizer_path(recipe)
-    if recipe.format_eval_prompts <= 0 or tok_path is None:
+    if recipe.format_eval_prompts <= 0 or tokenizer_path(recipe, required=False) is None:
         return None
-    from data_pipeline.tokenizer.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer.from_file(tok_path)
+    tokenizer = load_tokenizer(recipe.base_checkpoint, recipe.data.tokenizer or None)
     problems = heldout_problems(recipe.format_eval_prompts)
-    out = {}
-    for name, model in (("base", load_base(recipe.base_checkpoint, device=device)),
-                        ("sft", load_finetuned(finetuned_path, device, recipe.base_checkpoint))):
-        out[name] = measure_format_rate(engine_generate(model.eval(), tokenizer, device=str(device)), problems)
-    return out
+    return {name: format_rate(load_model(path, device=device), tokenizer, problems)
+            for name, path in (("base", recipe.base_checkpoint), ("sft", finetuned_path))}
 
 
 def run_sft_and_report(recipe: SFTRecipe, mode: str) -> None:

@@ -1,6 +1,6 @@
 """Streaming terminal chat with a checkpoint.
 
-    python inference/chat.py --checkpoint runs/sft/step_00001000 [--system "You are terse."]
+    python inference/chat.py --checkpoint runs/sft/step_00001000 [--system "You are terse."]   # full model or adapter
 
 Type a message and the reply streams token by token. The conversation is kept (oldest turns
 are dropped when it outgrows the context); ``/reset`` starts over, ``/exit`` or Ctrl-D quits,
@@ -14,12 +14,12 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # repo root
 
-import argparse
 import time
-from typing import Any, TextIO
+from typing import Any, Optional, Sequence, TextIO
 
 from inference.sampling_params import SamplingParams
-from inference.server import add_engine_args, chat_format, load_serving
+from inference.serve_recipe import ChatRecipe, load_serving, parse_serving_args
+from inference.server import chat_format
 from utils.errors import UserError
 
 
@@ -59,7 +59,7 @@ def reply(engine: Any, prompt_ids: list[int], params: SamplingParams, out: TextI
     return text, n_tokens
 
 
-def chat_loop(engine: Any, tok: Any, args: argparse.Namespace, stdin: TextIO, out: TextIO, err: TextIO) -> None:
+def chat_loop(engine: Any, tok: Any, args: ChatRecipe, stdin: TextIO, out: TextIO, err: TextIO) -> None:
     render_chat, chat_stop_ids = chat_format()
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
@@ -103,20 +103,9 @@ def chat_loop(engine: Any, tok: Any, args: argparse.Namespace, stdin: TextIO, ou
             err.flush()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Streaming terminal chat with a checkpoint (/reset, /exit).")
-    add_engine_args(parser, max_num_seqs=1)  # one conversation: no batch to reserve KV blocks for
-    parser.add_argument("--system", default=None, help="system message that starts every conversation")
-    parser.add_argument("--max-tokens", type=int, default=512, help="longest reply in tokens")
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--stats", action="store_true", help="print prompt/generated tokens and speed after each reply (stderr)")
-    args = parser.parse_args(argv)
-    if args.max_tokens < 1:
-        raise UserError(f"--max-tokens must be >= 1, got {args.max_tokens}.")
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_serving_args(ChatRecipe, "Streaming terminal chat with a checkpoint (/reset, /exit). Every key is "
+                                          "a flag (--max-tokens 64) and a YAML key (--config_path chat.yaml).", argv)
     engine, tok = load_serving(args)
     if sys.stdin.isatty():
         print(f"chatting with {args.checkpoint} ({engine.max_model_len}-token context). /reset starts over, /exit quits.")

@@ -17,7 +17,6 @@ import itertools
 import threading
 import uuid
 from collections import deque
-from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -63,12 +62,12 @@ class LLMEngine:
     ):
         self.device = torch.device(device)
         cfg = model.cfg
-        if cfg.attention == "linear":
+        if model.cache_kind == "recurrent":
             # A recurrent state per sequence, not per block: no prefix sharing, no rollback.
             enable_prefix_caching = False
             if draft_model is not None:
                 raise UserError("engine: speculative decoding needs a KV-cache target; linear attention cannot roll back its state.")
-        if draft_model is not None and draft_model.cfg.attention == "linear":
+        if draft_model is not None and draft_model.cache_kind == "recurrent":
             raise UserError("engine: the draft model uses linear attention, which cannot roll back rejected tokens; pick a softmax-attention draft.")
         self.model = model.to(device=self.device, dtype=dtype).eval()
         self.tokenizer = tokenizer
@@ -121,13 +120,16 @@ class LLMEngine:
 
     @classmethod
     def from_checkpoint(cls, path: str, **kw) -> "LLMEngine":
-        """Engine over a checkpoint directory (utils/checkpoint.py); loads tokenizer.json beside it."""
-        from utils.checkpoint import load_model
+        """Engine over a checkpoint directory (full model or adapter) and its tokenizer, loaded
+        through model/load.py; ``device``/``dtype`` and the engine's other arguments as for __init__."""
+        from model.load import load, load_model
 
-        model = load_model(path, device=kw.get("device", "cpu"), dtype=kw.get("dtype"))
-        if kw.get("tokenizer") is None and (Path(path) / "tokenizer.json").exists():
-            kw["tokenizer"] = load_tokenizer(Path(path) / "tokenizer.json")
-        return cls(model, **kw)
+        device, dtype = kw.pop("device", "cpu"), kw.pop("dtype", None)
+        if kw.get("tokenizer") is None:
+            model, kw["tokenizer"] = load(path, device=device, dtype=dtype, expect="lm")
+        else:
+            model = load_model(path, device=device, dtype=dtype, expect="lm")
+        return cls(model, device=next(model.parameters()).device, **kw)
 
     # ---- requests ---------------------------------------------------------------------------
     def request_error(self, prompt_ids: list[int], params: SamplingParams) -> Optional[str]:
@@ -424,10 +426,3 @@ class LLMEngine:
         return [
             Completion(rid, list(p), [results[rid][i] for i in sorted(results[rid])]) for rid, p in zip(ids, prompts)
         ]
-
-
-def load_tokenizer(path: Path):
-    """The project's tokenizer for a tokenizer.json (data_pipeline/tokenizer/tokenizer.py)."""
-    from data_pipeline.tokenizer.tokenizer import Tokenizer
-
-    return Tokenizer.from_file(path)

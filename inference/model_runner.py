@@ -24,7 +24,7 @@ class ModelRunner:
         self.model = model
         self.device = torch.device(device)
         self.cache = PagedKVCache(num_blocks, block_size, self.device)
-        self.recurrent = model.cfg.attention == "linear"
+        self.recurrent = model.cache_kind == "recurrent"
         self.states: dict[int, dict[int, object]] = {}  # seq_id -> layer -> state with batch dim 1
 
     @torch.inference_mode()

@@ -50,13 +50,3 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.up_proj(x)))
-
-
-def make_ffn(cfg: ModelConfig, layer: int) -> nn.Module:
-    if cfg.ffn == "moe":
-        from model.moe import make_moe_or_dense
-
-        return make_moe_or_dense(cfg, layer)
-    if cfg.ffn in ("swiglu", "geglu"):
-        return GatedMLP(cfg)
-    return MLP(cfg)

@@ -22,16 +22,13 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
+from model.linear_layers import Targets, is_4bit, match_linears, set_module
 from utils.errors import UserError
-
-Targets = Union[str, list[str]]
-ALL_LINEAR_EXCLUDES = ("lm_head", "router")  # see match_linears
-
 
 @dataclass
 class LoRAConfig:
@@ -53,14 +50,6 @@ class LoRAConfig:
             raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout}.")
         if isinstance(self.targets, list) and not self.targets:
             raise UserError("lora.targets is an empty list; name patterns such as [q_proj, v_proj] or use 'all-linear'.")
-
-
-def _is_4bit(layer: nn.Module) -> bool:
-    return type(layer).__name__ == "Linear4bit"  # bitsandbytes is optional; avoid importing it here
-
-
-def is_linear(layer: nn.Module) -> bool:
-    return isinstance(layer, nn.Linear) or _is_4bit(layer)
 
 
 class LoRALinear(nn.Module):
@@ -97,7 +86,7 @@ class LoRALinear(nn.Module):
         reads ``.weight`` instead of calling the layer (MLA's absorbed decode path)."""
         from model.quant import dequantized_weight
 
-        w = dequantized_weight(self.base) if _is_4bit(self.base) else self.base.weight
+        w = dequantized_weight(self.base) if is_4bit(self.base) else self.base.weight
         return w if self.merged else w + self.delta_weight().to(w.dtype)
 
     @property
@@ -113,44 +102,6 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
-
-
-# ----------------------------------------------------------------------------- choosing targets
-
-
-def match_linears(model: nn.Module, targets: Targets) -> list[str]:
-    """Names of the linear layers that ``targets`` selects, in module order.
-
-    ``"all-linear"``: every linear layer except ``lm_head`` (the output head is usually tied
-    or too large to be worth adapting) and MoE ``router``s (routing stays exact, in fp32,
-    as PEFT/Unsloth recipes leave the gate alone). Otherwise a list of fnmatch patterns; a pattern
-    matches a full module name (``layers.*.attn.q_proj``) or its trailing part (``q_proj``,
-    ``attn.*``). A pattern that matches no linear layer is a UserError.
-    """
-    linears = [n for n, m in model.named_modules() if is_linear(m) and not isinstance(m, LoRALinear)]
-    if targets == "all-linear":
-        chosen = [n for n in linears if n.split(".")[-1] not in ALL_LINEAR_EXCLUDES]
-        if not chosen:
-            raise UserError(f"targets='all-linear' found no linear layers besides {ALL_LINEAR_EXCLUDES} in this model.")
-        return chosen
-    if isinstance(targets, str):
-        targets = [targets]
-    chosen: set[str] = set()
-    for pattern in targets:
-        hits = [n for n in linears if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, "*." + pattern)]
-        if not hits:
-            kinds = sorted({n.split(".")[-1] for n in linears})
-            raise UserError(
-                f"LoRA target pattern {pattern!r} matches no linear layer of this model; "
-                f"linear layers are named like {kinds} (full names like {linears[0]!r}), or use 'all-linear'."
-            )
-        chosen.update(hits)
-    return [n for n in linears if n in chosen]
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -179,7 +130,7 @@ def apply_lora(
         p.requires_grad_(False)
     for name in names:
         wrapper = LoRALinear(model.get_submodule(name), r, alpha, dropout, rslora, name=name)
-        _set_module(model, name, wrapper.train(model.training))  # a new module would start in train mode
+        set_module(model, name, wrapper.train(model.training))  # a new module would start in train mode
     for p in saved_parameters(model, modules_to_save).values():
         p.requires_grad_(True)
     return names
@@ -198,7 +149,7 @@ def saved_parameters(model: nn.Module, modules_to_save: Sequence[str]) -> dict[s
         for name in hits:
             if any(name == w or name.startswith(w + ".") or w.startswith(name + ".") for w in wrapped):
                 raise UserError(f"{name} is both a LoRA target and in lora.modules_to_save; a layer is either adapted or trained in full.")
-            if any(_is_4bit(m) for m in model.get_submodule(name).modules()):
+            if any(is_4bit(m) for m in model.get_submodule(name).modules()):
                 raise UserError(f"{name} is stored in 4 bits (QLoRA) and cannot be trained in full; leave it out of qlora.targets.")
             for p_name, p in model.get_submodule(name).named_parameters():
                 if id(p) not in seen:
@@ -219,7 +170,7 @@ def merge_lora(model: nn.Module) -> None:
     for name, layer in lora_layers(model).items():
         if layer.merged:
             continue
-        if _is_4bit(layer.base):
+        if is_4bit(layer.base):
             raise UserError(
                 f"{name} has a 4-bit base; merging in place would re-quantize it. "
                 "Use merge_and_unload(model), which dequantizes the base first."
@@ -248,16 +199,16 @@ def merge_and_unload(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
 
     for name, layer in lora_layers(model).items():
         base = layer.base
-        w = dequantized_weight(base) if _is_4bit(base) else base.weight.detach()
-        if not layer.merged or _is_4bit(base):
+        w = dequantized_weight(base) if is_4bit(base) else base.weight.detach()
+        if not layer.merged or is_4bit(base):
             w = w + layer.delta_weight().detach().to(w.dtype)
-        out_dtype = dtype or (w.dtype if not _is_4bit(base) else layer.lora_A.dtype)
+        out_dtype = dtype or (w.dtype if not is_4bit(base) else layer.lora_A.dtype)
         plain = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, device=w.device, dtype=out_dtype)
         with torch.no_grad():
             plain.weight.copy_(w)
             if base.bias is not None:
                 plain.bias.copy_(base.bias.detach())
-        _set_module(model, name, plain)
+        set_module(model, name, plain)
     return model
 
 
@@ -275,6 +226,17 @@ def lora_state_dict(model: nn.Module, modules_to_save: Sequence[str] = (), live:
     return state if live else {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
+def live_adapter_weights(modules_to_save: Sequence[str] = ()) -> Callable[[nn.Module], dict[str, torch.Tensor]]:
+    """The training loop's ``weights_fn`` for a LoRA run: the live adapter tensors (and fully
+    trained modules) of the (possibly DDP-wrapped) model, so checkpoints hold only those."""
+    from utils.distributed import unwrap
+
+    def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+        return lora_state_dict(unwrap(model), modules_to_save, live=True)
+
+    return weights
+
+
 def base_fingerprint(model: nn.Module) -> str:
     """A hash of the base model's parameter names and logical shapes.
 
@@ -288,7 +250,7 @@ def base_fingerprint(model: nn.Module) -> str:
             continue  # its base layer is visited as a child
         owner = mod_name[: -len(".base")] if mod_name.endswith(".base") and mod_name[: -len(".base")] in wrapped else mod_name
         for p_name, p in m.named_parameters(recurse=False):
-            shape = [m.out_features, m.in_features] if _is_4bit(m) and p_name == "weight" else list(p.shape)
+            shape = [m.out_features, m.in_features] if is_4bit(m) and p_name == "weight" else list(p.shape)
             shapes.append((f"{owner}.{p_name}" if owner else p_name, shape))
     return hashlib.sha256(json.dumps(sorted(shapes)).encode()).hexdigest()[:16]
 
@@ -328,14 +290,14 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> list[str]:
     shape fingerprint must match, otherwise UserError: an adapter only means something on
     the base it was trained on.
     """
-    from utils.checkpoint import load_model_config, load_weights, read_meta
+    from utils.checkpoint import load_weights, read_config_dict, read_meta
 
     lora_cfg = read_adapter_config(path)
     meta = read_meta(path)
-    base_cfg = load_model_config(path)
+    base_cfg = read_config_dict(path)
     own_cfg = getattr(model, "cfg", None)
     diff = [] if own_cfg is None else [
-        k for k, v in base_cfg.to_dict().items() if own_cfg.to_dict().get(k) != v and k != "extra"  # extra: free-form notes
+        k for k, v in base_cfg.items() if own_cfg.to_dict().get(k) != v and k != "extra"  # extra: free-form notes
     ]
     if diff:
         raise UserError(

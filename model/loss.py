@@ -5,7 +5,7 @@ faster than logits + F.cross_entropy at V=4096), else through the model's own lo
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -28,3 +28,31 @@ def lm_loss(model: nn.Module, x: torch.Tensor, targets: torch.Tensor,
     logits = model(x, positions=positions)
     n = (targets != -100).sum().clamp(min=1)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum") / n
+
+
+LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict]]
+
+
+def with_aux_loss(loss_fn: LossFn, enabled: bool = True, log: Callable[[str], None] = print) -> LossFn:
+    """The one decision on auxiliary losses, for every training stage: wrap the stage's
+    ``loss_fn(model, batch) -> (loss, metrics)`` so the model's auxiliary loss of that forward
+    (the MoE sequence-wise balance loss, already scaled by ``moe.seq_aux_loss_coef``) is added
+    and both parts are logged (``ce_loss`` = the stage's own loss, ``aux_loss``). Models without
+    one (dense, or a zero coefficient) pass through unchanged. ``enabled=False`` (the recipe key
+    ``train.aux_loss: false``) trains on the stage's loss alone, and says so.
+
+    When a loss function runs the trained model more than once per micro-batch, the balance
+    loss is the last forward's (the MoE layers keep only the latest)."""
+    if not enabled:
+        log("train.aux_loss=false: auxiliary losses (MoE balance) are not added to the training loss")
+        return loss_fn
+
+    def loss_with_aux(model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict]:
+        loss, metrics = loss_fn(model, batch)
+        aux_fn = getattr(unwrap(model), "aux_loss", None)
+        aux = aux_fn() if callable(aux_fn) else None
+        if aux is None:
+            return loss, metrics
+        return loss + aux.to(loss.dtype), {**(metrics or {}), "ce_loss": loss.detach(), "aux_loss": aux.detach()}
+
+    return loss_with_aux

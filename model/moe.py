@@ -176,13 +176,6 @@ class MoE(nn.Module):
         load.zero_()
 
 
-def make_moe_or_dense(cfg: ModelConfig, layer: int) -> nn.Module:
-    """DeepSeek keeps the first ``first_k_dense`` layers dense (a gated MLP of width d_ff)."""
-    if layer < cfg.moe["first_k_dense"]:
-        return GatedMLP(cfg)
-    return MoE(cfg)
-
-
 def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 

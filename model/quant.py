@@ -12,13 +12,24 @@ bitsandbytes has a CPU backend as well as CUDA, so the same code runs in CI and 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from model.lora import Targets, _is_4bit, _set_module, match_linears
+from model.linear_layers import Targets, is_4bit, match_linears, set_module
+from utils.device import DType, torch_dtype
 from utils.errors import UserError
+
+
+@dataclass
+class QLoRAConfig:
+    """Recipe section ``qlora`` (SFT and alignment): how the frozen base is quantized (NF4, bitsandbytes)."""
+
+    compute_dtype: DType = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    double_quant: bool = True  # quantize the block scales too (~0.516 instead of ~0.56 bytes/param)
+    targets: Targets = "all-linear"  # which base linear layers are stored in 4 bits (lm_head stays full)
 
 
 def _bnb():
@@ -80,14 +91,21 @@ def quantize_model(model: nn.Module, targets: Targets = "all-linear", compute_dt
     names = match_linears(model, targets)
     for name in names:
         layer = model.get_submodule(name)
-        if not _is_4bit(layer):
-            _set_module(model, name, quantize_linear(layer, compute_dtype, double_quant))
+        if not is_4bit(layer):
+            set_module(model, name, quantize_linear(layer, compute_dtype, double_quant))
     return names
+
+
+def quantize_for_qlora(model: nn.Module, cfg: QLoRAConfig) -> list[str]:
+    """QLoRA's first step, as a recipe's ``qlora`` section says: the base's selected linear layers
+    in NF4 on the model's device (call before ``apply_lora``). Returns the quantized names."""
+    device = next(model.parameters()).device
+    return quantize_model(model, cfg.targets, torch_dtype(cfg.compute_dtype, device, "qlora.compute_dtype"), cfg.double_quant)
 
 
 def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     """The weight a Linear4bit layer computes with, as a float tensor (out, in)."""
-    if not _is_4bit(layer):
+    if not is_4bit(layer):
         return layer.weight.detach()
     bnb = _bnb()
     qs = layer.weight.quant_state
@@ -109,7 +127,7 @@ def quantized_bytes(layer: nn.Module) -> int:
 
 def base_bytes_per_param(model: nn.Module) -> Optional[float]:
     """Average storage of the quantized base weights in bytes per parameter (None if none are quantized)."""
-    layers = [m for m in model.modules() if _is_4bit(m)]
+    layers = [m for m in model.modules() if is_4bit(m)]
     if not layers:
         return None
     n = sum(m.in_features * m.out_features for m in layers)

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from model.attention import Attention, AttnMask
 from model.config import ModelConfig
-from model.ffn import make_ffn
+from model.ffn import MLP, GatedMLP
 from model.norms import make_norm
 from model.positions import Rotary
 
@@ -28,6 +28,17 @@ def make_attention(cfg: ModelConfig, layer: int) -> nn.Module:
 
         return LinearAttention(cfg, layer)
     return Attention(cfg, layer)
+
+
+def make_ffn(cfg: ModelConfig, layer: int) -> nn.Module:
+    if cfg.ffn == "moe":
+        from model.moe import MoE
+
+        # DeepSeek keeps the first ``first_k_dense`` layers dense (a gated MLP of width d_ff).
+        return GatedMLP(cfg) if layer < cfg.moe["first_k_dense"] else MoE(cfg)
+    if cfg.ffn in ("swiglu", "geglu"):
+        return GatedMLP(cfg)
+    return MLP(cfg)
 
 
 class Block(nn.Module):
@@ -130,6 +141,42 @@ class Transformer(nn.Module):
         if cap is not None:
             logits = cap * torch.tanh(logits / cap)
         return logits
+
+    # ---- what the stages and the engine ask of a model, so none of them branches on its parts
+
+    @property
+    def cache_kind(self) -> str:
+        """``kv``: keys/values (or MLA latents) per token, so blocks can be shared and rolled back;
+        ``recurrent``: one running state per sequence (linear attention)."""
+        return "recurrent" if self.cfg.attention == "linear" else "kv"
+
+    def aux_loss(self) -> Optional[torch.Tensor]:
+        """Auxiliary training loss of the last training forward (MoE sequence-wise balance loss,
+        already scaled by its coefficient, summed over layers); None when there is none.
+        Reading it clears it, so a loss whose graph was freed is never added a second time."""
+        if self.cfg.ffn != "moe":
+            return None
+        from model.moe import moe_aux_loss, moe_layers
+
+        aux = moe_aux_loss(self)
+        for layer in moe_layers(self):
+            layer.aux_loss = None
+        return aux
+
+    @property
+    def tied_weights(self) -> dict[str, str]:
+        """State-dict keys that alias another tensor, each with the key it is stored under
+        (the head tied to the embedding)."""
+        return {"lm_head.weight": "embed.weight"} if self.cfg.tie_embeddings else {}
+
+    def weights(self, live: bool = False) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores: the state dict with tied tensors once (safetensors refuses
+        aliases). ``live=True`` returns the tensors themselves (the training loop copies resumed
+        values back into them), else detached, contiguous CPU copies."""
+        state = self.state_dict(keep_vars=live)
+        for alias in self.tied_weights:
+            state.pop(alias, None)
+        return dict(state) if live else {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -22,7 +22,7 @@ import torch
 from data_pipeline.loader import PretrainLoader
 from data_pipeline.tokenizer.tokenizer import file_hash
 from model.loss import lm_loss as next_token_loss
-from model.transformer import Transformer
+from model.loss import with_aux_loss
 from pretrain.recipe import PretrainDataConfig, PretrainRecipe  # noqa: F401  (re-exported for recipe generators)
 from utils import distributed as D
 from utils.cli import main_guard
@@ -33,17 +33,10 @@ from utils.train_loop import grad_accum_steps, train
 
 def lm_loss(model, batch) -> tuple[torch.Tensor, dict]:
     """Next-token cross-entropy: batch = (x, y) int64 (B, T); mean over the B*T targets
-    (model/loss.py: the chunked head + loss, no (B*T, V) logits).
-    MoE layers' sequence-wise balance losses (already scaled by their coefficient) are added."""
-    from model.moe import moe_aux_loss
-
+    (model/loss.py: the chunked head + loss, no (B*T, V) logits). An MoE model's balance loss
+    is added by ``model.loss.with_aux_loss``, as in every stage."""
     x, y = batch
-    ce = next_token_loss(model, x, y)
-    metrics = {"n_tokens": y.numel()}
-    aux = moe_aux_loss(D.unwrap(model)) if D.unwrap(model).cfg.ffn == "moe" else None
-    if aux is None:
-        return ce, metrics
-    return ce + aux, {**metrics, "ce_loss": ce.detach(), "aux_loss": aux.detach()}
+    return next_token_loss(model, x, y), {"n_tokens": y.numel()}
 
 
 def make_loader(bin_path: str, recipe: PretrainRecipe, env: D.DistEnv, seed: int) -> PretrainLoader:
@@ -72,6 +65,19 @@ def make_eval_fn(recipe: PretrainRecipe, env: D.DistEnv) -> Optional[Callable]:
     return eval_fn
 
 
+def build_model(recipe: PretrainRecipe) -> torch.nn.Module:
+    """A fresh Transformer of ``recipe.model`` (the same init on every rank), or, with
+    ``init_from``, the weights of that checkpoint (continued pretraining) through model/load.py."""
+    if recipe.init_from:
+        from model.load import load_model
+
+        return load_model(recipe.init_from, train=True, expect="lm")
+    from model.transformer import Transformer
+
+    torch.manual_seed(recipe.train.seed)
+    return Transformer(recipe.model)
+
+
 def check_vocab(loader: PretrainLoader, recipe: PretrainRecipe) -> None:
     """The bins' vocabulary (meta.json) must fit in the model's embedding."""
     vocab = loader.meta.get("vocab_size")
@@ -89,14 +95,14 @@ def main(argv=None) -> None:
     accum = grad_accum_steps(recipe.train, env.world_size)  # fail on a bad batch before building anything
     loader = make_loader(recipe.data.train_bin, recipe, env, seed=recipe.train.seed)
     check_vocab(loader, recipe)
-    torch.manual_seed(recipe.train.seed)  # same init on every rank
-    model = Transformer(recipe.model)
+    model = build_model(recipe)
     if env.is_main:
         n, n_body = model.num_params(), model.num_params(exclude_embeddings=True)
         tokens_step = recipe.train.batch_size * recipe.train.seq_len * accum * env.world_size
         print(f"pretrain: {n:,} params ({n_body:,} non-embedding) | {tokens_step:,} tokens/step | "
               f"{tokens_step * recipe.train.max_steps:,} tokens over {recipe.train.max_steps} steps", file=sys.stderr)
-    result = train(model, loader, lm_loss, recipe.train, recipe.optim, eval_fn=make_eval_fn(recipe, env), recipe=recipe,
+    loss_fn = with_aux_loss(lm_loss, recipe.train.aux_loss, print if env.is_main else (lambda _: None))
+    result = train(model, loader, loss_fn, recipe.train, recipe.optim, eval_fn=make_eval_fn(recipe, env), recipe=recipe,
                    tokenizer_path=recipe.data.tokenizer, checkpoint_meta={"stage": "pretrain"})
     if env.is_main:
         last = result.history[-1] if result.history else {}

@@ -24,7 +24,6 @@ from typing import Any, Optional
 
 import torch
 
-from model.config import ModelConfig
 from utils.errors import UserError
 from utils.fs import atomic_dir, atomic_file
 
@@ -34,12 +33,11 @@ WEIGHTS, MODEL_CONFIG, RECIPE, TRAIN_STATE, META, TOKENIZER = (
 
 
 def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with shared tensors stored once (safetensors refuses aliases)."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    cfg = getattr(model, "cfg", None)
-    if cfg is not None and cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    return state
+    """What to save of ``model``: its ``weights()`` (the project's models store tied tensors once,
+    as safetensors refuses aliases), else the plain state dict as CPU copies."""
+    if callable(getattr(model, "weights", None)):
+        return model.weights()
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
 def save_checkpoint(
@@ -73,26 +71,32 @@ def save_checkpoint(
     return path
 
 
-def _require_dir(path: Path) -> None:
-    if not path.is_dir():
-        raise UserError(f"checkpoint {str(path)!r} does not exist; point at a directory written by a training stage.")
-    for name in (WEIGHTS, MODEL_CONFIG):
-        if not (path / name).is_file():
-            raise UserError(f"checkpoint {str(path)!r} has no {name}; it is incomplete or not a checkpoint directory.")
-
-
 def read_meta(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    return json.loads((path / META).read_text()) if (path / META).is_file() else {}
-
-
-def load_model_config(path: str | os.PathLike) -> ModelConfig:
-    path = Path(path)
-    _require_dir(path)
+    """meta.json of a checkpoint ({} when absent); UserError when it is not a JSON object."""
+    file = Path(path) / META
+    if not file.is_file():
+        return {}
     try:
-        return ModelConfig.from_dict(json.loads((path / MODEL_CONFIG).read_text()))
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path / MODEL_CONFIG} is not valid JSON ({err}); the checkpoint is damaged.") from None
+        meta = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{file} is not valid JSON ({err}); the checkpoint is damaged.") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{file} must hold a JSON object; the checkpoint is damaged.")
+    return meta
+
+
+def read_config_dict(path: str | os.PathLike) -> dict:
+    """model_config.json as a plain dict (model/load.py turns it into a ModelConfig)."""
+    file = Path(path) / MODEL_CONFIG
+    try:
+        data = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {str(path)!r} has no {MODEL_CONFIG}; it is incomplete or not a checkpoint directory.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{file} is not valid JSON ({err}); the checkpoint is damaged.") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{file} must hold a JSON object of model settings; the checkpoint is damaged.")
+    return data
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -112,8 +116,8 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load weights with a clear error when they belong to another architecture."""
     own = model.state_dict()
-    tied = getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings
-    missing = [k for k in own if k not in state and not (tied and k == "lm_head.weight")]
+    tied = getattr(model, "tied_weights", {})  # aliases are stored once, under their source's name
+    missing = [k for k in own if k not in state and k not in tied]
     unexpected = [k for k in state if k not in own]
     wrong_shape = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state if k in own and state[k].shape != own[k].shape]
     if missing or unexpected or wrong_shape:
@@ -129,23 +133,7 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
             "The checkpoint was written for a different architecture; check the recipe's model section "
             "or point at a checkpoint of the same model."
         )
-    model.load_state_dict(state, strict=False)
-    if tied:
-        model.lm_head.weight = model.embed.weight
-
-
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None):
-    """Rebuild the Transformer of a checkpoint from its directory alone."""
-    from model.transformer import Transformer
-
-    path = Path(path)
-    cfg = load_model_config(path)
-    if read_meta(path).get("kind") == "adapter":
-        raise UserError(f"{path} holds LoRA adapters only; load its base model and apply the adapter (finetune.lora).")
-    state = load_weights(path)
-    model = Transformer(cfg)
-    load_into(model, state, str(path))
-    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    model.load_state_dict(state, strict=False)  # a tied alias shares storage: loading one fills both
 
 
 def load_train_state(path: str | os.PathLike) -> Optional[dict]:

@@ -221,20 +221,70 @@ def save_yaml(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg, sort_keys=False))
 
 
-def parse_args(cls: type[T], description: str = "", argv: Optional[Sequence[str]] = None, add_args=None) -> tuple[T, argparse.Namespace]:
+def flags_to_overrides(cls: type, argv: Sequence[str]) -> list[str]:
+    """Turn ``--key value`` / ``--key=value`` for a recipe key of ``cls`` into the override
+    ``key=value``. Hyphens mean underscores (``--max-num-seqs 8``), nested keys work
+    (``--engine.block_size 8``), and a bare ``--flag`` of a bool key means true. Other
+    arguments pass through unchanged."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    out, i = [], 0
+    argv = list(argv)
+    while i < len(argv):
+        arg = argv[i]
+        key, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        key = key.replace("-", "_")
+        if key.split(".")[0] in names:
+            if not eq:
+                bare = i + 1 >= len(argv) or argv[i + 1].startswith("--")
+                if bare and hints.get(key) is bool:
+                    value = "true"
+                elif bare:
+                    raise UserError(f"--{key} needs a value (e.g. --{key} VALUE)")
+                else:
+                    value, i = argv[i + 1], i + 1
+            out.append(f"{key}={value}")
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def _flag_help(cls: type) -> dict[str, str]:
+    """--help text per top-level key: the field's ``help`` metadata, else its type and default."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        text = f.metadata.get("help") or _type_name(hints[f.name])
+        out[f.name] = text if default in (None, "") else f"{text} (default {default})"
+    return out
+
+
+def parse_args(cls: type[T], description: str = "", argv: Optional[Sequence[str]] = None, add_args=None,
+               flags: bool = False) -> tuple[T, argparse.Namespace]:
     """The command line every stage script shares.
 
     ``--config_path recipe.yaml`` plus overrides, either ``--set optim.lr=3e-4`` (repeatable)
     or bare ``optim.lr=3e-4`` words. ``add_args(parser)`` may add script-specific flags.
+    ``flags=True``: every recipe key is also a flag (``--port 9000``, see ``flags_to_overrides``),
+    for commands whose recipes are short enough to be typed (eval, serving).
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config_path", help="YAML recipe")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     if add_args is not None:
         add_args(parser)
-    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if flags:
+        for key, text in _flag_help(cls).items():  # for --help only: the flags are rewritten before parsing
+            parser.add_argument(f"--{key}", help=text)
+        argv = flags_to_overrides(cls, argv)
+    args, rest = parser.parse_known_args(argv)
     unknown = [r for r in rest if "=" not in r or r.startswith("-")]
     if unknown:
-        raise UserError(f"unknown command-line argument(s) {unknown}; overrides look like key.sub=value or --set key.sub=value.")
+        hint = "--key value, " if flags else ""
+        raise UserError(f"unknown command-line argument(s) {unknown}; overrides look like {hint}key.sub=value "
+                        "or --set key.sub=value.")
     cfg = load_config(cls, args.config_path, list(args.sets) + list(rest))
     return cfg, args

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from utils.device import resolve_device
 from utils.errors import UserError
 
 
@@ -38,23 +39,11 @@ class DistEnv:
         return self.world_size > 1
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("train.device='cuda' but no CUDA GPU is visible; set train.device=cpu (or auto).")
-        return torch.device("cuda", local_rank)
-    if device == "cpu":
-        return torch.device("cpu")
-    raise UserError(f"train.device={device!r} is not one of auto, cpu, cuda.")
-
-
 def setup(kind: str = "none", device: str = "auto") -> DistEnv:
     """Open (once) the process group torchrun describes; safe to call again."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device, local_rank)
+    dev = resolve_device(device, local_rank, "train.device")
     if world > 1 and kind == "none":
         raise UserError(
             f"launched with {world} processes (torchrun) but train.distributed='none'; "

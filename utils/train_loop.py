@@ -23,7 +23,8 @@ Stages pass in what differs; the loop owns everything else:
 - ``params``: trainable parameters (LoRA: adapters); default every ``requires_grad`` param.
 - ``weights_fn(model) -> dict[str, Tensor]`` of LIVE tensors to save (LoRA: adapters only);
   resume copies saved values back into them. Default: the full model state.
-- MoE: a module's ``aux_loss`` is the loss_fn's business (add it or not); modules with
+- MoE: the balance loss is the loss_fn's business (stages wrap theirs in
+  ``model.loss.with_aux_loss``, which adds ``model.aux_loss()``); modules with
   ``update_bias()`` are called after every applied optimizer step, and ``last_load``
   (tokens per expert) is logged as ``expert_load_max_over_mean`` on log steps.
 - Returns ``TrainResult``; writes ``{out_dir}/step_XXXXXXXX`` (resumable, last ``keep_last``),
@@ -41,7 +42,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -50,52 +51,15 @@ from utils import distributed as D
 from utils import flops as F
 from utils import train_state as S
 from utils.checkpoint import CheckpointManager
+from utils.device import TORCH_DTYPES, dtype_name
 from utils.errors import UserError
 from utils.logging import MetricsLogger, read_records
 from utils.optim import LRSchedule, OptimConfig, build_optimizer
 from utils.plots import plot_loss_curve
 from utils.spike import SpikeConfig, SpikeDetector
+from utils.train_config import TrainConfig
 
 __all__ = ["TrainConfig", "SpikeConfig", "OptimConfig", "TrainResult", "train", "grad_accum_steps"]
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class TrainConfig:
-    """Recipe section ``train``."""
-
-    out_dir: str
-    max_steps: int
-    batch_size: int  # micro-batch rows per process
-    seq_len: int
-    global_batch_tokens: Optional[int] = None  # tokens per optimizer step over all processes
-    global_batch_size: Optional[int] = None  # or: rows per optimizer step over all processes
-    log_every: int = 10
-    eval_every: int = 0  # 0: evaluate only at the end
-    eval_batches: int = 20
-    save_every: int = 0  # 0: checkpoint only at the end (and on Ctrl-C)
-    keep_last: int = 2
-    seed: int = 1337
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    compile: bool = False
-    distributed: Literal["none", "ddp", "fsdp"] = "none"
-    resume: str = "auto"  # "auto" (latest in out_dir) | "never" | path to a step checkpoint
-    spike: SpikeConfig = field(default_factory=SpikeConfig)
-    tensorboard: bool = False
-    peak_flops: Optional[float] = None  # per-device peak FLOPs/s for MFU; None: device table
-    progress: bool = True  # tqdm bar on rank 0
-
-    def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "seq_len"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"train.{name} must be positive, got {getattr(self, name)}.")
-        if self.global_batch_tokens is not None and self.global_batch_size is not None:
-            raise UserError("train: set global_batch_tokens or global_batch_size, not both.")
-        if self.log_every <= 0:
-            raise UserError(f"train.log_every must be positive, got {self.log_every}.")
-
 
 @dataclass
 class TrainResult:
@@ -147,11 +111,10 @@ def _first_tensor(batch: Any) -> Optional[torch.Tensor]:
 
 
 def _resolve_dtype(cfg: TrainConfig, device: torch.device) -> str:
-    if cfg.dtype != "auto":
-        if cfg.dtype == "fp16" and device.type != "cuda":
-            raise UserError("train.dtype=fp16 needs a CUDA device; use bf16 or fp32 on CPU.")
-        return cfg.dtype
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    dtype = dtype_name(cfg.dtype, device, "train.dtype")
+    if dtype == "fp16" and device.type != "cuda":  # fp16 autocast + GradScaler are CUDA paths
+        raise UserError("train.dtype=fp16 needs a CUDA device; use bf16 or fp32 on CPU.")
+    return dtype
 
 
 class _Interrupt:
@@ -331,7 +294,7 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable, train_cfg: Tra
     optimizer = build_optimizer(raw, trainable, optim_cfg, env.device)
     run = S.Run(cfg, optim_cfg, env, raw, torch.compile(wrapped) if cfg.compile else wrapped, trainable, optimizer,
                LRSchedule(optim_cfg, cfg.max_steps), torch.amp.GradScaler("cuda") if dtype == "fp16" else None,
-               SpikeDetector(cfg.spike), batches, loss_fn, accum, None if dtype == "fp32" else DTYPES[dtype], manager,
+               SpikeDetector(cfg.spike), batches, loss_fn, accum, None if dtype == "fp32" else TORCH_DTYPES[dtype], manager,
                MetricsLogger(cfg.out_dir, enabled=False))
     if state is not None:
         S.resume(run, state)

@@ -20,7 +20,7 @@ import contextlib
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -29,9 +29,9 @@ import torch.nn as nn
 from utils.checkpoint import (
     CheckpointManager,
     load_into,
-    load_model_config,
     load_train_state,
     load_weights,
+    read_config_dict,
     save_checkpoint,
 )
 from utils.distributed import DistEnv, all_gather_object, barrier, full_tensor
@@ -40,8 +40,7 @@ from utils.logging import MetricsLogger
 from utils.optim import LRSchedule, OptimConfig
 from utils.spike import SpikeDetector
 
-if TYPE_CHECKING:
-    from utils.train_loop import TrainConfig
+from utils.train_config import TrainConfig
 
 # ----------------------------------------------------------------------------- RNG
 
@@ -93,9 +92,8 @@ def gather_weights(model: nn.Module, env: DistEnv, weights_fn: Optional[Callable
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     state = get_model_state_dict(model, options=_fsdp_options(cpu_offload=True))
-    cfg = getattr(model, "cfg", None)
-    if cfg is not None and cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)
+    for alias in getattr(model, "tied_weights", {}):  # aliases are stored once (see Transformer.weights)
+        state.pop(alias, None)
     return {k: v.contiguous() for k, v in state.items()}
 
 
@@ -125,7 +123,7 @@ def check_same_model(path: Path, model: nn.Module) -> None:
     cfg = getattr(model, "cfg", None)
     if cfg is None:
         return
-    saved = load_model_config(path).to_dict()
+    saved = read_config_dict(path)
     ours = cfg.to_dict()
     diff = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k) and k != "extra")
     if diff:
@@ -152,9 +150,8 @@ def load_weights_into(path: Path, model: nn.Module, env: DistEnv, weights_fn: Op
     if env.kind == "fsdp" and _is_sharded(model):
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-        cfg = getattr(model, "cfg", None)
-        if cfg is not None and cfg.tie_embeddings and "lm_head.weight" not in state:
-            state["lm_head.weight"] = state["embed.weight"]
+        for alias, source in getattr(model, "tied_weights", {}).items():  # set_model_state_dict wants both
+            state.setdefault(alias, state[source])
         set_model_state_dict(model, state, options=_fsdp_options())
         return
     load_into(model, state, str(path))

@@ -10,7 +10,8 @@ import types
 import pytest
 import torch
 
-from align.heads import ScalarHeadModel, live_scalar_weights, load_scalar_model, save_scalar_model
+from model.heads import ScalarHeadModel, save_scalar_model
+from model.load import load_model
 from align.preference import (
     PairBatches, PreferencePair, collate_pairs, compute_reference_logps, make_preference_loss, preference_accuracy,
 )
@@ -89,20 +90,20 @@ def test_reward_model_learns_and_round_trips_its_checkpoint(tmp_path, data):
     rm = ScalarHeadModel(tiny_policy(3))
     before = preference_accuracy(rm, val_pairs, None, 16, CPU, reward_model=True)
     res = train(rm, PairBatches(train_pairs, 16, seed=0), make_preference_loss("reward", beta=1.0), train_cfg(tmp_path, 8, 16),
-                OPTIM, weights_fn=live_scalar_weights, checkpoint_meta={"kind": "scalar_head"})
+                OPTIM, weights_fn=lambda m: m.weights(live=True), checkpoint_meta={"kind": "scalar_head"})
     after = preference_accuracy(rm, val_pairs, None, 16, CPU, reward_model=True)
     assert before["pref_accuracy"] < 0.5 and after["pref_accuracy"] > 0.9
-    loaded = load_scalar_model(res.checkpoint)  # the loop's final/ is a reward-model checkpoint
+    loaded = load_model(res.checkpoint, expect="scalar_head")  # the loop's final/ is a reward-model checkpoint
     batch = collate_pairs(val_pairs[:4], range(4))
     lengths = batch["chosen_mask"].int().cumsum(1).argmax(1) + 1
     with torch.no_grad():
         torch.testing.assert_close(loaded.score(batch["chosen_ids"], lengths), rm.eval().score(batch["chosen_ids"], lengths))
     save_scalar_model(tmp_path / "rm2", rm)
     assert json.loads((tmp_path / "rm2" / "meta.json").read_text())["kind"] == "scalar_head"
-    with pytest.raises(UserError, match="not a reward-model checkpoint"):
+    with pytest.raises(UserError, match="not a reward model"):
         from utils.checkpoint import save_checkpoint
 
-        load_scalar_model(save_checkpoint(tmp_path / "lm", tiny_policy(0)))
+        load_model(save_checkpoint(tmp_path / "lm", tiny_policy(0)), expect="scalar_head")
 
 
 def test_preference_file_with_an_empty_reply_is_refused(tmp_path, monkeypatch):

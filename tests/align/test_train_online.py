@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from align.heads import ScalarHeadModel
+from model.heads import ScalarHeadModel
 from align.online import ActorCritic, RolloutBatches, make_rl_loss
 from align.policy import frozen_copy
 from align.recipe import OnlineRecipe, RLConfig

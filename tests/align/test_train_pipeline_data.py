@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from align import train_offline, train_online
-from align.rollout import encode_prompts, evaluate_exact_accuracy
+from align.rollout import encode_prompts
+from inference.answers import exact_answer_check
 from data_pipeline.synthetic import arithmetic, preferences
 from model.config import ModelConfig
 from model.transformer import Transformer
@@ -80,9 +81,9 @@ def test_grpo_on_gsm8k_prompts_with_the_chat_template(world):
                              "rollout.max_new_tokens=12", f"train.out_dir={root}/grpo", "train.batch_size=8", "train.max_steps=1",
                              "train.eval_every=0", "train.progress=false", "train.device=cpu"])
     assert out["steps"] == 1 and out["after"]["val_response_len"] <= 12
-    from utils.checkpoint import load_model
+    from model.load import load_model
 
-    acc = evaluate_exact_accuracy(load_model(root / "grpo" / "final"), tok, rows[:4], {"max_num_seqs": 8}, max_new_tokens=8)
+    acc = exact_answer_check(load_model(root / "grpo" / "final"), tok, rows[:4], 8, max_num_seqs=8)
     assert acc["n"] == 4 and 0.0 <= acc["accuracy"] <= 1.0
     with pytest.raises(UserError, match="beyond the model's context of 160"):
         train_online.main(["--config_path", "configs/examples/align_grpo.yaml", f"model.init_from={ckpt}",

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from align import train_offline, train_online
-from align.heads import load_scalar_model
 from tests.align.toy_setup import CharTok, tiny_policy, toy_prompts
-from utils.checkpoint import load_model, read_meta, save_checkpoint
+from model.load import load_model
+from utils.checkpoint import read_meta, save_checkpoint
 from utils.config import load_config
 from utils.errors import UserError
 
@@ -96,7 +96,7 @@ def test_reward_model_then_ppo_with_it(files):
                                     "rl.epochs=2", "train.max_steps=2"))
     assert "value_loss" in out["train"].history[0]
     load_model(tmp / "run" / "final")  # the policy alone, loadable by the next stage
-    load_scalar_model(tmp / "run" / "critic")
+    load_model(tmp / "run" / "critic", expect="scalar_head")
 
 
 def test_dpo_lora_kto_and_qlora_dpo_scripts(files):

@@ -366,7 +366,7 @@ def test_hf_source_offline_is_the_clear_error(world, monkeypatch):
 
 def test_adapter_checkpoint_is_merged_onto_its_base(world, tmp_path):
     from model.lora import LoRAConfig, apply_lora, lora_layers, merge_and_unload, save_adapter
-    from utils.checkpoint import load_model
+    from model.load import load_model
 
     model = load_model(world["ckpt"])
     apply_lora(model, "all-linear", r=4, alpha=8)
@@ -380,4 +380,4 @@ def test_adapter_checkpoint_is_merged_onto_its_base(world, tmp_path):
         want = merge_and_unload(model).eval()(ids)
         torch.testing.assert_close(loaded(ids), want, atol=1e-5, rtol=0)
         assert (loaded(ids) - world["model"](ids)).abs().max() > 1e-3  # the adapter changes the model
-    assert common.tokenizer_path_for(EvalRecipe(checkpoint=str(tmp_path / "adapter"))) == world["ckpt"] / "tokenizer.json"
+    assert common.load_tokenizer(EvalRecipe(checkpoint=str(tmp_path / "adapter"))).path == world["ckpt"] / "tokenizer.json"

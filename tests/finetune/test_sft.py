@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from finetune.recipe import SFTRecipe
-from finetune.sft import load_finetuned, long_context_config, run_sft, sft_loss
+from finetune.sft import long_context_config, run_sft, sft_loss
+from model.load import load_model
 from model import ModelConfig, Transformer
 from utils.checkpoint import load_weights, read_meta, save_checkpoint
 from utils.config import config_from_dict
@@ -97,7 +98,7 @@ def test_three_modes_train_and_save(tmp_path, base_dir, mode):
         assert all(".lora_" in k for k in saved) and len(saved) == 2 * 2 * 7
         assert read_meta(result.checkpoint)["kind"] == "adapter"
     # The saved output rebuilds into a plain model that fits the data as the trained one did.
-    model = load_finetuned(result.checkpoint)
+    model = load_model(result.checkpoint)
     x, y, mask = FixedBatches().batches[0]
     with torch.no_grad():
         assert sft_loss(model, (x, y, mask))[0].item() < 0.8 * losses[0]
@@ -128,7 +129,7 @@ def test_long_context_lora_run(tmp_path, base_dir):
     r.train.seq_len = 47
     r.train.max_steps = 2
     result = run_sft(r, "lora", batches=FixedBatches(n=1, T=48), eval_fn=lambda m: {})
-    model = load_finetuned(result.checkpoint)
+    model = load_model(result.checkpoint)
     assert model.cfg.max_seq_len == 64 and model.cfg.rope_scaling["original_max_seq_len"] == 32
 
 
@@ -159,5 +160,5 @@ def test_lora_with_modules_to_save(tmp_path, base_dir):
     assert {"embed.weight", "lm_head.weight"} <= set(saved) and len(saved) == 2 + 2 * 2
     base = load_weights(base_dir)
     assert not torch.equal(saved["embed.weight"], base["embed.weight"])  # trained in full
-    model = load_finetuned(result.checkpoint)
+    model = load_model(result.checkpoint)
     assert torch.equal(model.embed.weight, saved["embed.weight"])

@@ -45,7 +45,7 @@ def test_resume_with_another_world_size_is_a_user_error(two_process_runs, tmp_pa
 
 
 def test_fsdp_checkpoint_holds_full_weights(two_process_runs):
-    from utils.checkpoint import load_model
+    from model.load import load_model
 
     model = load_model(two_process_runs / "fsdp_adamw" / "final")
     ref = tiny_model()

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from model import ModelConfig, Transformer
+from model.loss import with_aux_loss
 from pretrain.train import lm_loss
 from tests.pretrain.helpers import SEQ, StreamLoader, tiny_model
 from utils.flops import active_matmul_params, flops_per_token, mfu
@@ -21,7 +22,7 @@ def test_moe_model_trains_with_aux_loss_bias_updates_and_load_metrics(tmp_path):
     moe = model.layers[1].ffn
     cfg = TrainConfig(out_dir=str(tmp_path), max_steps=3, batch_size=2, seq_len=SEQ, device="cpu", progress=False,
                       log_every=1)
-    res = train(model, StreamLoader(2), lm_loss, cfg, OptimConfig(lr=1e-2, warmup_steps=0))
+    res = train(model, StreamLoader(2), with_aux_loss(lm_loss), cfg, OptimConfig(lr=1e-2, warmup_steps=0))
     rec = res.history[-1]
     assert rec["aux_loss"] > 0 and rec["loss"] == pytest.approx(rec["ce_loss"] + rec["aux_loss"], rel=1e-5)
     assert rec["expert_load_max_over_mean"] >= 1.0

@@ -9,7 +9,8 @@ import torch
 import pretrain.train as pretrain_script
 from data_pipeline.tokenizer.tokenizer import file_hash
 from pretrain.recipe import PretrainRecipe
-from utils.checkpoint import load_model, read_meta
+from model.load import load_model
+from utils.checkpoint import read_meta
 from utils.config import load_config
 from utils.errors import UserError
 

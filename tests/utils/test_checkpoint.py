@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from model import ModelConfig, Transformer
-from utils.checkpoint import CheckpointManager, load_model, load_train_state, save_checkpoint
+from model.load import load_model
+from utils.checkpoint import CheckpointManager, load_train_state, save_checkpoint
 from utils.errors import UserError
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, tie_embeddings=True)

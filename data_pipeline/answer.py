@@ -68,3 +68,18 @@ def ends_with_answer_line(text: str) -> bool:
     """The GSM8K answer format: the last non-empty line is ``#### <number>`` (with the space)."""
     lines = [line for line in text.splitlines() if line.strip()]
     return bool(lines) and _ANSWER_LINE.fullmatch(lines[-1].strip()) is not None
+
+
+def score_answers(completions: list[str], references: list[str]) -> dict:
+    """Score GSM8K-format completions against their references ("... #### N" or bare "N").
+
+    Returns {"accuracy": share whose ``####`` number equals the reference's, "format_rate":
+    share whose last line is ``#### <number>``, "n": count}. Only the marked answer counts:
+    a right number without ``####`` is not an exact answer."""
+    if len(completions) != len(references):
+        raise ValueError(f"{len(completions)} completions for {len(references)} references")
+    right = [extract_hash_answer(c) is not None and extract_hash_answer(c) == extract_gsm8k_answer(r)
+             for c, r in zip(completions, references)]
+    fmt = [ends_with_answer_line(c) for c in completions]
+    n = max(len(completions), 1)
+    return {"accuracy": sum(right) / n, "format_rate": sum(fmt) / n, "n": len(completions)}

@@ -1,14 +1,14 @@
 """A scalar head on the LM backbone: the reward model (one score per sequence) and the
 PPO critic (one value per token).
 
-    model = ScalarHeadModel(Transformer(cfg))            # or from a policy checkpoint
+    model = ScalarHeadModel(Transformer(cfg))            # or: model.load.load_model(dir, expect="scalar_head")
     values = model(idx)                                  # (B, T): a score for every prefix
     scores = model.score(idx, lengths)                   # (B,): the score after the last real token
 
 The backbone is the project's one Transformer, called with ``return_hidden=True``; the head is
 ``Linear(d_model, 1)``. A reward-model checkpoint stores the backbone under its usual
 parameter names plus ``score_head.weight`` / ``score_head.bias`` and says ``kind:
-scalar_head`` in meta.json, so ``load_scalar_model`` rebuilds it from the directory alone.
+scalar_head`` in meta.json, so ``model.load`` rebuilds it from the directory alone.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import os
 from pathlib import Path
 from typing import Optional
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 
@@ -62,41 +61,33 @@ class ScalarHeadModel(nn.Module):
         last = (lengths - 1).long().to(values.device)
         return values.gather(1, last.unsqueeze(1)).squeeze(1)
 
+    def aux_loss(self) -> Optional[Tensor]:
+        return self.backbone.aux_loss()  # an MoE backbone's balance loss (model/loss.py adds it)
+
+    def weights(self, live: bool = False) -> dict[str, Tensor]:
+        """What a checkpoint stores: the backbone under its plain parameter names (a tied head
+        once, see ``Transformer.weights``) plus ``score_head.weight`` / ``score_head.bias``.
+        ``live=True`` returns the tensors themselves (the training loop's ``weights_fn``)."""
+        state = self.backbone.weights(live)
+        for name, t in self.score_head.state_dict(keep_vars=live).items():
+            state[HEAD_PREFIX + name] = t if live else t.detach().cpu().contiguous()
+        return state
+
 
 # ----------------------------------------------------------------------------- save / load
 
 
-def scalar_model_weights(model: ScalarHeadModel) -> dict[str, Tensor]:
-    """Backbone under its plain parameter names (tied lm_head once) + ``score_head.*``."""
-    from utils.checkpoint import model_state_for_saving
-
-    state = model_state_for_saving(model.backbone)
-    for name, tensor in model.score_head.state_dict().items():
-        state[HEAD_PREFIX + name] = tensor.detach().cpu().contiguous()
-    return state
-
-
-def live_scalar_weights(model: ScalarHeadModel) -> dict[str, Tensor]:
-    """The tensors of ``scalar_model_weights`` without copying (for the training loop's
-    ``weights_fn``, which copies resumed values back into them)."""
-    state = dict(model.backbone.state_dict())
-    if model.cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    for name, t in model.score_head.state_dict().items():
-        state[HEAD_PREFIX + name] = t
-    return state
-
-
 def save_scalar_model(path: str | os.PathLike, model: ScalarHeadModel, **kwargs) -> Path:
-    """Atomic checkpoint directory of a reward model / critic (see module docstring)."""
+    """Atomic checkpoint directory of a reward model / critic (see module docstring); ``model.load``
+    reads it back."""
     from utils.checkpoint import save_checkpoint
 
     meta = {"kind": KIND, **kwargs.pop("meta", {})}
-    return save_checkpoint(path, model, weights=scalar_model_weights(model), meta=meta, **kwargs)
+    return save_checkpoint(path, model, weights=model.weights(), meta=meta, **kwargs)
 
 
 def load_scalar_state(model: ScalarHeadModel, state: dict[str, Tensor], source: str) -> None:
-    """Load a ``scalar_model_weights`` dict into ``model`` (clear error if it does not fit)."""
+    """Load a ``ScalarHeadModel.weights()`` dict into ``model`` (clear error if it does not fit)."""
     from utils.checkpoint import load_into
 
     head = {k[len(HEAD_PREFIX):]: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
@@ -107,19 +98,3 @@ def load_scalar_state(model: ScalarHeadModel, state: dict[str, Tensor], source: 
         )
     load_into(model.backbone, {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}, source)
     model.score_head.load_state_dict(head)
-
-
-def load_scalar_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> ScalarHeadModel:
-    """Rebuild a reward model (or critic) checkpoint written by ``save_scalar_model``."""
-    from utils.checkpoint import load_model_config, load_weights, read_meta
-
-    path = Path(path)
-    cfg = load_model_config(path)
-    if read_meta(path).get("kind") != KIND:
-        raise UserError(
-            f"{path} is not a reward-model checkpoint (meta.json kind is {read_meta(path).get('kind')!r}, "
-            f"expected {KIND!r}); point reward.model_path at the output of align/train_offline.py algorithm=reward."
-        )
-    model = ScalarHeadModel(Transformer(cfg))
-    load_scalar_state(model, load_weights(path), str(path))
-    return model.to(device)

@@ -1,6 +1,6 @@
 import pytest
 
-from eval.answer import ends_with_answer_line, extract_gsm8k_answer, extract_hash_answer, normalize_number
+from data_pipeline.answer import ends_with_answer_line, extract_gsm8k_answer, extract_hash_answer, normalize_number
 
 
 @pytest.mark.parametrize("raw, expected", [

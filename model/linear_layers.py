@@ -1,0 +1,63 @@
+"""Finding and swapping a model's linear layers by name: what LoRA wraps and QLoRA quantizes.
+
+    names = match_linears(model, "all-linear")       # or patterns: ["q_proj", "layers.*.ffn.*"]
+    set_module(model, names[0], new_layer)
+
+Both ``model/lora.py`` and ``model/quant.py`` select layers through here, so a recipe's
+``targets`` means the same thing to both.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Union
+
+import torch.nn as nn
+
+from utils.errors import UserError
+
+Targets = Union[str, list[str]]
+ALL_LINEAR_EXCLUDES = ("lm_head", "router")  # see match_linears
+
+
+def is_4bit(layer: nn.Module) -> bool:
+    return type(layer).__name__ == "Linear4bit"  # bitsandbytes is optional; avoid importing it here
+
+
+def is_linear(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.Linear) or is_4bit(layer)
+
+
+def match_linears(model: nn.Module, targets: Targets) -> list[str]:
+    """Names of the linear layers that ``targets`` selects, in module order.
+
+    ``"all-linear"``: every linear layer except ``lm_head`` (the output head is usually tied
+    or too large to be worth adapting) and MoE ``router``s (routing stays exact, in fp32,
+    as PEFT/Unsloth recipes leave the gate alone). Otherwise a list of fnmatch patterns; a pattern
+    matches a full module name (``layers.*.attn.q_proj``) or its trailing part (``q_proj``,
+    ``attn.*``). A pattern that matches no linear layer is a UserError.
+    """
+    linears = [n for n, m in model.named_modules() if is_linear(m)]
+    if targets == "all-linear":
+        chosen = [n for n in linears if n.split(".")[-1] not in ALL_LINEAR_EXCLUDES]
+        if not chosen:
+            raise UserError(f"targets='all-linear' found no linear layers besides {ALL_LINEAR_EXCLUDES} in this model.")
+        return chosen
+    if isinstance(targets, str):
+        targets = [targets]
+    picked: set[str] = set()
+    for pattern in targets:
+        hits = [n for n in linears if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, "*." + pattern)]
+        if not hits:
+            kinds = sorted({n.split(".")[-1] for n in linears})
+            raise UserError(
+                f"target pattern {pattern!r} matches no linear layer of this model; "
+                f"linear layers are named like {kinds} (full names like {linears[0]!r}), or use 'all-linear'."
+            )
+        picked.update(hits)
+    return [n for n in linears if n in picked]
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule called ``name`` (dotted path) by ``new``."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

@@ -1,0 +1,50 @@
+"""Recipe section ``train`` (every training stage): where, how long, what batch, which device.
+
+Its own module so the loop (utils/train_loop.py) and the run state it saves and resumes
+(utils/train_state.py) both read it without importing each other.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from utils.device import DType
+from utils.errors import UserError
+from utils.spike import SpikeConfig
+
+
+@dataclass
+class TrainConfig:
+    """Recipe section ``train``."""
+
+    out_dir: str
+    max_steps: int
+    batch_size: int  # micro-batch rows per process
+    seq_len: int
+    global_batch_tokens: Optional[int] = None  # tokens per optimizer step over all processes
+    global_batch_size: Optional[int] = None  # or: rows per optimizer step over all processes
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_batches: int = 20
+    save_every: int = 0  # 0: checkpoint only at the end (and on Ctrl-C)
+    keep_last: int = 2
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (utils/device.py); torchrun: one GPU per process
+    dtype: DType = "auto"  # autocast dtype; auto: bf16 on CUDA, fp32 on CPU
+    compile: bool = False
+    distributed: Literal["none", "ddp", "fsdp"] = "none"
+    resume: str = "auto"  # "auto" (latest in out_dir) | "never" | path to a step checkpoint
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
+    tensorboard: bool = False
+    peak_flops: Optional[float] = None  # per-device peak FLOPs/s for MFU; None: device table
+    progress: bool = True  # tqdm bar on rank 0
+    aux_loss: bool = True  # add the model's auxiliary loss (MoE balance, model/loss.py); false: CE only
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "seq_len"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"train.{name} must be positive, got {getattr(self, name)}.")
+        if self.global_batch_tokens is not None and self.global_batch_size is not None:
+            raise UserError("train: set global_batch_tokens or global_batch_size, not both.")
+        if self.log_every <= 0:
+            raise UserError(f"train.log_every must be positive, got {self.log_every}.")
