@@ -1,7 +1,8 @@
 """Parity with HuggingFace transformers: same weights -> same logits (fp32, <= 1e-4).
 
 Every named architecture (model/architectures.py) is tested at a tiny size made by
-``shrink``; CONFIGS adds hand-written cases for traits no named architecture has.
+``shrink``, and so is each hand-written config in CONFIGS with a trait no named
+architecture has (COVERED_BY lists the others).
 """
 from dataclasses import fields, replace
 
@@ -75,14 +76,16 @@ def _shrink_moe(m: dict, scale: float, experts_per_group: int) -> dict:
 
 
 TINY = dict(vocab_size=128, d_model=64, n_layers=2, n_heads=4, max_seq_len=64)
-# Traits no named architecture has; each named one is tested through shrink.
+# Tiny hand-written configs; the KV-cache, engine and speculative-decoding tests use them too.
 CONFIGS = {
+    "llama3": ModelConfig(**TINY, n_kv_heads=2, d_ff=96, rope_theta=500000.0, norm_eps=1e-5),
     "llama_mqa_tied": ModelConfig(**TINY, n_kv_heads=1, d_ff=96, tie_embeddings=True),
     "llama3_rope_scaled": ModelConfig(
         **TINY, n_kv_heads=2, d_ff=96,
         rope_scaling={"type": "llama3", "factor": 8.0, "original_max_seq_len": 16, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
     ),
     "llama_yarn": ModelConfig(**TINY, n_kv_heads=2, d_ff=96, rope_scaling={"type": "yarn", "factor": 4.0, "original_max_seq_len": 16}),
+    "qwen3": ModelConfig(**TINY, n_kv_heads=2, d_ff=96, qk_norm=True, head_dim=32, norm_eps=1e-6),
     "qwen2": ModelConfig(**TINY, n_kv_heads=2, d_ff=96, qkv_bias=True),
     "mistral": ModelConfig(**TINY, n_kv_heads=2, d_ff=96, sliding_window=8),
     # query_pre_attn_scalar != head_dim, as in Gemma-2-27B (144 vs 128); the named Gemmas have them equal.
@@ -91,13 +94,30 @@ CONFIGS = {
         activation="gelu_tanh", embed_scale=True, post_norms=True, attn_logit_softcap=50.0, final_logit_softcap=30.0,
         query_pre_attn_scalar=24, sliding_window=8, sliding_window_pattern=2, tie_embeddings=True,
     ),
+    # MLA + DeepSeekMoE: dense first layer, shared expert, sigmoid group-limited routing, YaRN with mscale.
+    "deepseek_v3": ModelConfig(
+        **{**TINY, "n_layers": 3}, d_ff=96, norm_eps=1e-6, attention="mla",
+        mla=dict(q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16),
+        ffn="moe",
+        moe=dict(n_routed_experts=8, n_shared_experts=1, n_experts_per_tok=2, moe_d_ff=32, scoring="sigmoid",
+                 n_group=4, topk_group=2, first_k_dense=1, routed_scaling_factor=2.5),
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_seq_len": 16, "mscale": 0.707, "mscale_all_dim": 0.707},
+    ),
     # MLA without query compression and with dense FFNs (DeepSeek-V2-Lite-like attention).
     "deepseek_v3_mla_dense": ModelConfig(
         **TINY, d_ff=96, norm_eps=1e-6, attention="mla",
         mla=dict(q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=16, v_head_dim=12),
     ),
+    "gpt2": ModelConfig(
+        **TINY, norm="layernorm", ffn="gelu_mlp", activation="gelu_tanh", pos_emb="learned",
+        qkv_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True,
+    ),
 }
-CASES = {**{name: shrink(architectures.get(name)) for name in architectures.names()}, **CONFIGS}
+# Hand-written configs a named architecture already covers: not parity-tested twice.
+COVERED_BY = {"llama3": "llama/llama3_nano", "qwen3": "qwen/qwen3_0_6b", "gpt2": "gpt2/gpt2_small",
+              "deepseek_v3": "deepseek/v3_671b"}
+CASES = {**{name: shrink(architectures.get(name)) for name in architectures.names()},
+         **{name: cfg for name, cfg in CONFIGS.items() if name not in COVERED_BY}}
 
 
 def randomize(model: torch.nn.Module) -> None:
@@ -159,6 +179,11 @@ def test_shrink_keeps_structure(name):
         assert (small.moe["first_k_dense"] > 0) == (cfg.moe["first_k_dense"] > 0)
         assert small.moe["first_k_dense"] < small.n_layers  # at least one MoE layer
     assert family_of(small) == architectures.architecture(name).hf_family
+
+
+def test_covered_configs_have_a_named_architecture_of_their_family():
+    for name, named in COVERED_BY.items():
+        assert family_of(CONFIGS[name]) == architectures.architecture(named).hf_family, name
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
