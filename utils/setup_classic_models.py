@@ -22,7 +22,11 @@ temporary directory and compare with the committed files byte for byte.
 import sys
 import pathlib
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # repo root
+if __name__ == "__main__":
+    # Run as a script, Python puts utils/ first on the path, where utils/logging.py would shadow
+    # the standard logging that torch imports (model.architectures brings torch): the repo root
+    # takes its place.
+    sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
 import argparse
 import textwrap
@@ -30,105 +34,16 @@ from pathlib import Path
 
 import yaml
 
+from model.architectures import ARCHITECTURES
 from utils.cli import main_guard
 from utils.fs import atomic_file
 
 OUT_DIR = Path("configs/classic_reproductions")
 TOKENIZER = "data/tokenizer/tokenizer.json"
-VOCAB = 4096  # the project's BPE tokenizer (data_pipeline/tokenizer/train_tokenizer.py --vocab_size 4096)
-
-# ----------------------------------------------------------------------------- nano models
-# Same family traits as the published models, at d_model 256 / 6 layers / vocab 4096.
-
-NANO: dict[str, tuple[str, dict]] = {
-    "llama/llama3_nano": (
-        "Llama-3: GQA (4 query heads per KV head), SwiGLU, RMSNorm, RoPE theta 500k, untied head.",
-        dict(vocab_size=VOCAB, d_model=256, n_layers=6, n_heads=8, n_kv_heads=2, d_ff=704, max_seq_len=512,
-             norm="rmsnorm", norm_eps=1e-5, ffn="swiglu", activation="silu", pos_emb="rope", rope_theta=500000.0,
-             tie_embeddings=False),
-    ),
-    "qwen/qwen3_nano": (
-        "Qwen3: GQA with per-head QK-RMSNorm, head_dim decoupled from d_model, RoPE theta 1M, tied embeddings.",
-        dict(vocab_size=VOCAB, d_model=256, n_layers=6, n_heads=4, n_kv_heads=2, head_dim=64, d_ff=768,
-             max_seq_len=512, norm="rmsnorm", norm_eps=1e-6, ffn="swiglu", activation="silu", pos_emb="rope",
-             rope_theta=1000000.0, qk_norm=True, tie_embeddings=True),
-    ),
-    "gemma/gemma_nano": (
-        "Gemma-2: (1+w) RMSNorm, sqrt(d) embedding scale, pre+post norms, tanh soft-caps 50/30, GeGLU (tanh GELU), "
-        "local sliding window (128) on every other layer, query_pre_attn_scalar, tied embeddings.",
-        dict(vocab_size=VOCAB, d_model=256, n_layers=6, n_heads=4, n_kv_heads=2, head_dim=64, d_ff=1024,
-             max_seq_len=512, norm="rmsnorm", norm_eps=1e-6, norm_unit_offset=True, ffn="geglu",
-             activation="gelu_tanh", pos_emb="rope", rope_theta=10000.0, sliding_window=128, sliding_window_pattern=2,
-             embed_scale=True, post_norms=True, attn_logit_softcap=50.0, final_logit_softcap=30.0,
-             query_pre_attn_scalar=64, tie_embeddings=True),
-    ),
-    "deepseek/v3_nano": (
-        "DeepSeek-V3: MLA (low-rank q and KV, decoupled RoPE key; the cache holds 64+16 numbers per token and layer) "
-        "and DeepSeekMoE (16 fine-grained routed experts, top-4 by sigmoid score within the best 2 of 4 groups, "
-        "1 shared expert, first layer dense, aux-loss-free bias balancing plus a small sequence-wise aux loss).",
-        dict(vocab_size=VOCAB, d_model=256, n_layers=6, n_heads=8, d_ff=704, max_seq_len=512, norm="rmsnorm",
-             norm_eps=1e-6, ffn="moe", activation="silu", attention="mla", pos_emb="rope", rope_theta=10000.0,
-             tie_embeddings=False,
-             mla=dict(q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32),
-             moe=dict(n_routed_experts=16, n_shared_experts=1, n_experts_per_tok=4, moe_d_ff=128, scoring="sigmoid",
-                      norm_topk_prob=True, routed_scaling_factor=2.5, n_group=4, topk_group=2, first_k_dense=1,
-                      aux_free_bias_update_rate=0.001, seq_aux_loss_coef=0.0001)),
-    ),
-    "gpt2/gpt2_small": (
-        "GPT-2: LayerNorm, learned absolute positions, GELU (tanh) MLP, biases everywhere, tied embeddings; "
-        "the architecture at nano width (the published 124M GPT-2 small is in gpt2/gpt2_124m/model.yaml).",
-        dict(vocab_size=VOCAB, d_model=256, n_layers=6, n_heads=8, d_ff=1024, max_seq_len=512, norm="layernorm",
-             norm_eps=1e-5, ffn="gelu_mlp", activation="gelu_tanh", pos_emb="learned", qkv_bias=True,
-             attn_out_bias=True, mlp_bias=True, tie_embeddings=True),
-    ),
-}
-
-# ----------------------------------------------------------------------------- published sizes
-# (key, note, ModelConfig dict, published parameter count) -- counts exclude DeepSeek's MTP module.
-
-FULL: dict[str, tuple[str, dict, float]] = {
-    "llama/llama3_8b": (
-        "Meta Llama-3-8B (config.json of meta-llama/Meta-Llama-3-8B): 8.03B parameters.",
-        dict(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336, max_seq_len=8192,
-             norm_eps=1e-5, ffn="swiglu", pos_emb="rope", rope_theta=500000.0, tie_embeddings=False),
-        8.03e9,
-    ),
-    "qwen/qwen3_0_6b": (
-        "Qwen3-0.6B (config.json of Qwen/Qwen3-0.6B): 0.6B parameters (0.44B without embeddings).",
-        dict(vocab_size=151936, d_model=1024, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128, d_ff=3072,
-             max_seq_len=40960, norm_eps=1e-6, ffn="swiglu", pos_emb="rope", rope_theta=1000000.0, qk_norm=True,
-             tie_embeddings=True),
-        0.596e9,
-    ),
-    "gemma/gemma2_2b": (
-        "Gemma-2-2B (config.json of google/gemma-2-2b): 2.61B parameters.",
-        dict(vocab_size=256000, d_model=2304, n_layers=26, n_heads=8, n_kv_heads=4, head_dim=256, d_ff=9216,
-             max_seq_len=8192, norm_eps=1e-6, norm_unit_offset=True, ffn="geglu", activation="gelu_tanh",
-             pos_emb="rope", rope_theta=10000.0, sliding_window=4096, sliding_window_pattern=2, embed_scale=True,
-             post_norms=True, attn_logit_softcap=50.0, final_logit_softcap=30.0, query_pre_attn_scalar=256,
-             tie_embeddings=True),
-        2.614e9,
-    ),
-    "deepseek/v3_671b": (
-        "DeepSeek-V3 (config.json of deepseek-ai/DeepSeek-V3; YaRN 40x over 4k): 671B parameters, 37B active per token.",
-        dict(vocab_size=129280, d_model=7168, n_layers=61, n_heads=128, d_ff=18432, max_seq_len=163840, norm_eps=1e-6,
-             ffn="moe", attention="mla", pos_emb="rope", rope_theta=10000.0, tie_embeddings=False,
-             rope_scaling={"type": "yarn", "factor": 40.0, "original_max_seq_len": 4096, "beta_fast": 32.0,
-                           "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
-             mla=dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128),
-             moe=dict(n_routed_experts=256, n_shared_experts=1, n_experts_per_tok=8, moe_d_ff=2048, scoring="sigmoid",
-                      norm_topk_prob=True, routed_scaling_factor=2.5, n_group=8, topk_group=4, first_k_dense=3,
-                      aux_free_bias_update_rate=0.001, seq_aux_loss_coef=0.0001)),
-        671.0e9,
-    ),
-    "gpt2/gpt2_124m": (
-        "OpenAI GPT-2 small (config.json of openai-community/gpt2): 124M parameters.",
-        dict(vocab_size=50257, d_model=768, n_layers=12, n_heads=12, d_ff=3072, max_seq_len=1024, norm="layernorm",
-             norm_eps=1e-5, ffn="gelu_mlp", activation="gelu_tanh", pos_emb="learned", qkv_bias=True,
-             attn_out_bias=True, mlp_bias=True, tie_embeddings=True),
-        124.4e6,
-    ),
-}
+# Named architectures (model/architectures.py): a nano size gets the staged pipeline below,
+# a published size only its model.yaml.
+NANO = [name for name, arch in ARCHITECTURES.items() if arch.published_params is None]
+PUBLISHED = [name for name, arch in ARCHITECTURES.items() if arch.published_params is not None]
 
 # ----------------------------------------------------------------------------- stages
 # filename -> (recipe class "module:Class", entry script). The test validates every file
@@ -301,16 +216,18 @@ def render(header: list[str], data: dict) -> str:
 def generate() -> dict[str, str]:
     """Every file, relative to the output directory -> its text."""
     files = {}
-    for key, (note, model) in NANO.items():
-        for name, recipe in stage_recipes(key, model).items():
+    for key in NANO:
+        arch = ARCHITECTURES[key]
+        for name, recipe in stage_recipes(key, arch.values).items():
             script = STAGES[name][1]
-            header = [f"{key} -- {note}", f"Stage {name[:-5]}: reads {READS[name]}.",
+            header = [f"{key} -- {arch.description}", f"Stage {name[:-5]}: reads {READS[name]}.",
                       f"Run:  python {script} --config_path {OUT_DIR}/{key}/{name}"]
             files[f"{key}/{name}"] = render(header, recipe)
-    for key, (note, model, _) in FULL.items():
-        header = [note, "Published dimensions as a ModelConfig; validated by the tests, never trained here.",
+    for key in PUBLISHED:
+        header = [ARCHITECTURES[key].description,
+                  "Published dimensions as a ModelConfig; validated by the tests, never trained here.",
                   "Use it as the model: section of a 0_pretrain.yaml to train it at scale."]
-        files[f"{key}/model.yaml"] = render(header, model)
+        files[f"{key}/model.yaml"] = render(header, ARCHITECTURES[key].values)
     return files
 
 
