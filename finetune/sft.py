@@ -8,7 +8,6 @@ checkpoints, resume, DDP. LoRA/QLoRA runs save adapters only; full SFT saves the
 """
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -28,25 +27,9 @@ from utils.errors import UserError
 
 def long_context_config(base: ModelConfig, seq_len: int, max_seq_len: Optional[int] = None,
                         rope_scaling: Optional[dict] = None) -> ModelConfig:
-    """The base's ModelConfig, extended for a longer SFT context when the recipe asks.
-
-    ``rope_scaling`` without ``original_max_seq_len`` gets the base's context length (the
-    length the base was trained at is what YaRN / Llama-3 scaling stretch from).
-    """
-    d = copy.deepcopy(base.to_dict())
-    if max_seq_len is not None and max_seq_len != base.max_seq_len:
-        if base.pos_emb == "learned" and max_seq_len > base.max_seq_len:
-            raise UserError(f"max_seq_len={max_seq_len} exceeds the base's {base.max_seq_len}, but the base has learned "
-                            "absolute positions that cannot be extended; long-context SFT needs a RoPE model.")
-        d["max_seq_len"] = max_seq_len
-    if rope_scaling is not None:
-        if base.pos_emb != "rope" and base.attention != "mla":
-            raise UserError(f"rope_scaling is set but the base uses pos_emb={base.pos_emb!r}; remove rope_scaling.")
-        scaling = dict(rope_scaling)
-        if scaling.get("type") in ("yarn", "llama3"):
-            scaling.setdefault("original_max_seq_len", base.max_seq_len)
-        d["rope_scaling"] = scaling
-    cfg = ModelConfig.from_dict(d)
+    """The base's ModelConfig, extended for a longer SFT context when the recipe asks
+    (``ModelConfig.with_context``), and checked against the recipe's train.seq_len."""
+    cfg = base.with_context(max_seq_len, rope_scaling)
     if seq_len > cfg.max_seq_len:
         raise UserError(
             f"train.seq_len={seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}; for long-context SFT set "

@@ -6,6 +6,7 @@ are computed in ``__post_init__`` so recipes name only what they choose.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
@@ -237,6 +238,26 @@ class ModelConfig:
         if self.sliding_window_pattern > 1 and (layer + 1) % self.sliding_window_pattern == 0:
             return None
         return self.sliding_window
+
+    def with_context(self, max_seq_len: Optional[int] = None, rope_scaling: Optional[dict] = None) -> "ModelConfig":
+        """This config with a longer (or shorter) context and/or RoPE scaling, for weights trained
+        at ``self.max_seq_len``. Scaling without ``original_max_seq_len`` stretches from this
+        config's context (the length the weights were trained at, what YaRN / Llama-3 scale from).
+        Learned absolute positions cannot be extended; a model without RoPE cannot be scaled."""
+        d = copy.deepcopy(self.to_dict())
+        if max_seq_len is not None and max_seq_len != self.max_seq_len:
+            if self.pos_emb == "learned" and max_seq_len > self.max_seq_len:
+                raise UserError(f"max_seq_len={max_seq_len} exceeds the base's {self.max_seq_len}, but the base has learned "
+                                "absolute positions that cannot be extended; long-context SFT needs a RoPE model.")
+            d["max_seq_len"] = max_seq_len
+        if rope_scaling is not None:
+            if self.pos_emb != "rope" and self.attention != "mla":
+                raise UserError(f"rope_scaling is set but the base uses pos_emb={self.pos_emb!r}; remove rope_scaling.")
+            scaling = dict(rope_scaling)
+            if scaling.get("type") in ("yarn", "llama3"):
+                scaling.setdefault("original_max_seq_len", self.max_seq_len)
+            d["rope_scaling"] = scaling
+        return ModelConfig.from_dict(d)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
