@@ -22,7 +22,9 @@ from __future__ import annotations
 import torch
 
 from model.config import ModelConfig
-from model.hf_interop import FAMILIES, Family, _rope_from_hf, _rope_parameters, rename_layers
+from model.hf_interop import (
+    ACT_FROM_HF, FAMILIES, HF_ACT, Family, common_from_hf_config, common_hf_config, rename_layers,
+)
 from utils.errors import UserError
 
 _TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
@@ -44,23 +46,9 @@ def _num(x):
 
 
 def _gemma2_config(cfg: ModelConfig) -> dict:
-    return {
-        "architectures": ["Gemma2ForCausalLM"],
-        "model_type": "gemma2",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.d_ff,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.head_dim,
+    h = common_hf_config(cfg, "gemma2", "Gemma2ForCausalLM")
+    h.update({
         "hidden_activation": "gelu_pytorch_tanh",
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_parameters": _rope_parameters(cfg),
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_bias": cfg.qkv_bias,
         "query_pre_attn_scalar": _num(cfg.query_pre_attn_scalar or cfg.head_dim),
         "sliding_window": cfg.sliding_window,
         "layer_types": [
@@ -68,10 +56,8 @@ def _gemma2_config(cfg: ModelConfig) -> dict:
         ],
         "attn_logit_softcapping": cfg.attn_logit_softcap,
         "final_logit_softcapping": cfg.final_logit_softcap,
-        "attention_dropout": 0.0,
-        "initializer_range": cfg.init_std,
-        "torch_dtype": "float32",
-    }
+    })
+    return h
 
 
 def _window_pattern(layer_types: list[str] | None, n_layers: int) -> int:
@@ -88,31 +74,15 @@ def _window_pattern(layer_types: list[str] | None, n_layers: int) -> int:
 
 
 def _gemma2_from_config(h: dict) -> ModelConfig:
-    theta, scaling = _rope_from_hf(h)
-    n_heads = h["num_attention_heads"]
     window = h.get("sliding_window")
     return ModelConfig(
-        vocab_size=h["vocab_size"],
-        d_model=h["hidden_size"],
-        n_layers=h["num_hidden_layers"],
-        n_heads=n_heads,
-        n_kv_heads=h.get("num_key_value_heads") or n_heads,
-        head_dim=h.get("head_dim") or h["hidden_size"] // n_heads,
-        d_ff=h["intermediate_size"],
-        max_seq_len=h.get("max_position_embeddings", 8192),
-        norm="rmsnorm",
-        norm_eps=h.get("rms_norm_eps", 1e-6),
+        **common_from_hf_config(h, max_positions=8192, tied=True),
         norm_unit_offset=True,
         ffn="geglu",
         activation="gelu_tanh",
-        pos_emb="rope",
-        rope_theta=theta,
-        rope_scaling=scaling,
         sliding_window=window,
         sliding_window_pattern=_window_pattern(h.get("layer_types"), h["num_hidden_layers"]) if window else 1,
-        qkv_bias=h.get("attention_bias", False),
         attn_out_bias=h.get("attention_bias", False),
-        tie_embeddings=h.get("tie_word_embeddings", True),
         embed_scale=True,
         post_norms=True,
         attn_logit_softcap=h.get("attn_logit_softcapping"),
@@ -171,16 +141,10 @@ def _dsv3_config(cfg: ModelConfig) -> dict:
     m = cfg.mla
     moe = cfg.moe or {}
     dense = cfg.ffn != "moe"  # an MLA model with dense FFNs: every layer "before" the first MoE
-    return {
-        "architectures": ["DeepseekV3ForCausalLM"],
-        "model_type": "deepseek_v3",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.d_ff,
+    h = common_hf_config(cfg, "deepseek_v3", "DeepseekV3ForCausalLM", gqa=False)
+    h.update({
+        "num_key_value_heads": cfg.n_heads,  # MLA: every head gets its own keys from the shared latent
         "moe_intermediate_size": moe.get("moe_d_ff", cfg.d_ff),
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_heads,
         "n_shared_experts": moe.get("n_shared_experts", 0),
         "n_routed_experts": moe.get("n_routed_experts", 1),
         "num_experts_per_tok": moe.get("n_experts_per_tok", 1),
@@ -194,23 +158,14 @@ def _dsv3_config(cfg: ModelConfig) -> dict:
         "qk_rope_head_dim": m["qk_rope_head_dim"],
         "qk_nope_head_dim": m["qk_nope_head_dim"],
         "v_head_dim": m["v_head_dim"],
-        "hidden_act": cfg.activation,
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_parameters": _rope_parameters(cfg),
+        "hidden_act": HF_ACT[cfg.activation],
         "rope_interleave": True,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_bias": cfg.qkv_bias,
-        "attention_dropout": 0.0,
         "num_nextn_predict_layers": 0,
-        "initializer_range": cfg.init_std,
-        "torch_dtype": "float32",
-    }
+    })
+    return h
 
 
 def _dsv3_from_config(h: dict) -> ModelConfig:
-    theta, scaling = _rope_from_hf(h)
     n_layers = h["num_hidden_layers"]
     first_dense = h.get("first_k_dense_replace", 0)
     moe = None
@@ -227,24 +182,11 @@ def _dsv3_from_config(h: dict) -> ModelConfig:
             "topk_group": h.get("topk_group") or 1,
             "first_k_dense": first_dense,
         }
-    act = {"silu": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
     return ModelConfig(
-        vocab_size=h["vocab_size"],
-        d_model=h["hidden_size"],
-        n_layers=n_layers,
-        n_heads=h["num_attention_heads"],
-        d_ff=h["intermediate_size"],
-        max_seq_len=h.get("max_position_embeddings", 4096),
-        norm="rmsnorm",
-        norm_eps=h.get("rms_norm_eps", 1e-6),
+        **common_from_hf_config(h, max_positions=4096, tied=False, gqa=False),
         ffn="moe" if moe else "swiglu",
-        activation=act[h.get("hidden_act", "silu")],
+        activation=ACT_FROM_HF[h.get("hidden_act", "silu")],
         attention="mla",
-        pos_emb="rope",
-        rope_theta=theta,
-        rope_scaling=scaling,
-        tie_embeddings=h.get("tie_word_embeddings", False),
-        qkv_bias=h.get("attention_bias", False),
         attn_out_bias=h.get("attention_bias", False),
         moe=moe,
         mla={

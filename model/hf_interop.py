@@ -71,11 +71,17 @@ def _rope_from_hf(h: dict) -> tuple[float, dict | None]:
     return theta, out
 
 
-# ----------------------------------------------------------------------------- Llama-like
+# ----------------------------------------------------------------------------- shared config fields
+# Llama, Mistral, Qwen, Gemma-2 and DeepSeek-V3 configs name the model's sizes, norm epsilon, RoPE
+# and embedding tying the same way; each family adds its own keys to these.
+
+HF_ACT = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}  # ours -> hidden_act
+ACT_FROM_HF = {**{v: k for k, v in HF_ACT.items()}, "gelu_new": "gelu_tanh"}
 
 
-def _llama_config(cfg: ModelConfig, model_type: str, arch: str) -> dict:
-    act = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}[cfg.activation]
+def common_hf_config(cfg: ModelConfig, model_type: str, arch: str, gqa: bool = True) -> dict:
+    """The keys every Llama-style HF config shares. ``gqa=False`` leaves out the key/value heads
+    and head_dim, which DeepSeek-V3's config derives from its MLA sizes."""
     h = {
         "architectures": [arch],
         "model_type": model_type,
@@ -84,20 +90,54 @@ def _llama_config(cfg: ModelConfig, model_type: str, arch: str) -> dict:
         "intermediate_size": cfg.d_ff,
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.head_dim,
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
-        "hidden_act": act,
         "rope_theta": cfg.rope_theta,
         "rope_parameters": _rope_parameters(cfg),
         "tie_word_embeddings": cfg.tie_embeddings,
         "attention_bias": cfg.qkv_bias,
-        "mlp_bias": cfg.mlp_bias,
         "attention_dropout": 0.0,
         "initializer_range": cfg.init_std,
         "torch_dtype": "float32",
     }
+    if gqa:
+        h.update(num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim)
+    return h
+
+
+def common_from_hf_config(h: dict, max_positions: int, tied: bool, gqa: bool = True) -> dict:
+    """ModelConfig keywords from those keys (RMSNorm and RoPE, as in every such family).
+    ``max_positions`` and ``tied`` are the family's defaults for a config that leaves the key
+    out, as its transformers config class has them."""
+    theta, scaling = _rope_from_hf(h)
+    n_heads = h["num_attention_heads"]
+    kw = dict(
+        vocab_size=h["vocab_size"],
+        d_model=h["hidden_size"],
+        n_layers=h["num_hidden_layers"],
+        n_heads=n_heads,
+        d_ff=h["intermediate_size"],
+        max_seq_len=h.get("max_position_embeddings", max_positions),
+        norm="rmsnorm",
+        norm_eps=h.get("rms_norm_eps", 1e-6),
+        pos_emb="rope",
+        rope_theta=theta,
+        rope_scaling=scaling,
+        tie_embeddings=h.get("tie_word_embeddings", tied),
+        qkv_bias=h.get("attention_bias", False),
+    )
+    if gqa:
+        kw.update(n_kv_heads=h.get("num_key_value_heads") or n_heads,
+                  head_dim=h.get("head_dim") or h["hidden_size"] // n_heads)
+    return kw
+
+
+# ----------------------------------------------------------------------------- Llama-like
+
+
+def _llama_config(cfg: ModelConfig, model_type: str, arch: str) -> dict:
+    h = common_hf_config(cfg, model_type, arch)
+    h.update(hidden_act=HF_ACT[cfg.activation], mlp_bias=cfg.mlp_bias)
     if model_type == "mistral":
         h["sliding_window"] = cfg.sliding_window
     if model_type in ("qwen2", "qwen3"):
@@ -109,27 +149,10 @@ def _llama_config(cfg: ModelConfig, model_type: str, arch: str) -> dict:
 
 
 def _llama_from_config(h: dict, **extra) -> ModelConfig:
-    theta, scaling = _rope_from_hf(h)
-    act = {"silu": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "relu": "relu"}
-    n_heads = h["num_attention_heads"]
     return ModelConfig(
-        vocab_size=h["vocab_size"],
-        d_model=h["hidden_size"],
-        n_layers=h["num_hidden_layers"],
-        n_heads=n_heads,
-        n_kv_heads=h.get("num_key_value_heads") or n_heads,
-        head_dim=h.get("head_dim") or h["hidden_size"] // n_heads,
-        d_ff=h["intermediate_size"],
-        max_seq_len=h.get("max_position_embeddings", 2048),
-        norm="rmsnorm",
-        norm_eps=h.get("rms_norm_eps", 1e-6),
+        **common_from_hf_config(h, max_positions=2048, tied=False),
         ffn="swiglu",
-        activation=act[h.get("hidden_act", "silu")],
-        pos_emb="rope",
-        rope_theta=theta,
-        rope_scaling=scaling,
-        tie_embeddings=h.get("tie_word_embeddings", False),
-        qkv_bias=h.get("attention_bias", False),
+        activation=ACT_FROM_HF[h.get("hidden_act", "silu")],
         attn_out_bias=h.get("attention_bias", False) and h.get("model_type") == "llama",
         mlp_bias=h.get("mlp_bias", False),
         **extra,

@@ -23,12 +23,10 @@ import time
 
 import numpy as np
 
-from utils.fs import atomic_dir
 from data_pipeline.cli import add_workers_arg, base_parser
-from data_pipeline.jsonl import load_jsonl
 from data_pipeline.paths import DataPaths
-from data_pipeline.processing.binfile import token_dtype, write_arrays, write_meta
-from data_pipeline.processing.parallel import parallel_map
+from data_pipeline.processing.binfile import token_dtype
+from data_pipeline.processing.chat_bins import SplitArrays, build_chat_bins
 from data_pipeline.tokenizer.chat_template import render_chat
 from data_pipeline.tokenizer.tokenizer import Tokenizer
 from utils.cli import main_guard
@@ -60,23 +58,15 @@ def render_chunk(tok: Tokenizer, rows: list[dict]) -> list:
     return [render_pair(tok, row) for row in rows]
 
 
-def write_pairs(folder, split: str, rendered: list, dtype) -> dict:
-    good = [r for r in rendered if not isinstance(r, str)]
-    errors = [r for r in rendered if isinstance(r, str)]
-    if not good:
-        raise UserError(f"no valid {split} preference pair to build bins from"
-                        + (f" (first problem: {errors[0]})" if errors else " (the file is empty)"))
+def layout_pairs(good: list) -> SplitArrays:
+    """Chosen then rejected sequence, pair after pair; the index row of a pair locates both sides."""
     index, offset = np.zeros((len(good), 5), dtype=np.int64), 0
     for i, (c_ids, _, r_ids, _, prompt_len) in enumerate(good):
         index[i] = (offset, c_ids.size, offset + c_ids.size, r_ids.size, prompt_len)
         offset += c_ids.size + r_ids.size
-    n = write_arrays(folder / f"{split}.bin", (a for g in good for a in (g[0], g[2])), dtype)
-    write_arrays(folder / f"{split}.mask.bin", (a for g in good for a in (g[1], g[3])), np.dtype(np.uint8))
-    np.save(folder / f"{split}.idx.npy", index)
-    if errors:
-        print(f"{split}: skipped {len(errors)} pairs (first problem: {errors[0]})")
     longest = int(np.maximum(index[:, 1], index[:, 3]).max())
-    return {"n_tokens": n, "n_pairs": len(good), "skipped": len(errors), "max_seq_len": longest}
+    return SplitArrays((a for g in good for a in (g[0], g[2])), (a for g in good for a in (g[1], g[3])), index,
+                       {"max_seq_len": longest})
 
 
 def main() -> None:
@@ -91,13 +81,8 @@ def main() -> None:
             "tokenizer_hash": tok.hash, "tokenizer_path": str(tok.path),
             "index_columns": ["chosen_start", "chosen_len", "rejected_start", "rejected_len", "prompt_len"],
             "chat_format": "data_pipeline.tokenizer.chat_template.render_chat"}
-    with atomic_dir(paths.bins_preference) as tmp:
-        for split in ("train", "val"):
-            rows = load_jsonl(paths.preference_raw(split))
-            rendered = parallel_map(render_chunk, rows, str(tok.path), args.num_workers, desc=f"render {split}")
-            for key, value in write_pairs(tmp, split, rendered, dtype).items():
-                meta.setdefault(key, {})[split] = value
-        write_meta(tmp, meta)
+    build_chat_bins(paths.bins_preference, paths.preference_raw, tok, args.num_workers, meta, render_chunk=render_chunk,
+                    layout=layout_pairs, item="preference pair", count_key="n_pairs")
     print(f"preference bins: train {meta['n_pairs']['train']} pairs / {meta['n_tokens']['train']:,} tokens, "
           f"val {meta['n_pairs']['val']}, longest {meta['max_seq_len']['train']} tokens, "
           f"in {time.time() - t0:.1f}s -> {paths.bins_preference}")

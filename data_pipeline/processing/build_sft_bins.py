@@ -20,12 +20,10 @@ import time
 
 import numpy as np
 
-from utils.fs import atomic_dir
 from data_pipeline.cli import add_workers_arg, base_parser
-from data_pipeline.jsonl import load_jsonl
 from data_pipeline.paths import DataPaths
-from data_pipeline.processing.binfile import token_dtype, write_arrays, write_meta
-from data_pipeline.processing.parallel import parallel_map
+from data_pipeline.processing.binfile import token_dtype
+from data_pipeline.processing.chat_bins import SplitArrays, build_chat_bins
 from data_pipeline.tokenizer.chat_template import render_chat
 from data_pipeline.tokenizer.tokenizer import Tokenizer
 from utils.cli import main_guard
@@ -46,23 +44,13 @@ def render_chunk(tok: Tokenizer, rows: list[dict]) -> list:
     return out
 
 
-def write_examples(folder, split: str, rendered: list, dtype) -> dict:
-    """Write one split's tokens, mask and start offsets; return its counts."""
-    good = [r for r in rendered if not isinstance(r, str)]
-    errors = [r for r in rendered if isinstance(r, str)]
-    if not good:
-        raise UserError(f"no valid {split} conversation to build SFT bins from"
-                        + (f" (first problem: {errors[0]})" if errors else " (the file is empty)"))
+def layout_examples(good: list) -> SplitArrays:
+    """Conversations back to back; the index holds each one's start offset."""
     lengths = np.array([ids.size for ids, _ in good], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    n = write_arrays(folder / f"{split}.bin", (ids for ids, _ in good), dtype)
-    write_arrays(folder / f"{split}.mask.bin", (m for _, m in good), np.dtype(np.uint8))
-    np.save(folder / f"{split}.idx.npy", starts)
-    if errors:
-        print(f"{split}: skipped {len(errors)} conversations (first problem: {errors[0]})")
-    return {"n_tokens": n, "n_examples": len(good), "skipped": len(errors),
-            "n_assistant_tokens": int(sum(int(m.sum()) for _, m in good)),
-            "max_example_len": int(lengths.max()), "mean_example_len": round(float(lengths.mean()), 1)}
+    counts = {"n_assistant_tokens": int(sum(int(m.sum()) for _, m in good)),
+              "max_example_len": int(lengths.max()), "mean_example_len": round(float(lengths.mean()), 1)}
+    return SplitArrays((ids for ids, _ in good), (m for _, m in good), starts, counts)
 
 
 def main() -> None:
@@ -77,13 +65,8 @@ def main() -> None:
             "eos_id": tok.eos_id, "bos_id": tok.bos_id, "im_end_id": tok.im_end_id,
             "tokenizer_hash": tok.hash, "tokenizer_path": str(tok.path),
             "chat_format": "data_pipeline.tokenizer.chat_template.render_chat"}
-    with atomic_dir(paths.bins_sft) as tmp:
-        for split in ("train", "val"):
-            rows = load_jsonl(paths.sft_raw(split))
-            rendered = parallel_map(render_chunk, rows, str(tok.path), args.num_workers, desc=f"render {split}")
-            for key, value in write_examples(tmp, split, rendered, dtype).items():
-                meta.setdefault(key, {})[split] = value
-        write_meta(tmp, meta)
+    build_chat_bins(paths.bins_sft, paths.sft_raw, tok, args.num_workers, meta, render_chunk=render_chunk,
+                    layout=layout_examples, item="conversation", count_key="n_examples")
     print(f"sft bins: train {meta['n_examples']['train']} examples / {meta['n_tokens']['train']:,} tokens "
           f"({meta['n_assistant_tokens']['train']:,} assistant), val {meta['n_examples']['val']}, "
           f"max len {meta['max_example_len']['train']}, in {time.time() - t0:.1f}s -> {paths.bins_sft}")

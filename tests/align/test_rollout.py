@@ -12,15 +12,6 @@ from tests.align.toy_setup import STOP, CharTok, make_phase, tiny_policy, toy_pr
 from utils.errors import UserError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine run far faster single-threaded.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_rollout_phase_calls_engine_generate_once_with_groups(monkeypatch):
     calls = []
     original = LLMEngine.generate

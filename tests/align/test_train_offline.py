@@ -4,8 +4,6 @@ checkpoint, LoRA leaves the base untouched, bad preference files fail before tra
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 import pytest
 import torch
@@ -17,21 +15,13 @@ from align.preference import (
 )
 from align.preference_data import load_preference_pairs
 from model.lora import apply_lora
-from tests.align.toy_setup import tiny_policy, toy_pairs, train_cfg
+from tests.align.toy_setup import CharTok, tiny_policy, toy_pairs, train_cfg
 from utils.errors import UserError
 from utils.optim import OptimConfig
 from utils.train_loop import train
 
 CPU = torch.device("cpu")
 OPTIM = OptimConfig(lr=3e-3, warmup_steps=0, schedule="constant", weight_decay=0.0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +73,7 @@ def test_lora_dpo_moves_only_adapters(tmp_path, data):
     assert res.final_eval["val_pref_accuracy"] > 0.7
 
 
-def test_reward_model_learns_and_round_trips_its_checkpoint(tmp_path, data):
+def test_reward_model_learns_and_round_trips_its_checkpoint(tmp_path, data, toy_checkpoint):
     # Reversed roles, so the random head starts out mostly wrong (it happens to favour the
     # usual chosen replies) and has to learn the preference.
     train_pairs, val_pairs = [[PreferencePair(p.prompt, p.rejected, p.chosen) for p in ps] for ps in data]
@@ -101,29 +91,11 @@ def test_reward_model_learns_and_round_trips_its_checkpoint(tmp_path, data):
     save_scalar_model(tmp_path / "rm2", rm)
     assert json.loads((tmp_path / "rm2" / "meta.json").read_text())["kind"] == "scalar_head"
     with pytest.raises(UserError, match="not a reward model"):
-        from utils.checkpoint import save_checkpoint
-
-        load_model(save_checkpoint(tmp_path / "lm", tiny_policy(0)), expect="scalar_head")
+        load_model(toy_checkpoint, expect="scalar_head")
 
 
-def test_preference_file_with_an_empty_reply_is_refused(tmp_path, monkeypatch):
-    # A stand-in chat template (the real one is data_pipeline/tokenizer/chat_template.py).
-    fake = types.ModuleType("chat_template")
-
-    def render_chat(tok, messages, add_generation_prompt=True):
-        ids, mask = [], []
-        for m in messages:
-            body = tok.encode(m["content"]) + [1]
-            ids += [3 if m["role"] == "assistant" else 2] + body
-            mask += [0] + [int(m["role"] == "assistant")] * len(body)
-        if add_generation_prompt:
-            ids, mask = ids + [3], mask + [0]
-        return ids, mask
-
-    fake.render_chat = render_chat
-    monkeypatch.setitem(sys.modules, "data_pipeline.tokenizer.chat_template", fake)
-    from tests.align.toy_setup import CharTok
-
+@pytest.mark.usefixtures("char_chat")
+def test_preference_file_with_an_empty_reply_is_refused(tmp_path):
     path = tmp_path / "pref.jsonl"
     rows = [{"prompt": "abc", "chosen": "ff", "rejected": "gg"}, {"prompt": "abd", "chosen": "ff", "rejected": " "}]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")

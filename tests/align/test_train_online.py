@@ -23,14 +23,6 @@ from utils.train_loop import train
 OPTIM = OptimConfig(lr=3e-3, warmup_steps=0, schedule="constant", weight_decay=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_grpo_raises_toy_reward_and_never_touches_the_reference(tmp_path):
     policy = tiny_policy(0)
     reference = frozen_copy(policy)

@@ -27,8 +27,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     from data_pipeline.tokenizer.tokenizer import Tokenizer
     from data_pipeline.tokenizer.train_tokenizer import train_hf
 
@@ -53,8 +51,7 @@ def world(tmp_path_factory):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=160))
     ckpt = save_checkpoint(root / "sft", model, tokenizer_path=root / "tokenizer" / "tokenizer.json")
-    yield root, ckpt, tok
-    torch.set_num_threads(n)
+    return root, ckpt, tok
 
 
 def test_dpo_from_preference_bins_matches_jsonl(world):

@@ -7,43 +7,18 @@ tokenizer; the scripts reach both through the same functions as with the real on
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 import pytest
-import torch
 
 from align import train_offline, train_online
-from tests.align.toy_setup import CharTok, tiny_policy, toy_prompts
+from tests.align.toy_setup import CharTok, toy_prompts
 from model.load import load_model
-from utils.checkpoint import read_meta, save_checkpoint
+from utils.checkpoint import read_meta
 from utils.config import load_config
 from utils.errors import UserError
 
 
-@pytest.fixture(autouse=True)
-def char_chat(monkeypatch):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    fake = types.ModuleType("chat_template")
-
-    def render_chat(tok, messages, add_generation_prompt=True):
-        ids, mask = [], []
-        for m in messages:
-            body = tok.encode(m["content"]) + [1]
-            ids += [3 if m["role"] == "assistant" else 2] + body
-            mask += [0] + [int(m["role"] == "assistant")] * len(body)
-        if add_generation_prompt:
-            ids, mask = ids + [3], mask + [0]
-        return ids, mask
-
-    fake.render_chat = render_chat
-    fake.chat_stop_ids = lambda tok: [1]
-    monkeypatch.setitem(sys.modules, "data_pipeline.tokenizer.chat_template", fake)
-    for module in (train_offline, train_online):
-        monkeypatch.setattr(module, "load_tokenizer", lambda cfg: (CharTok(), None))
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("char_chat")
 
 
 def _text(ids):
@@ -51,13 +26,12 @@ def _text(ids):
 
 
 @pytest.fixture()
-def files(tmp_path):
-    ckpt = save_checkpoint(tmp_path / "sft", tiny_policy(0, max_seq_len=40))
+def files(tmp_path, toy_checkpoint):
     prompts = [{"question": _text(p), "answer": "so #### 7"} for p in toy_prompts(24)]
     (tmp_path / "rl.jsonl").write_text("\n".join(json.dumps(r) for r in prompts) + "\n")
     pairs = [{"prompt": _text(p), "chosen": "fff", "rejected": "ggg"} for p in toy_prompts(40, seed=3)]
     (tmp_path / "pref.jsonl").write_text("\n".join(json.dumps(r) for r in pairs) + "\n")
-    return tmp_path, ckpt
+    return tmp_path, toy_checkpoint
 
 
 def _online(tmp, ckpt, *extra):

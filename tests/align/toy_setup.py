@@ -33,6 +33,22 @@ class CharTok:
         return "".join(chr(97 + int(i)) for i in ids)
 
 
+USER, ASSISTANT = 2, 3  # turn markers of the character chat template
+
+
+def render_char_chat(tok, messages: list[dict], add_generation_prompt: bool = True) -> tuple[list[int], list[int]]:
+    """A stand-in for data_pipeline/tokenizer/chat_template.py's render_chat over CharTok: each turn is
+    its marker, its text and STOP; the mask marks the assistant's text and STOP."""
+    ids, mask = [], []
+    for m in messages:
+        body = tok.encode(m["content"]) + [STOP]
+        ids += [ASSISTANT if m["role"] == "assistant" else USER] + body
+        mask += [0] + [int(m["role"] == "assistant")] * len(body)
+    if add_generation_prompt:
+        ids, mask = ids + [ASSISTANT], mask + [0]
+    return ids, mask
+
+
 def tiny_policy(seed: int = 0, max_seq_len: int = 48) -> Transformer:
     torch.manual_seed(seed)
     return Transformer(ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=max_seq_len))

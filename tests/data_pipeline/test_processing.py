@@ -1,6 +1,8 @@
-"""Data-quality steps (PII scrubbing, MinHash dedup) and the safe file writing they rely on."""
+"""Data-quality steps (PII scrubbing, MinHash dedup), the safe file writing they rely on, and the
+chat-format bin writing the SFT and preference builders share."""
 from __future__ import annotations
 
+import json
 import os
 import random
 
@@ -9,6 +11,7 @@ import pytest
 
 from utils.fs import atomic_dir, atomic_path
 from data_pipeline.processing.binfile import open_array, token_dtype
+from data_pipeline.processing.chat_bins import SplitArrays, build_chat_bins
 from data_pipeline.processing.dedup import (
     MinHasher,
     near_duplicate_mask,
@@ -103,3 +106,39 @@ def test_atomic_writes_leave_nothing_on_failure(tmp_path):
         tmp.write_text("new")
     assert target.read_text() == "new"
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+
+
+def render_rows(tok, rows: list[dict]) -> list:
+    """A stand-in renderer: a row carries its ids and mask, or the error it should report."""
+    return [r["error"] if "error" in r else (np.array(r["ids"]), np.array(r["mask"], dtype=np.uint8)) for r in rows]
+
+
+def layout_rows(good: list) -> SplitArrays:
+    longest = max(ids.size for ids, _ in good)
+    return SplitArrays((ids for ids, _ in good), (m for _, m in good), np.arange(len(good)), {"longest": longest})
+
+
+def test_chat_bins_write_each_split_count_skips_and_keep_meta_order(tmp_path, tokenizer, capsys):
+    raw = {"train": [{"ids": [5, 6, 7], "mask": [0, 1, 1]}, {"error": "no assistant"}, {"ids": [8, 9], "mask": [1, 0]}],
+           "val": [{"ids": [3], "mask": [1]}]}
+    for split, rows in raw.items():
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    meta = build_chat_bins(tmp_path / "bins", lambda split: tmp_path / f"{split}.jsonl", tokenizer, 1, {"format": "toy"},
+                           render_chunk=render_rows, layout=layout_rows, item="row", count_key="n_rows")
+    out = tmp_path / "bins"
+    assert np.fromfile(out / "train.bin", dtype=np.uint16).tolist() == [5, 6, 7, 8, 9]
+    assert np.fromfile(out / "train.mask.bin", dtype=np.uint8).tolist() == [0, 1, 1, 1, 0]
+    assert np.load(out / "train.idx.npy").tolist() == [0, 1]
+    assert json.loads((out / "meta.json").read_text()) == meta
+    assert list(meta) == ["format", "n_tokens", "n_rows", "skipped", "longest"]  # builder's fields, then counts
+    assert meta["n_tokens"] == {"train": 5, "val": 1} and meta["skipped"] == {"train": 1, "val": 0}
+    assert "train: skipped 1 rows (first problem: no assistant)" in capsys.readouterr().out
+
+
+def test_chat_bins_without_a_valid_row_name_the_file_and_write_nothing(tmp_path, tokenizer):
+    for split in ("train", "val"):
+        (tmp_path / f"{split}.jsonl").write_text(json.dumps({"error": "bad role"}) + "\n")
+    with pytest.raises(UserError, match=r"train.jsonl: no valid row to build bins from \(first problem: bad role\)"):
+        build_chat_bins(tmp_path / "bins", lambda split: tmp_path / f"{split}.jsonl", tokenizer, 1, {},
+                        render_chunk=render_rows, layout=layout_rows, item="row", count_key="n_rows")
+    assert not (tmp_path / "bins").exists()

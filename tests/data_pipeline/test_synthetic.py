@@ -30,10 +30,16 @@ def test_arithmetic_answers_are_right_and_small():
     rng = random.Random(0)
     for _ in range(500):
         p = arithmetic.generate_problem(rng)
-        assert check_solution(p["answer"]) >= 0
+        final = check_solution(p["answer"])
+        assert 1 <= final <= 90  # the largest: 9 boxes of 10 items, or 9 items at 10 dollars
         assert len(STEP.findall(p["answer"])) in (1, 2)
         operands = [int(n) for n in re.findall(r"\d+", p["question"])]
         assert max(operands) <= 60  # operands <= 20, a division's total <= 6 * 9
+        # right for *this* question: each step works on the question's numbers or an earlier result
+        known = set(operands)
+        for a, _, b, c, _ in STEP.findall(p["answer"]):
+            assert {int(a), int(b)} <= known, (p["question"], p["answer"])
+            known.add(int(c))
 
 
 def test_generators_are_deterministic():

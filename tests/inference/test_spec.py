@@ -10,13 +10,22 @@ from inference.speculative import verify
 from model import ModelConfig, Transformer
 from tests.inference.test_engine import CONFIGS, greedy, greedy_reference, make_prompts, one_thread, tiny_model  # noqa: F401
 
-CHI2_001 = {4: 18.47, 5: 20.52, 7: 24.32}  # chi-square critical values at p = 0.001, by degrees of freedom
+CHI2_001 = {1: 10.83, 3: 16.27, 4: 18.47, 5: 20.52, 7: 24.32}  # chi-square critical values at p = 0.001, by degrees of freedom
 
 
 def chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
     n = counts.sum()
     expected = n * probs.double()
     return (((counts.double() - expected) ** 2) / expected).sum().item()
+
+
+def num_accepted_probs(p: torch.Tensor, q: torch.Tensor, num_draft: int) -> torch.Tensor:
+    """P(a = m) for m = 0..num_draft. Proposal i is accepted with probability
+    beta_i = sum_x min(p_i(x), q_i(x)) (Leviathan et al.'s alpha), independently of the others here,
+    so P(a >= m) = beta_0 * ... * beta_{m-1}."""
+    beta = torch.minimum(p[:num_draft], q[:num_draft]).sum(-1)  # (num_draft,)
+    at_least = torch.cat([torch.ones(1), beta.cumprod(0)])  # P(a >= m), m = 0..num_draft
+    return at_least - torch.cat([at_least[1:], torch.zeros(1)])
 
 
 def simulate(p, q, num_draft, n, seed=0):
@@ -50,7 +59,12 @@ def test_acceptance_rule_keeps_the_target_distribution(num_draft):
         toks = out[:, i][out[:, i] >= 0]
         assert len(toks) > 2000
         assert chi2(torch.bincount(toks, minlength=V), p[i]) < CHI2_001[V - 1], f"position {i}"
-    assert (out[:, num_draft + 1 :] == -1).all() if num_draft < K else True
+    # A row emits a + 1 tokens: it accepts at most the num_draft proposals it made, and the
+    # number accepted, a, follows the acceptance probabilities.
+    emitted = (out >= 0).sum(1)
+    assert emitted.max() <= num_draft + 1
+    counts = torch.bincount(emitted - 1, minlength=num_draft + 1)
+    assert chi2(counts, num_accepted_probs(p, q, num_draft)) < CHI2_001[num_draft]
 
 
 def test_rule_accepts_everything_when_draft_equals_target():

@@ -1,5 +1,4 @@
 import io
-import math
 
 import pytest
 import torch
@@ -146,8 +145,12 @@ def test_schedule_scales_each_group_from_its_base_lr():
 
 
 def test_bad_optim_config():
-    with pytest.raises(UserError, match="betas"):
-        OptimConfig(betas=[0.9])
-    with pytest.raises(UserError, match="min_lr_ratio"):
-        OptimConfig(min_lr_ratio=2.0)
-    assert math.isfinite(OptimConfig().lr)
+    bad = [({"betas": [0.9]}, "betas"), ({"betas": [0.9, 1.0]}, "betas"), ({"lr": 0.0}, "optim.lr"),
+           ({"muon_lr": -0.02}, "muon_lr"), ({"warmup_steps": -1}, "warmup_steps"), ({"min_lr_ratio": 2.0}, "min_lr_ratio"),
+           ({"decay_frac": 0.0}, "decay_frac"), ({"decay_frac": 1.5}, "decay_frac")]
+    for fields, name in bad:
+        with pytest.raises(UserError, match=name):
+            OptimConfig(**fields)
+    # the edges of each range are valid: a check that is off by one refuses them
+    for fields in ({"betas": [0.0, 0.999]}, {"warmup_steps": 0}, {"min_lr_ratio": 0.0}, {"min_lr_ratio": 1.0}, {"decay_frac": 1.0}):
+        OptimConfig(**fields)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model import ModelConfig
-from tests.pretrain.helpers import SEQ, StreamLoader, ce_loss, tiny_model
+from tests.utils.helpers import SEQ, StreamLoader, ce_loss, tiny_model
 from utils.checkpoint import load_train_state, load_weights
 from utils.errors import UserError
 from utils.optim import OptimConfig

@@ -4,7 +4,7 @@ import torch
 
 from model import ModelConfig, Transformer
 from model.hf_interop import to_hf
-from model.lora import LoRAConfig, apply_lora, lora_layers
+from model.lora import apply_lora, lora_layers
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -59,16 +59,3 @@ def test_lora_logits_match_peft(rslora):
     assert diff <= 1e-4, diff
     assert base_diff > 1e-2  # the adapters really change the output, so the match above means something
 
-
-def test_exported_peft_adapter_loads_with_peft(tmp_path):
-    from finetune.export import export_peft_adapter
-
-    ours, theirs = base_pair()
-    lora_cfg = LoRAConfig(r=2, alpha=4, targets="all-linear")
-    apply_lora(ours, lora_cfg.targets, lora_cfg.r, lora_cfg.alpha)
-    random_adapters(ours, seed=2)
-    export_peft_adapter(ours, lora_cfg, tmp_path / "adapter")
-    loaded = peft.PeftModel.from_pretrained(theirs, str(tmp_path / "adapter")).eval()
-    with torch.no_grad():
-        diff = (ours(IDX) - loaded(input_ids=IDX).logits).abs().max().item()
-    assert diff <= 1e-4, diff

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from tests.pretrain.helpers import SEQ, StreamLoader, ce_loss, launch, tiny_model
+from tests.utils.helpers import SEQ, StreamLoader, ce_loss, launch, tiny_model
 from utils.errors import UserError
 from utils.optim import OptimConfig
 from utils.train_loop import TrainConfig, train

@@ -92,16 +92,3 @@ def test_missing_bitsandbytes_is_a_user_error(monkeypatch):
     with pytest.raises(UserError, match="LoRA recipe"):
         check_bnb("cpu")
 
-
-def test_qlora_merged_export_loads_in_transformers(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    from finetune.export import export_merged_hf
-
-    qmodel, _ = qlora_and_reference()
-    with torch.no_grad():
-        adapted = qmodel(IDX)
-    export_merged_hf(qmodel, tmp_path / "hf")  # merges a copy: the QLoRA model stays as it was
-    assert type(lora_layers(qmodel)["layers.0.attn.q_proj"].base).__name__ == "Linear4bit"
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    with torch.no_grad():
-        assert (hf(IDX).logits - adapted).abs().max().item() <= 1e-4

@@ -4,7 +4,7 @@
 rows [(i*world + r)*B, ... + B) of a fixed random token stream, so one process with
 grad-accum W sees exactly the rows that W processes see in one step.
 
-Run as a worker:  torchrun --nproc_per_node 2 tests/pretrain/helpers.py OUT ddp:adamw,fsdp:adamw STEPS GLOBAL_ROWS
+Run as a worker:  torchrun --nproc_per_node 2 tests/utils/helpers.py OUT ddp:adamw,fsdp:adamw STEPS GLOBAL_ROWS
 (``launch`` starts the same processes without the torchrun agent, to save an interpreter start-up).
 """
 from __future__ import annotations
@@ -21,6 +21,10 @@ from model import ModelConfig, Transformer
 
 TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
 SEQ = 16
+# A dense first layer, then DeepSeekMoE (1 shared + 8 routed experts, top-2) with both balancing terms.
+MOE = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=48, ffn="moe", max_seq_len=64,
+                  moe=dict(n_routed_experts=8, n_shared_experts=1, n_experts_per_tok=2, moe_d_ff=16, first_k_dense=1,
+                           aux_free_bias_update_rate=0.01, seq_aux_loss_coef=0.01))
 
 
 class StreamLoader:
