@@ -179,10 +179,11 @@ def tokenizer_path(path: PathLike, override: Optional[PathLike] = None, base: Op
 
 
 def load_tokenizer(path: PathLike, override: Optional[PathLike] = None, base: Optional[PathLike] = None) -> Any:
-    """The tokenizer that belongs to the checkpoint at ``path`` (see ``tokenizer_path``)."""
-    from data_pipeline.tokenizer.tokenizer import Tokenizer
+    """The tokenizer that belongs to the checkpoint at ``path`` (see ``tokenizer_path``): the project's
+    own, or an imported model's (its special tokens and chat template, from the files beside it)."""
+    from data_pipeline.tokenizer.tokenizer import load_tokenizer as load_tok
 
-    return Tokenizer.from_file(tokenizer_path(path, override, base))
+    return load_tok(tokenizer_path(path, override, base))
 
 
 def load(path: PathLike, *, tokenizer: Optional[PathLike] = None, base: Optional[PathLike] = None,

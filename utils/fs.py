@@ -83,3 +83,10 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    """Stable short hash (first 16 hex digits of SHA-256) of a file's bytes."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]

@@ -6,7 +6,9 @@ Format (ChatML-like)::
     <|im_start|>assistant\\n{content}<|im_end|>\\n ...
 
 SFT, preference data, RL rollouts, the server and eval all call ``render_chat``,
-so train and serve cannot disagree on the template. The assistant mask is 1 on
+so train and serve cannot disagree on the template. The format belongs to the tokenizer:
+this one for tokenizers trained here, an imported model's own Jinja template otherwise
+(``render_chat`` dispatches to ``tok.render_chat``). The assistant mask is 1 on
 each assistant message's content tokens and on its closing ``<|im_end|>`` (the
 model learns to stop), 0 everywhere else.
 
@@ -17,7 +19,6 @@ the same ids for content that does not start with whitespace; tested).
 """
 from __future__ import annotations
 
-from data_pipeline.tokenizer.tokenizer import Tokenizer
 from utils.errors import UserError
 
 ROLES = ("system", "user", "assistant")
@@ -46,7 +47,7 @@ def _validate(messages: object) -> None:
 _TEMPLATE_IDS: dict[tuple[str, str], list[int]] = {}
 
 
-def _piece(tok: Tokenizer, text: str) -> list[int]:
+def _piece(tok, text: str) -> list[int]:
     """Ids of a fixed template piece ('user\\n', '\\n', ...), cached per tokenizer."""
     key = (getattr(tok, "hash", str(id(tok))), text)
     if key not in _TEMPLATE_IDS:
@@ -54,9 +55,27 @@ def _piece(tok: Tokenizer, text: str) -> list[int]:
     return _TEMPLATE_IDS[key]
 
 
-def render_chat(tok: Tokenizer, messages: list[dict],
-                add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
-    """Render a conversation.
+def render_chat(tok, messages: list[dict], add_generation_prompt: bool = False,
+                tools: list | None = None) -> tuple[list[int], list[int]]:
+    """THE entry point: a conversation in the tokenizer's own chat format -> (ids, assistant mask).
+
+    The format belongs to the tokenizer: the project's format below for tokenizers trained here,
+    an imported model's Jinja template for its HFTokenizer (data_pipeline/tokenizer/hf_tokenizer.py).
+    The mask is 1 on the assistant's tokens (content and the end-of-turn token that closes it).
+    """
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise UserError("messages must be a non-empty list of {'role', 'content'} dicts")
+    return tok.render_chat(messages, add_generation_prompt, tools)
+
+
+def chat_stop_ids(tok) -> list[int]:
+    """Ids that end an assistant reply during generation (the tokenizer's end-of-turn and EOS ids)."""
+    return list(tok.chat_stop_ids)
+
+
+def render_project_chat(tok, messages: list[dict],
+                        add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    """Render a conversation in the project's own format.
 
     Args: tok, the project tokenizer; messages, [{"role": system|user|assistant,
     "content": str}, ...]; add_generation_prompt appends ``<|im_start|>assistant\\n``
@@ -78,8 +97,3 @@ def render_chat(tok: Tokenizer, messages: list[dict],
         ids += header
         mask += [0] * len(header)
     return ids, mask
-
-
-def chat_stop_ids(tok: Tokenizer) -> list[int]:
-    """Ids that end an assistant reply during generation: <|im_end|>, <|endoftext|>."""
-    return [tok.im_end_id, tok.eos_id]

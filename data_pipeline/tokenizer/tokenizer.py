@@ -14,21 +14,16 @@ chat template places special ids.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import tokenizers
 
 from utils.errors import UserError
+from utils.fs import file_hash  # noqa: F401  (part of this module's API: bins record the tokenizer's hash)
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|bos|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 EOS, BOS, IM_START, IM_END, PAD = SPECIAL_TOKENS
-
-
-def file_hash(path: str | os.PathLike) -> str:
-    """Stable short hash (first 16 hex digits of SHA-256) of a file's bytes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 class Tokenizer:
@@ -52,6 +47,9 @@ class Tokenizer:
         self.eos_id, self.bos_id, self.im_start_id, self.im_end_id, self._pad_token_id = ids
         self.pad_id = self.eos_id
         self.special_ids = frozenset(ids)
+        self.chat_stop_ids = [self.im_end_id, self.eos_id]  # what ends an assistant reply
+        self.document_prefix = [self.eos_id]  # pretraining bins separate documents with EOS
+        self.special_tokens = {"bos_token": BOS, "eos_token": EOS, "pad_token": EOS}
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Tokenizer:
@@ -91,6 +89,15 @@ class Tokenizer:
         """Text of ``ids``; special tokens are dropped unless ``skip_special_tokens=False``."""
         return self._hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False,
+                    tools: list | None = None) -> tuple[list[int], list[int]]:
+        """(ids, assistant mask) in the project's own chat format (chat_template.render_project_chat)."""
+        from data_pipeline.tokenizer.chat_template import render_project_chat
+
+        if tools:
+            raise UserError("the project's chat format has no tools section yet; send the request without tools.")
+        return render_project_chat(self, messages, add_generation_prompt)
+
     def token_to_id(self, token: str) -> int | None:
         return self._hf.token_to_id(token)
 
@@ -99,3 +106,23 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(path={str(self.path)!r}, vocab_size={self.vocab_size}, hash={self.hash!r})"
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """A tokenizer.json (or the directory holding it) -> the project's Tokenizer when it has the
+    project's special tokens at ids 0..4 (trained by data_pipeline/tokenizer/train_tokenizer.py),
+    else an imported model's HFTokenizer (its own special tokens and Jinja chat template)."""
+    from data_pipeline.tokenizer.hf_tokenizer import HFTokenizer
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"tokenizer file {path} does not exist; train one with "
+                        "python data_pipeline/tokenizer/train_tokenizer.py, or point at a model's tokenizer.json")
+    try:
+        hf = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as err:  # noqa: BLE001  (the Rust loader raises a plain Exception)
+        raise UserError(f"cannot read tokenizer {path} ({err}); retrain or restore it") from None
+    ours = [hf.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    return Tokenizer(hf, path, file_hash(path)) if ours else HFTokenizer(path)
