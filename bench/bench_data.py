@@ -37,7 +37,8 @@ from data_pipeline.synthetic import sft
 from data_pipeline.synthetic.stories import generate_story
 from data_pipeline.tokenizer.bpe import ByteLevelBPE
 from data_pipeline.tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer
-from data_pipeline.tokenizer.train_tokenizer import hf_config_files, row_text, train_hf
+from data_pipeline.tokenizer.tokenizer import hf_config_files  # noqa: E402
+from data_pipeline.tokenizer.train_tokenizer import row_text, train_hf
 from utils.cli import main_guard
 
 

@@ -412,36 +412,58 @@ def from_hf(hf_state: dict, hf_config: dict) -> tuple[dict, ModelConfig]:
     return fam.from_hf_state(hf_state, cfg), cfg
 
 
+def write_hf(model: torch.nn.Module, directory: Path) -> None:
+    """Write ``config.json`` + ``model.safetensors`` of ``model`` into an existing directory."""
+    from safetensors.torch import save_file
+
+    cfg: ModelConfig = model.cfg
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    hf_state, hf_config = to_hf(state, cfg)
+    save_file(hf_state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(hf_config, indent=2))
+
+
 def export_hf(model: torch.nn.Module, out_dir: str | os.PathLike) -> Path:
     """Write ``config.json`` + ``model.safetensors`` that ``AutoModelForCausalLM`` loads.
 
     Written into a temporary sibling directory and renamed into place.
     """
-    from safetensors.torch import save_file
-
     from utils.fs import atomic_dir
 
-    cfg: ModelConfig = model.cfg
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    hf_state, hf_config = to_hf(state, cfg)
     with atomic_dir(out_dir) as tmp:
-        save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        write_hf(model, tmp)
     return Path(out_dir)
 
 
+def read_hf_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of an HF model directory's config.json (UserError naming what is wrong)."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise UserError(f"{path} has no config.json; point at a HuggingFace model directory.")
+    try:
+        hf_config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{file} is not valid JSON ({err}).") from None
+    if not isinstance(hf_config, dict):
+        raise UserError(f"{file} must hold a JSON object.")
+    return config_from_hf(hf_config)
+
+
 def load_hf_dir(path: str | os.PathLike) -> tuple[dict, ModelConfig]:
-    """Read an HF model directory (config.json + *.safetensors) into our layout."""
+    """Read an HF model directory (config.json + one or sharded *.safetensors) into our layout."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path} has no config.json; point at a HuggingFace model directory.")
+    read_hf_config(path)  # the clear errors first
     hf_config = json.loads((path / "config.json").read_text())
-    state: dict = {}
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise UserError(f"{path} has no *.safetensors weights.")
+    state: dict = {}
     for f in files:
-        state.update(load_file(str(f)))
+        try:
+            state.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise UserError(f"{f} cannot be read ({err}); the download is incomplete or damaged.") from None
     return from_hf(state, hf_config)

@@ -14,6 +14,10 @@ holds in ``meta.json``'s ``kind``:
                  the base may itself be an adapter (a LoRA policy trained over an SFT adapter)
     scalar_head  a reward model or critic: a Transformer backbone plus ``score_head``
 
+and a HuggingFace model directory (``config.json`` + one or more ``*.safetensors``, no
+model_config.json) is the kind ``hf``: converted on load by model/hf_interop.py, its tokenizer
+(tokenizer.json, tokenizer_config.json, generation_config.json) read as an HFTokenizer.
+
 An adapter is merged into its base on load by default (``merge=False`` keeps the LoRA layers,
 e.g. to train them further). A QLoRA adapter is applied to the NF4-quantized base it was
 trained against, so the merged weights are exactly the ones training saw.
@@ -39,15 +43,22 @@ from utils.device import resolve_device, torch_dtype
 from utils.errors import UserError
 
 KINDS = ("model", "adapter", SCALAR_HEAD)
+HF_CONFIG = "config.json"
 PathLike = Union[str, os.PathLike]
 
 
 def checkpoint_kind(path: PathLike) -> str:
-    """``model`` | ``adapter`` | ``scalar_head`` for a checkpoint directory (UserError when it is not one)."""
+    """``model`` | ``adapter`` | ``scalar_head`` | ``hf`` for a checkpoint or HuggingFace model
+    directory (UserError when it is neither)."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"checkpoint {str(path)!r} does not exist; point at a directory written by a training stage "
-                        "(e.g. runs/<name>/final or runs/<name>/step_00000100).")
+                        "(e.g. runs/<name>/final or runs/<name>/step_00000100) or a HuggingFace model directory.")
+    if not (path / MODEL_CONFIG).is_file() and (path / HF_CONFIG).is_file():
+        if not any(path.glob("*.safetensors")):
+            raise UserError(f"{path} has a config.json but no *.safetensors weights; download the model's safetensors "
+                            "files (PyTorch .bin weights are not read: they are pickles).")
+        return "hf"
     for name in (WEIGHTS, MODEL_CONFIG):
         if not (path / name).is_file():
             raise UserError(f"checkpoint {str(path)!r} has no {name}; it is incomplete or not a checkpoint directory.")
@@ -59,8 +70,12 @@ def checkpoint_kind(path: PathLike) -> str:
 
 
 def read_config(path: PathLike) -> ModelConfig:
-    """The ModelConfig stored beside the weights (model_config.json), with clear errors."""
-    checkpoint_kind(path)
+    """The ModelConfig stored beside the weights (model_config.json), or a HuggingFace
+    directory's config.json mapped onto one, with clear errors."""
+    if checkpoint_kind(path) == "hf":
+        from model.hf_interop import read_hf_config
+
+        return read_hf_config(path)
     try:
         return ModelConfig.from_dict(read_config_dict(path))
     except (TypeError, ValueError) as err:  # e.g. "d_model": "big" fails in the size arithmetic
@@ -107,6 +122,12 @@ def load_model(
     _check_expected(path, kind, expect)
     if kind == "adapter":
         model = _load_adapter(Path(path), config, base, merge)
+    elif kind == "hf":
+        from model.hf_interop import load_hf_dir
+
+        state, cfg = load_hf_dir(path)
+        model = Transformer(config or cfg)
+        load_into(model, state, str(path))
     else:
         model = _build(kind, config or read_config(path))
         state = load_weights(path)

@@ -7,7 +7,8 @@ A checkpoint is a directory that the next stage rebuilds from alone:
     recipe.yaml           the stage recipe that produced it (optional)
     train_state.pt        optimizer / scheduler / RNG / data position (optional), read with weights_only=True
     meta.json             step, tokens seen, kind ("model" or "adapter"), free-form extras
-    tokenizer.json        copied beside the weights (optional)
+    tokenizer.json        copied beside the weights (optional), with its companions (tokenizer_config.json,
+                          special_tokens_map.json, chat_template.jinja, generation_config.json) when present
 
 It is written into a temporary sibling directory and renamed, so a crash mid-write never
 leaves a half checkpoint that later loads. A run directory keeps the last K checkpoints as
@@ -30,6 +31,17 @@ from utils.fs import atomic_dir, atomic_file
 WEIGHTS, MODEL_CONFIG, RECIPE, TRAIN_STATE, META, TOKENIZER = (
     "model.safetensors", "model_config.json", "recipe.yaml", "train_state.pt", "meta.json", "tokenizer.json",
 )
+# What travels with tokenizer.json: an imported model's special tokens, chat template and stop ids.
+TOKENIZER_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
+
+
+def copy_tokenizer_files(tokenizer_path: str | os.PathLike, dest: Path) -> None:
+    """Copy tokenizer.json and whichever of its companion files sit beside it into ``dest``."""
+    src = Path(tokenizer_path)
+    shutil.copyfile(src, dest / TOKENIZER)
+    for name in TOKENIZER_COMPANIONS:
+        if (src.parent / name).is_file():
+            shutil.copyfile(src.parent / name, dest / name)
 
 
 def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -67,7 +79,7 @@ def save_checkpoint(
             torch.save(train_state, tmp / TRAIN_STATE)
         (tmp / META).write_text(json.dumps({"kind": "model", **(meta or {})}, indent=2, default=str))
         if tokenizer_path is not None and Path(tokenizer_path).is_file():
-            shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
+            copy_tokenizer_files(tokenizer_path, tmp)
     return path
 
 

@@ -114,6 +114,14 @@ class HFTokenizer:
     def id_to_token(self, idx: int) -> Optional[str]:
         return self._hf.id_to_token(idx)
 
+    def save_hf(self, out: Path) -> None:
+        """The model's tokenizer files as they came (tokenizer.json and its companions)."""
+        import shutil
+
+        for name in ("tokenizer.json", CONFIG, SPECIAL_MAP, GENERATION, TEMPLATE_FILE):
+            if (self.path.parent / name).is_file():
+                shutil.copyfile(self.path.parent / name, Path(out) / name)
+
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = False,
                     tools: Optional[list] = None) -> tuple[list[int], list[int]]:
         """(ids, assistant mask) of a conversation in the model's own template."""

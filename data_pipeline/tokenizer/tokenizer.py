@@ -14,6 +14,7 @@ chat template places special ids.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -98,6 +99,16 @@ class Tokenizer:
             raise UserError("the project's chat format has no tools section yet; send the request without tools.")
         return render_project_chat(self, messages, add_generation_prompt)
 
+    def save_hf(self, out: str | os.PathLike) -> None:
+        """tokenizer.json, tokenizer_config.json (special tokens, the chat format as a Jinja template),
+        special_tokens_map.json and generation_config.json (stop ids) for transformers' AutoTokenizer."""
+        import shutil
+
+        shutil.copyfile(self.path, Path(out) / "tokenizer.json")
+        hf_config_files(Path(out))
+        generation = {"bos_token_id": self.bos_id, "eos_token_id": self.chat_stop_ids, "pad_token_id": self.pad_id}
+        (Path(out) / "generation_config.json").write_text(json.dumps(generation, indent=1))
+
     def token_to_id(self, token: str) -> int | None:
         return self._hf.token_to_id(token)
 
@@ -106,6 +117,19 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(path={str(self.path)!r}, vocab_size={self.vocab_size}, hash={self.hash!r})"
+
+
+def hf_config_files(out: Path) -> None:
+    """tokenizer_config.json + special_tokens_map.json of the project's tokenizer, for transformers'
+    AutoTokenizer; the chat template is the project's format written in Jinja."""
+    from data_pipeline.tokenizer.chat_template import HF_CHAT_TEMPLATE
+
+    special = {"bos_token": BOS, "eos_token": EOS, "pad_token": EOS,
+               "additional_special_tokens": [IM_START, IM_END, PAD]}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+              "model_max_length": 1_000_000, "chat_template": HF_CHAT_TEMPLATE, **special}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=1))
 
 
 def load_tokenizer(path: str | os.PathLike):

@@ -22,16 +22,7 @@ from data_pipeline.cli import base_parser
 from data_pipeline.jsonl import iter_jsonl
 from data_pipeline.paths import DataPaths
 from data_pipeline.tokenizer.bpe import ByteLevelBPE
-from data_pipeline.tokenizer.chat_template import HF_CHAT_TEMPLATE
-from data_pipeline.tokenizer.tokenizer import (
-    BOS,
-    EOS,
-    IM_END,
-    IM_START,
-    PAD,
-    SPECIAL_TOKENS,
-    Tokenizer,
-)
+from data_pipeline.tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer, hf_config_files
 from utils.cli import main_guard
 from utils.errors import UserError
 
@@ -72,16 +63,6 @@ def train_hf(texts: list[str], vocab_size: int, show_progress: bool):
                                   min_frequency=0, show_progress=show_progress)
     tok.train_from_iterator(texts, trainer, length=len(texts))
     return tok
-
-
-def hf_config_files(out: Path) -> None:
-    """tokenizer_config.json + special_tokens_map.json for transformers' AutoTokenizer."""
-    special = {"bos_token": BOS, "eos_token": EOS, "pad_token": EOS,
-               "additional_special_tokens": [IM_START, IM_END, PAD]}
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-              "model_max_length": 1_000_000, "chat_template": HF_CHAT_TEMPLATE, **special}
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
-    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=1))
 
 
 def main() -> None:

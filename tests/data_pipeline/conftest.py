@@ -60,7 +60,8 @@ def corpus() -> list[str]:
 def tokenizer(tmp_path_factory, corpus):
     """A project Tokenizer trained with the HF backend (vocab 600) in a tmp dir."""
     from data_pipeline.tokenizer.tokenizer import Tokenizer
-    from data_pipeline.tokenizer.train_tokenizer import hf_config_files, train_hf
+    from data_pipeline.tokenizer.tokenizer import hf_config_files
+    from data_pipeline.tokenizer.train_tokenizer import train_hf
     folder = tmp_path_factory.mktemp("tokenizer")
     train_hf(corpus, 600, show_progress=False).save(str(folder / "tokenizer.json"))
     hf_config_files(folder)

@@ -193,7 +193,7 @@ def test_modules_to_save_train_in_full_and_travel_with_the_adapter(tmp_path):
     load_lora(fresh, path)
     with torch.no_grad():
         assert torch.equal(fresh(IDX), want)
-    from finetune.export import export_peft_adapter
+    from model.peft_export import export_peft_adapter
 
     with pytest.raises(UserError, match="merged"):
         export_peft_adapter(model, cfg, tmp_path / "peft")

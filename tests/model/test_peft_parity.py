@@ -45,7 +45,7 @@ def test_lora_logits_match_peft(rslora):
     config = peft.LoraConfig(r=4, lora_alpha=12, lora_dropout=0.0, use_rslora=rslora,
                              target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], init_lora_weights=False)
     theirs = peft.get_peft_model(theirs, config).eval()
-    from finetune.export import hf_module_name
+    from model.peft_export import hf_module_name
 
     with torch.no_grad():
         for name in names:

@@ -1,4 +1,4 @@
-"""Export a LoRA-finetuned model for the HuggingFace ecosystem.
+"""Export a LoRA-finetuned model for the HuggingFace ecosystem (PEFT adapter, or merged).
 
 Two forms:
 - merged: ``export_merged_hf`` folds the adapters into the weights (dequantizing a QLoRA
@@ -67,11 +67,17 @@ def to_peft_adapter(model: nn.Module, lora_cfg: LoRAConfig) -> tuple[dict[str, t
     return state, config
 
 
-def export_peft_adapter(model: nn.Module, lora_cfg: LoRAConfig, out_dir: str | os.PathLike) -> Path:
+def write_peft_adapter(model: nn.Module, lora_cfg: LoRAConfig, directory: Path) -> None:
+    """adapter_model.safetensors + adapter_config.json of ``model``'s adapters, into an existing directory."""
     from safetensors.torch import save_file
 
     state, config = to_peft_adapter(model, lora_cfg)
+    save_file(state, str(Path(directory) / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (Path(directory) / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
+def export_peft_adapter(model: nn.Module, lora_cfg: LoRAConfig, out_dir: str | os.PathLike) -> Path:
+    """``write_peft_adapter`` into a new directory, written atomically."""
     with atomic_dir(out_dir) as tmp:
-        save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        write_peft_adapter(model, lora_cfg, tmp)
     return Path(out_dir)

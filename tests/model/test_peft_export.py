@@ -1,9 +1,9 @@
-"""finetune/export.py: a PEFT adapter that PEFT loads, and a merged QLoRA model that transformers loads,
+"""model/peft_export.py: a PEFT adapter that PEFT loads, and a merged QLoRA model that transformers loads,
 both giving our adapted logits (fp32, <= 1e-4)."""
 import pytest
 import torch
 
-from finetune.export import export_merged_hf, export_peft_adapter
+from model.peft_export import export_merged_hf, export_peft_adapter
 from model.lora import LoRAConfig, apply_lora, lora_layers
 
 transformers = pytest.importorskip("transformers")
