@@ -32,39 +32,46 @@ def _render(tokenizer: Any, messages: list[dict], reply: str) -> tuple[list[int]
     return list(prompt), list(full[len(prompt) : last + 1])
 
 
-def load_preference_pairs(path: str, tokenizer: Any, max_len: int, limit: int = 0) -> tuple[list[PreferencePair], int]:
-    """Tokenize a preference JSONL file: rows ``{"prompt": [messages] | str, "chosen": str,
-    "rejected": str}``. Replies longer than ``max_len`` (with the prompt) are cut at the end;
-    a pair whose prompt alone fills ``max_len`` is dropped. Returns (pairs, dropped).
+def load_preference_pairs(path: str, tokenizer: Any, max_len: int, limit: int = 0, fields: dict | None = None,
+                          on_bad_row: str = "error", split: str = "train") -> tuple[list[PreferencePair], int]:
+    """Tokenize a preference file in TRL's form (data_pipeline/user_data.py: JSONL, JSON, Parquet, a
+    save_to_disk folder or hf:<name>; rows ``{"prompt": str | [messages], "chosen": str | [messages],
+    "rejected": ...}``, or chosen/rejected as whole conversations without a prompt; ``fields`` renames
+    them). Replies longer than ``max_len`` (with the prompt) are cut at the end; a pair whose prompt
+    alone fills ``max_len`` is dropped. Returns (pairs, dropped).
 
-    UserError (naming file and line) for a row with an empty or missing chosen/rejected
-    reply or prompt: an empty reply would make the pair's log-prob 0 and silently teach
-    the model that saying nothing is preferred.
+    A bad row (e.g. an empty chosen/rejected reply, which would silently teach the model that
+    saying nothing is preferred) is a UserError naming file and line, or with
+    ``on_bad_row="skip"`` skipped and counted (in ``dropped``).
     """
-    from data_pipeline.jsonl import load_jsonl
+    from data_pipeline.user_data import field_names, read_rows, to_preference
 
-    pairs, dropped = [], 0
-    for n, row in enumerate(load_jsonl(path), start=1):
+    fields = field_names(fields)
+    pairs, dropped, skipped = [], 0, 0
+    for where, row in read_rows(path, split):
         if limit and len(pairs) >= limit:
             break
-        prompt = row.get("prompt")
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        bad = [k for k in ("chosen", "rejected") if not isinstance(row.get(k), str) or not row[k].strip()]
-        if bad or not messages or not isinstance(messages, list) or (isinstance(prompt, str) and not prompt.strip()):
-            what = f"empty or missing {' and '.join(bad)}" if bad else "an empty or missing prompt"
-            raise UserError(f"{path} line {n}: {what}; every row needs a non-empty 'prompt' (messages or text) "
-                            "and non-empty 'chosen' and 'rejected' replies. Fix or drop that row.")
-        prompt_ids, chosen = _render(tokenizer, messages, row["chosen"])
-        _, rejected = _render(tokenizer, messages, row["rejected"])
+        try:
+            messages, chosen_text, rejected_text = to_preference(row, fields)
+            prompt_ids, chosen = _render(tokenizer, messages, chosen_text)
+            _, rejected = _render(tokenizer, messages, rejected_text)
+        except UserError as err:
+            if on_bad_row == "skip":
+                skipped += 1
+                continue
+            raise UserError(f"{where}: {err}; every row needs a non-empty prompt (text or messages) and non-empty "
+                            "chosen and rejected replies. Fix or drop that row, or set data.on_bad_row: skip.") from None
         pair = _fit(prompt_ids, chosen, rejected, max_len)
         if pair is None:
             dropped += 1
         else:
             pairs.append(pair)
+    if skipped:
+        print(f"{path}: skipped {skipped} bad row(s) (data.on_bad_row: skip)")
     if not pairs:
         raise UserError(f"{path} gave no usable preference pairs ({dropped} dropped: prompt longer than "
-                        f"train.seq_len={max_len}); raise train.seq_len or check the file.")
-    return pairs, dropped
+                        f"train.seq_len={max_len}; {skipped} bad rows skipped); raise train.seq_len or check the file.")
+    return pairs, dropped + skipped
 
 
 def _fit(prompt: list[int], chosen: list[int], rejected: list[int], max_len: int) -> PreferencePair | None:

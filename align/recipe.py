@@ -43,10 +43,13 @@ class PreferenceDataConfig:
     ``train_path`` is set, straight from JSONL rows ``{"prompt": [messages], "chosen", "rejected"}``."""
 
     bin_dir: str = "data/bins/preference"  # checked below, only when it is the source
-    train_path: str = field(default="", metadata={"path": "file?"})  # set -> JSONL instead of the bins
-    val_path: str = field(default="", metadata={"path": "file?"})  # held-out JSONL (needed with train_path)
+    # set -> your own pairs instead of the bins: .jsonl/.json/.parquet, a save_to_disk folder or hf:<name>
+    train_path: str = ""
+    val_path: str = ""  # held-out pairs (needed with train_path)
     max_train_pairs: int = 0  # 0: all (the reference pass costs one forward per reply)
     max_val_pairs: int = 256  # held-out pairs for the accuracy report (0: all)
+    fields: dict = field(default_factory=dict)  # rename TRL fields, e.g. {prompt: question, chosen: good}
+    on_bad_row: Literal["error", "skip"] = "error"  # error names the file and line; skip counts them
 
     def __post_init__(self) -> None:
         if self.train_path and not self.val_path:
@@ -100,8 +103,11 @@ class OfflineRecipe:
 class RolloutConfig:
     """Recipe section ``rollout``: prompts and how completions are sampled (through the engine)."""
 
-    train_prompts: str = field(default="data/prompts/rl_train.jsonl", metadata={"path": "file"})
-    test_prompts: str = field(default="data/prompts/rl_test.jsonl", metadata={"path": "file?"})
+    # prompts with reference answers: .jsonl/.json/.parquet, a save_to_disk folder or hf:<name>; rows
+    # {"question": str | [messages], "answer": "... #### 42"} (renamed with fields)
+    train_prompts: str = "data/prompts/rl_train.jsonl"
+    test_prompts: str = "data/prompts/rl_test.jsonl"  # "" -> no held-out accuracy
+    fields: dict = field(default_factory=dict)  # e.g. {question: problem, answer: solution}
     prompts_per_rollout: int = 8  # per process; with group_size G the buffer holds prompts x G rows
     group_size: int = 4  # completions per prompt (GRPO/GSPO/RFT groups; PPO may use 1)
     max_new_tokens: int = 96

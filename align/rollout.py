@@ -128,23 +128,30 @@ def rule_rewards(texts: Sequence[str], references: Sequence[str], reward_fn: Rew
 # ----------------------------------------------------------------------------- prompts
 
 
-def encode_prompts(tokenizer: Any, questions: Sequence[str]) -> list[list[int]]:
-    """Each question as a one-turn user conversation in the project's chat format, ending
-    with the assistant header (the one chat template, so training matches serving)."""
+def encode_prompts(tokenizer: Any, questions: Sequence[Any]) -> list[list[int]]:
+    """Each question (text, or a list of chat messages) rendered in the tokenizer's chat format,
+    ending with the generation prompt (the one template, so training matches serving)."""
     from data_pipeline.tokenizer.chat_template import render_chat
 
-    return [render_chat(tokenizer, [{"role": "user", "content": q}], add_generation_prompt=True)[0] for q in questions]
+    return [render_chat(tokenizer, q if isinstance(q, list) else [{"role": "user", "content": q}],
+                        add_generation_prompt=True)[0] for q in questions]
 
 
-def load_prompts(path: str) -> list[dict]:
-    """RL prompt rows ``{"question", "answer"}``; UserError naming the line of a bad row."""
-    from data_pipeline.jsonl import load_jsonl
+def load_prompts(path: str, fields: dict | None = None) -> list[dict]:
+    """RL prompt rows ``{"question": str | [messages], "answer": str}`` (data_pipeline/user_data.py
+    reads the file; ``fields`` renames the two fields); UserError naming the row of a bad one."""
+    from data_pipeline.user_data import field_names, read_rows, to_prompt
 
-    rows = load_jsonl(path)
+    names = field_names(fields)
+    rows = []
+    for where, row in read_rows(path):
+        try:
+            messages, answer = to_prompt(row, names)
+        except UserError as err:
+            raise UserError(f"{where}: {err}; RL prompt rows need a non-empty {names['question']!r} (text or messages) "
+                            f"and an {names['answer']!r} (GSM8K format '... #### N' or the bare answer)") from None
+        question = messages[0]["content"] if len(messages) == 1 and messages[0]["role"] == "user" else messages
+        rows.append({"question": question, "answer": answer})
     if not rows:
         raise UserError(f"{path} holds no prompts; run data_pipeline/download/download_prompts.py")
-    for n, row in enumerate(rows, start=1):
-        if not isinstance(row.get("question"), str) or not row["question"].strip() or not isinstance(row.get("answer"), str):
-            raise UserError(f"{path} row {n} needs a non-empty 'question' and an 'answer' string (GSM8K format "
-                            f"'... #### N'), got keys {sorted(row)}")
     return rows

@@ -49,8 +49,9 @@ def run(cfg: OfflineRecipe) -> dict:
     seq_len = cfg.train.seq_len
     d = cfg.data
     if d.source == "jsonl":
-        train_pairs, dropped = load_preference_pairs(d.train_path, tokenizer, seq_len, d.max_train_pairs)
-        val_pairs, _ = load_preference_pairs(d.val_path, tokenizer, seq_len, d.max_val_pairs)
+        train_pairs, dropped = load_preference_pairs(d.train_path, tokenizer, seq_len, d.max_train_pairs, d.fields, d.on_bad_row)
+        val_pairs, _ = load_preference_pairs(d.val_path, tokenizer, seq_len, d.max_val_pairs, d.fields, d.on_bad_row,
+                                             split="validation" if d.val_path.startswith("hf:") else "train")
     else:
         tok_hash = getattr(tokenizer, "hash", None)
         train_pairs, dropped = load_preference_bins(d.bin_dir, "train", tok_hash, seq_len, d.max_train_pairs)

@@ -85,9 +85,10 @@ def run(cfg: OnlineRecipe) -> dict:
     from data_pipeline.tokenizer.chat_template import chat_stop_ids
     from inference.sampling_params import SamplingParams
 
-    rows = load_prompts(ro_cfg.train_prompts)
+    rows = load_prompts(ro_cfg.train_prompts, ro_cfg.fields)
     prompt_ids = encode_prompts(tokenizer, [r["question"] for r in rows])
-    test_rows = load_prompts(ro_cfg.test_prompts)[: ro_cfg.eval_prompts] if ro_cfg.test_prompts and ro_cfg.eval_prompts else []
+    test_rows = (load_prompts(ro_cfg.test_prompts, ro_cfg.fields)[: ro_cfg.eval_prompts]
+                 if ro_cfg.test_prompts and ro_cfg.eval_prompts else [])
     test_ids = encode_prompts(tokenizer, [r["question"] for r in test_rows])
 
     # Bad input is refused here, before a model is trained.

@@ -123,7 +123,8 @@ class SFTLoader:
     Examples are visited in a shuffled order per epoch (seed, epoch), split
     across ranks. With ``pack=True`` a row of T + 1 tokens takes examples until
     the next one does not fit (then the rest is padding); with ``pack=False``
-    each row holds one example. An example longer than T + 1 is truncated.
+    each row holds one example. An example longer than T + 1 is truncated, or left out with
+    ``drop_long=True`` (``n_long`` counts them either way).
     Attention is NOT blocked between packed examples (each starts with <|bos|>).
 
     Yields (x, y, loss_mask), or (x, y, loss_mask, position_ids) with
@@ -136,7 +137,7 @@ class SFTLoader:
 
     def __init__(self, bin_dir: str | os.PathLike, split: str, seq_len: int, batch_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, pack: bool = True, expect_tokenizer_hash: str | None = None,
-                 return_position_ids: bool = False, shuffle: bool = True):
+                 return_position_ids: bool = False, shuffle: bool = True, drop_long: bool = False):
         _check_rank(rank, world_size)
         folder = Path(bin_dir)
         self.meta = meta = _open_meta(folder, "sft", split, SFT_HINT, expect_tokenizer_hash)
@@ -150,7 +151,14 @@ class SFTLoader:
         self.ends = np.append(self.starts[1:], n_tok)
         self.seq_len, self.batch_size, self.pack = seq_len, batch_size, pack
         self.pad_id, self.return_position_ids = meta["pad_id"], return_position_ids
-        self.order = _EpochOrder(np.arange(n_ex), seed, rank, world_size, shuffle)
+        # Examples longer than a row (seq_len + 1 tokens) are cut at the end, or with drop_long left out.
+        long = (self.ends - self.starts) > seq_len + 1
+        self.n_long = int(long.sum())
+        kept = np.flatnonzero(~long) if drop_long else np.arange(n_ex)
+        if not kept.size:
+            raise UserError(f"every {split} example in {folder} is longer than train.seq_len + 1 = {seq_len + 1} tokens; "
+                            "raise train.seq_len or keep long examples (data.long_examples: truncate).")
+        self.order = _EpochOrder(kept, seed, rank, world_size, shuffle)
 
     def __iter__(self) -> SFTLoader:
         return self

@@ -15,7 +15,8 @@ script checks that it was given its own kind.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from pathlib import Path
+from typing import Literal, Optional
 
 from model.lora import LoRAConfig
 from model.quant import QLoRAConfig
@@ -29,12 +30,32 @@ MODES = {"full": "finetune/sft_train.py", "lora": "finetune/peft/lora/sft_lora_t
 
 @dataclass
 class SFTDataConfig:
-    """Recipe section ``data``: the chat-format token bins (data_pipeline/processing/build_sft_bins.py)."""
+    """Recipe section ``data``: the chat-format token bins (data_pipeline/processing/build_sft_bins.py),
+    or your own files with ``train_path`` (rendered in the model's chat format, cached by content)."""
 
-    bin_dir: str = field(default="data/sft", metadata={"path": "dir"})
-    tokenizer: str = field(default="", metadata={"path": "file?"})  # "" -> bin_dir/../tokenizer.json or the base's
+    bin_dir: str = "data/bins/sft"  # read when train_path is not set
+    tokenizer: str = field(default="", metadata={"path": "file?"})  # "" -> the base checkpoint's tokenizer
     pack: bool = True  # pack short conversations into full rows (no document mask: later examples see earlier ones)
     val_split: str = "val"
+    # Your own data (data_pipeline/user_data.py): a .jsonl/.json/.parquet file, a datasets save_to_disk
+    # folder, or hf:<dataset name> when online; rows in OpenAI messages, ShareGPT or Alpaca form.
+    train_path: str = ""
+    val_path: str = ""  # "" -> every 50th row of train_path is held out
+    format: Literal["auto", "messages", "sharegpt", "alpaca"] = "auto"
+    fields: dict = field(default_factory=dict)  # rename fields, e.g. {messages: dialog, role: speaker}
+    on_bad_row: Literal["error", "skip"] = "error"  # error names the file and line; skip counts them
+    long_examples: Literal["truncate", "drop"] = "truncate"  # examples longer than train.seq_len + 1
+    cache_dir: str = "data/cache"  # tokenized train_path data, one folder per content hash
+
+    def __post_init__(self) -> None:
+        if not self.train_path and not Path(self.bin_dir).is_dir():
+            raise UserError(f"data.bin_dir={self.bin_dir!r} does not exist; build the SFT bins with "
+                            "data_pipeline/processing/build_sft_bins.py, or set data.train_path to your own data file.")
+        if self.val_path and not self.train_path:
+            raise UserError("data.val_path is set without data.train_path; set both (or neither, to read data.bin_dir).")
+        from data_pipeline.user_data import field_names
+
+        field_names(self.fields)  # unknown field names fail with the recipe, not mid-run
 
 
 @dataclass

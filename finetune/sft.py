@@ -105,12 +105,40 @@ def make_loader(recipe: SFTRecipe, split: str, seed: int, rank: int = 0, world_s
 
     t = recipe.train
     loader = SFTLoader(recipe.data.bin_dir, split, t.seq_len, t.batch_size, seed, rank, world_size,
-                       pack=recipe.data.pack, expect_tokenizer_hash=file_hash(tokenizer_path(recipe)))
+                       pack=recipe.data.pack, expect_tokenizer_hash=file_hash(tokenizer_path(recipe)),
+                       drop_long=recipe.data.long_examples == "drop")
     vocab = loader.meta.get("vocab_size")
     if vocab_size is not None and isinstance(vocab, int) and vocab > vocab_size:
         raise UserError(f"{recipe.data.bin_dir} holds token ids up to {vocab - 1} but the base model's vocab_size is "
                         f"{vocab_size}; the bins were made with another tokenizer than the base was pretrained with.")
     return loader
+
+
+def prepare_data(recipe: SFTRecipe, env) -> None:
+    """With data.train_path: your files, rendered in the base model's chat format into a cached
+    bin folder (rank 0 builds, the others wait), which data.bin_dir then names."""
+    from data_pipeline.processing.sft_cache import build_sft_cache
+    from model.load import load_tokenizer
+    from utils.distributed import barrier
+
+    d = recipe.data
+    if not d.train_path:
+        return
+    tok = load_tokenizer(recipe.base_checkpoint, d.tokenizer or None)
+    build = lambda: build_sft_cache(d.train_path, d.val_path, tok, fmt=d.format, fields=d.fields,  # noqa: E731
+                                    on_bad_row=d.on_bad_row, cache_root=d.cache_dir)
+    if env.is_main:
+        d.bin_dir = str(build())
+    barrier(env)
+    if not env.is_main:
+        d.bin_dir = str(build())  # finds the folder rank 0 wrote
+
+
+def report_long_examples(loader, recipe: SFTRecipe) -> None:
+    if loader.n_long:
+        action = "left out" if recipe.data.long_examples == "drop" else "cut at the end"
+        print(f"sft data: {loader.n_long} example(s) longer than train.seq_len + 1 = {recipe.train.seq_len + 1} "
+              f"tokens are {action} (data.long_examples: {recipe.data.long_examples})")
 
 
 def tokenizer_path(recipe: SFTRecipe, required: bool = True) -> Optional[str]:
@@ -164,7 +192,10 @@ def run_sft(recipe: SFTRecipe, mode: str, batches: Optional[Iterator] = None, ev
         print(f"sft[{mode}]: base {recipe.base_checkpoint} | context {model.cfg.max_seq_len} | "
               f"trainable {info['trainable']:,} of {info['total']:,} params{extra}")
     if batches is None:
+        prepare_data(recipe, env)
         batches = make_loader(recipe, "train", recipe.train.seed, env.rank, env.world_size, model.cfg.vocab_size)
+        if env.is_main:
+            report_long_examples(batches, recipe)
         eval_fn = eval_fn or make_eval_fn(recipe, model.cfg.vocab_size)
     meta = {"stage": f"sft_{mode}", "base_checkpoint": str(recipe.base_checkpoint)}
     weights_fn = None

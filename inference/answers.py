@@ -17,9 +17,10 @@ from utils.errors import UserError
 
 
 @torch.no_grad()
-def chat_answers(model: torch.nn.Module, tokenizer: Any, questions: Sequence[str], max_new_tokens: int,
+def chat_answers(model: torch.nn.Module, tokenizer: Any, questions: Sequence[Any], max_new_tokens: int,
                  **engine_kwargs: Any) -> list[Any]:
-    """One greedy completion (``inference.outputs.CompletionOutput``) per question, in order.
+    """One greedy completion (``inference.outputs.CompletionOutput``) per question (text, or a
+    list of chat messages), in order.
 
     The budget is ``max_new_tokens``, cut to what the longest prompt leaves of the context
     (UserError when a prompt fills it). The model's train/eval mode is restored afterwards."""
@@ -27,7 +28,8 @@ def chat_answers(model: torch.nn.Module, tokenizer: Any, questions: Sequence[str
     from inference.engine import LLMEngine
     from inference.sampling_params import SamplingParams
 
-    prompts = [render_chat(tokenizer, [{"role": "user", "content": q}], add_generation_prompt=True)[0] for q in questions]
+    prompts = [render_chat(tokenizer, q if isinstance(q, list) else [{"role": "user", "content": q}],
+                           add_generation_prompt=True)[0] for q in questions]
     room = model.cfg.max_seq_len - max(len(p) for p in prompts)
     if room < 1:
         raise UserError(f"the longest question is {max(len(p) for p in prompts)} tokens in the chat format, which fills "

@@ -18,39 +18,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # repo roo
 
 import time
 
-import numpy as np
 
 from data_pipeline.cli import add_workers_arg, base_parser
 from data_pipeline.paths import DataPaths
-from data_pipeline.processing.binfile import token_dtype
-from data_pipeline.processing.chat_bins import SplitArrays, build_chat_bins
-from data_pipeline.tokenizer.chat_template import render_chat
+from data_pipeline.processing.chat_bins import build_chat_bins, layout_examples, render_sft_chunk, sft_meta
 from data_pipeline.tokenizer.tokenizer import Tokenizer
 from utils.cli import main_guard
-from utils.errors import UserError
-
-
-def render_chunk(tok: Tokenizer, rows: list[dict]) -> list:
-    """Worker: (ids, mask) arrays per conversation, or an error string for a bad one."""
-    out = []
-    for row in rows:
-        try:
-            ids, mask = render_chat(tok, row.get("messages"))
-        except UserError as err:
-            out.append(str(err))
-            continue
-        out.append((np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8)) if any(mask)
-                   else "the conversation has no assistant message to learn")
-    return out
-
-
-def layout_examples(good: list) -> SplitArrays:
-    """Conversations back to back; the index holds each one's start offset."""
-    lengths = np.array([ids.size for ids, _ in good], dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    counts = {"n_assistant_tokens": int(sum(int(m.sum()) for _, m in good)),
-              "max_example_len": int(lengths.max()), "mean_example_len": round(float(lengths.mean()), 1)}
-    return SplitArrays((ids for ids, _ in good), (m for _, m in good), starts, counts)
 
 
 def main() -> None:
@@ -59,13 +32,9 @@ def main() -> None:
     args = p.parse_args()
     paths = DataPaths.of(args.data_dir)
     tok = Tokenizer.from_file(paths.tokenizer_json)
-    dtype = token_dtype(tok.vocab_size)
     t0 = time.time()
-    meta = {"format": "sft", "dtype": dtype.name, "vocab_size": tok.vocab_size, "pad_id": tok.pad_id,
-            "eos_id": tok.eos_id, "bos_id": tok.bos_id, "im_end_id": tok.im_end_id,
-            "tokenizer_hash": tok.hash, "tokenizer_path": str(tok.path),
-            "chat_format": "data_pipeline.tokenizer.chat_template.render_chat"}
-    build_chat_bins(paths.bins_sft, paths.sft_raw, tok, args.num_workers, meta, render_chunk=render_chunk,
+    meta = sft_meta(tok)
+    build_chat_bins(paths.bins_sft, paths.sft_raw, tok, args.num_workers, meta, render_chunk=render_sft_chunk,
                     layout=layout_examples, item="conversation", count_key="n_examples")
     print(f"sft bins: train {meta['n_examples']['train']} examples / {meta['n_tokens']['train']:,} tokens "
           f"({meta['n_assistant_tokens']['train']:,} assistant), val {meta['n_examples']['val']}, "

@@ -19,6 +19,7 @@ import numpy as np
 from data_pipeline.jsonl import load_jsonl
 from data_pipeline.processing.binfile import token_dtype, write_arrays, write_meta
 from data_pipeline.processing.parallel import parallel_map
+from data_pipeline.tokenizer.chat_template import render_chat
 from data_pipeline.tokenizer.tokenizer import Tokenizer
 from utils.errors import UserError
 from utils.fs import atomic_dir
@@ -36,7 +37,7 @@ class SplitArrays:
 
 def build_chat_bins(
     out_dir: Path,
-    raw_path: Callable[[str], Path],
+    raw_path: Callable[[str], Path] | None,
     tok: Tokenizer,
     num_workers: int,
     meta: dict,
@@ -45,8 +46,12 @@ def build_chat_bins(
     layout: Callable[[list], SplitArrays],
     item: str,
     count_key: str,
+    rows_of: Callable[[str], tuple[str, list]] | None = None,
+    strict: bool = False,
 ) -> dict:
-    """Render and write the train and val splits of ``raw_path(split)`` into ``out_dir``.
+    """Render and write the train and val splits of ``raw_path(split)`` into ``out_dir``
+    (or, with ``rows_of(split) -> (name, rows)``, of rows already read). ``strict``: a row that
+    fails to render is an error (its message, which names the row, is raised) instead of skipped.
 
     ``render_chunk(tok, rows)`` runs in the workers and returns a rendered item or an error string
     per row; ``layout(valid_items)`` turns a split's valid items into arrays. ``item`` names a row
@@ -56,10 +61,12 @@ def build_chat_bins(
     dtype = token_dtype(tok.vocab_size)
     with atomic_dir(out_dir) as tmp:
         for split in ("train", "val"):
-            path = raw_path(split)
-            rendered = parallel_map(render_chunk, load_jsonl(path), str(tok.path), num_workers, desc=f"render {split}")
+            path, rows = rows_of(split) if rows_of is not None else (raw_path(split), load_jsonl(raw_path(split)))
+            rendered = parallel_map(render_chunk, rows, str(tok.path), num_workers, desc=f"render {split}")
             good = [r for r in rendered if not isinstance(r, str)]
             errors = [r for r in rendered if isinstance(r, str)]
+            if errors and strict:
+                raise UserError(f"{errors[0]}. Fix the row, or set data.on_bad_row: skip to skip and count such rows.")
             if not good:
                 raise UserError(f"{path}: no valid {item} to build bins from"
                                 + (f" (first problem: {errors[0]})" if errors else " (the file is empty)"))
@@ -74,3 +81,38 @@ def build_chat_bins(
                 meta.setdefault(key, {})[split] = value
         write_meta(tmp, meta)
     return meta
+
+
+# ----------------------------------------------------------------------------- the SFT layout
+
+
+def sft_meta(tok: Tokenizer) -> dict:
+    """The meta.json fields an SFT bin folder starts with (the loader checks the tokenizer hash)."""
+    return {"format": "sft", "dtype": token_dtype(tok.vocab_size).name, "vocab_size": tok.vocab_size,
+            "pad_id": tok.pad_id, "eos_id": tok.eos_id, "bos_id": tok.bos_id, "stop_ids": list(tok.chat_stop_ids),
+            "tokenizer_hash": tok.hash, "tokenizer_path": str(tok.path),
+            "chat_format": "data_pipeline.tokenizer.chat_template.render_chat"}
+
+
+def render_sft_chunk(tok: Tokenizer, rows: list[dict]) -> list:
+    """Worker: (ids, mask) arrays per conversation ({"messages": [...]}), or an error string for a bad one."""
+    out = []
+    for row in rows:
+        where = f"{row['where']}: " if "where" in row else ""  # user files name the row in every problem
+        try:
+            ids, mask = render_chat(tok, row.get("messages"))
+        except UserError as err:
+            out.append(f"{where}{err}")
+            continue
+        out.append((np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8)) if any(mask)
+                   else f"{where}the conversation has no assistant message to learn")
+    return out
+
+
+def layout_examples(good: list) -> SplitArrays:
+    """Conversations back to back; the index holds each one's start offset."""
+    lengths = np.array([ids.size for ids, _ in good], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    counts = {"n_assistant_tokens": int(sum(int(m.sum()) for _, m in good)),
+              "max_example_len": int(lengths.max()), "mean_example_len": round(float(lengths.mean()), 1)}
+    return SplitArrays((ids for ids, _ in good), (m for _, m in good), starts, counts)

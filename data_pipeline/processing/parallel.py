@@ -14,7 +14,7 @@ from typing import TypeVar
 
 from tqdm import tqdm
 
-from data_pipeline.tokenizer.tokenizer import Tokenizer
+from data_pipeline.tokenizer.tokenizer import Tokenizer, load_tokenizer
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -27,7 +27,7 @@ def default_workers() -> int:
 
 def _init_worker(tokenizer_path: str) -> None:
     global _TOKENIZER
-    _TOKENIZER = Tokenizer.from_file(tokenizer_path)
+    _TOKENIZER = load_tokenizer(tokenizer_path)
 
 
 def _run_chunk(fn: Callable, chunk: list) -> list:
@@ -47,7 +47,7 @@ def parallel_imap(fn: Callable[[Tokenizer, list[T]], list[R]], items: Sequence[T
     bar = tqdm(total=len(items), desc=desc, unit="doc", disable=None, leave=False)
     try:
         if num_workers == 1 or len(items) <= chunk_size:
-            tok = Tokenizer.from_file(tokenizer_path)
+            tok = load_tokenizer(tokenizer_path)
             for chunk in chunks:
                 yield from fn(tok, chunk)
                 bar.update(len(chunk))

@@ -99,10 +99,12 @@ def test_preference_file_with_an_empty_reply_is_refused(tmp_path):
     path = tmp_path / "pref.jsonl"
     rows = [{"prompt": "abc", "chosen": "ff", "rejected": "gg"}, {"prompt": "abd", "chosen": "ff", "rejected": " "}]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    with pytest.raises(UserError, match=r"pref.jsonl line 2: empty or missing rejected"):
+    with pytest.raises(UserError, match=r"pref.jsonl line 2: 'rejected' is empty"):
         load_preference_pairs(str(path), CharTok(), 64)
     pairs, dropped = load_preference_pairs(str(path), CharTok(), 64, limit=1)
     assert dropped == 0 and pairs[0].chosen == [5, 5, 1] and pairs[0].prompt == [2, 0, 1, 2, 1, 3]
+    pairs, dropped = load_preference_pairs(str(path), CharTok(), 64, on_bad_row="skip")
+    assert len(pairs) == 1 and dropped == 1  # skipped and counted
 
 
 def test_reference_pass_covers_exactly_the_pairs_a_run_reaches(data):

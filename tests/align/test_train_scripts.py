@@ -95,7 +95,7 @@ def test_bad_input_is_refused_before_training(files):
     with pytest.raises(UserError, match="Did you mean 'gsm8k_exact'"):
         train_online.main(_online(tmp, ckpt, "reward.function=gsm8k_exac"))
     (tmp / "bad.jsonl").write_text(json.dumps({"prompt": "abc", "chosen": "", "rejected": "gg"}) + "\n")
-    with pytest.raises(UserError, match="line 1: empty or missing chosen"):
+    with pytest.raises(UserError, match="line 1: 'chosen' is empty"):
         train_offline.main(_offline(tmp, ckpt, "dpo", f"data.train_path={tmp}/bad.jsonl"))
     assert not (tmp / "run").exists() and not (tmp / "dpo").exists()
 
