@@ -1,13 +1,12 @@
 """The SFT recipe: one dataclass family for full SFT, LoRA and QLoRA (1_sft_{full,lora,qlora}.yaml).
 
-    base_checkpoint: runs/pretrain/final      # a pretrain checkpoint dir, rebuilt from its config
-    data: {bin_dir: data/sft_bins, tokenizer: data/tokenizer.json}
+    model: {init_from: runs/pretrain/final}   # a checkpoint (or an HF model dir), rebuilt from its config
+    data: {bin_dir: data/bins/sft}            # or train_path: my_chats.jsonl (messages, ShareGPT, Alpaca; cached)
     train: {out_dir: runs/sft, max_steps: 300, batch_size: 8, seq_len: 512}
     optim: {lr: 2e-4, warmup_steps: 20}
     lora: {r: 16, alpha: 32, targets: all-linear}     # present -> LoRA (adapters only train)
     qlora: {compute_dtype: auto}                       # present (with lora) -> the base is NF4
-    max_seq_len: 2048                                  # long-context SFT beyond the base's context
-    rope_scaling: {type: yarn, factor: 4.0}            # applied to the base's ModelConfig
+    # long-context SFT beyond the base's: model: {init_from: ..., max_seq_len: 2048, rope_scaling: {type: yarn, factor: 4.0}}
 
 Which of the three a recipe is follows from its sections (``SFTRecipe.mode``); each entry
 script checks that it was given its own kind.
@@ -59,27 +58,48 @@ class SFTDataConfig:
 
 
 @dataclass
+class SFTModelConfig:
+    """Recipe section ``model``: what SFT starts from, and (long-context SFT) how its context grows."""
+
+    init_from: str = field(default="", metadata={"path": "dir?"})  # a checkpoint (full or adapter) or an HF model dir
+    max_seq_len: Optional[int] = None  # a context longer than the base's ...
+    rope_scaling: Optional[dict] = None  # ... with RoPE scaling applied to its ModelConfig (e.g. {type: yarn, factor: 4})
+
+
+@dataclass
 class SFTRecipe:
-    base_checkpoint: str = field(metadata={"path": "dir"})
     data: SFTDataConfig
     train: TrainConfig
+    model: SFTModelConfig = field(default_factory=SFTModelConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=20, weight_decay=0.0))
     lora: Optional[LoRAConfig] = None
     qlora: Optional[QLoRAConfig] = None
-    # Long-context SFT: a context longer than the base's, with RoPE scaling applied to its ModelConfig.
+    format_eval_prompts: int = 64  # held-out arithmetic prompts for the '#### <n>' format rate (0: skip)
+    # Older spellings of model.init_from / model.max_seq_len / model.rope_scaling, still read.
+    base_checkpoint: str = field(default="", metadata={"path": "dir?"})
     max_seq_len: Optional[int] = None
     rope_scaling: Optional[dict] = None
-    format_eval_prompts: int = 64  # held-out arithmetic prompts for the '#### <n>' format rate (0: skip)
 
     def __post_init__(self) -> None:
+        for old, new in (("base_checkpoint", "init_from"), ("max_seq_len", "max_seq_len"), ("rope_scaling", "rope_scaling")):
+            value = getattr(self, old)
+            if value in (None, ""):
+                continue
+            if getattr(self.model, new) not in (None, ""):
+                raise UserError(f"the recipe sets both {old} and model.{new}; keep model.{new} ({old} is its older name).")
+            setattr(self.model, new, value)
+        if not self.model.init_from:
+            raise UserError("the recipe needs model.init_from: the checkpoint or HuggingFace model directory to "
+                            "finetune (e.g. runs/pretrain/final).")
+        self.base_checkpoint = self.model.init_from  # one value, whichever spelling the recipe used
         if self.qlora is not None and self.lora is None:
             raise UserError("the recipe has a qlora section but no lora section; QLoRA trains LoRA adapters "
                             "over a 4-bit base, so add lora: {r: 16, alpha: 32, targets: all-linear}.")
         if self.qlora is not None and self.train.distributed == "fsdp":
             raise UserError("QLoRA with train.distributed=fsdp: FSDP2 cannot shard bitsandbytes' packed 4-bit weights; "
                             "use train.distributed=ddp (each GPU holds the small NF4 base) or LoRA with fsdp.")
-        if self.max_seq_len is not None and self.max_seq_len <= 0:
-            raise UserError(f"max_seq_len must be positive, got {self.max_seq_len}.")
+        if self.model.max_seq_len is not None and self.model.max_seq_len <= 0:
+            raise UserError(f"model.max_seq_len must be positive, got {self.model.max_seq_len}.")
 
     @property
     def mode(self) -> str:

@@ -47,9 +47,9 @@ def build_sft_model(recipe: SFTRecipe, device: torch.device) -> tuple[nn.Module,
     """
     from utils.flops import flops_per_token
 
-    base_cfg = read_config(recipe.base_checkpoint)
-    cfg = long_context_config(base_cfg, recipe.train.seq_len, recipe.max_seq_len, recipe.rope_scaling)
-    model = load_model(recipe.base_checkpoint, config=cfg, device=device, train=True, expect="lm")
+    base_cfg = read_config(recipe.model.init_from)
+    cfg = long_context_config(base_cfg, recipe.train.seq_len, recipe.model.max_seq_len, recipe.model.rope_scaling)
+    model = load_model(recipe.model.init_from, config=cfg, device=device, train=True, expect="lm")
     info: dict[str, Any] = {"flops_per_token": flops_per_token(model, recipe.train.seq_len), "mode": recipe.mode}
     if recipe.qlora is not None:
         from model.quant import base_bytes_per_param, quantize_for_qlora
@@ -124,7 +124,7 @@ def prepare_data(recipe: SFTRecipe, env) -> None:
     d = recipe.data
     if not d.train_path:
         return
-    tok = load_tokenizer(recipe.base_checkpoint, d.tokenizer or None)
+    tok = load_tokenizer(recipe.model.init_from, d.tokenizer or None)
     build = lambda: build_sft_cache(d.train_path, d.val_path, tok, fmt=d.format, fields=d.fields,  # noqa: E731
                                     on_bad_row=d.on_bad_row, cache_root=d.cache_dir)
     if env.is_main:
@@ -145,7 +145,7 @@ def tokenizer_path(recipe: SFTRecipe, required: bool = True) -> Optional[str]:
     """The recipe's data.tokenizer, else the base checkpoint's (model/load.py's one rule)."""
     from model.load import tokenizer_path as checkpoint_tokenizer
 
-    path = checkpoint_tokenizer(recipe.base_checkpoint, recipe.data.tokenizer or None, required=required)
+    path = checkpoint_tokenizer(recipe.model.init_from, recipe.data.tokenizer or None, required=required)
     return None if path is None else str(path)
 
 
@@ -189,7 +189,7 @@ def run_sft(recipe: SFTRecipe, mode: str, batches: Optional[Iterator] = None, ev
     model, info = build_sft_model(recipe, device)
     if env.is_main:
         extra = f" | NF4 base {info['base_bytes_per_param']:.3f} bytes/param" if "base_bytes_per_param" in info else ""
-        print(f"sft[{mode}]: base {recipe.base_checkpoint} | context {model.cfg.max_seq_len} | "
+        print(f"sft[{mode}]: base {recipe.model.init_from} | context {model.cfg.max_seq_len} | "
               f"trainable {info['trainable']:,} of {info['total']:,} params{extra}")
     if batches is None:
         prepare_data(recipe, env)
@@ -197,7 +197,7 @@ def run_sft(recipe: SFTRecipe, mode: str, batches: Optional[Iterator] = None, ev
         if env.is_main:
             report_long_examples(batches, recipe)
         eval_fn = eval_fn or make_eval_fn(recipe, model.cfg.vocab_size)
-    meta = {"stage": f"sft_{mode}", "base_checkpoint": str(recipe.base_checkpoint)}
+    meta = {"stage": f"sft_{mode}", "base_checkpoint": str(recipe.model.init_from)}
     weights_fn = None
     if recipe.lora is not None:
         weights_fn = live_adapter_weights(recipe.lora.modules_to_save)
@@ -215,10 +215,10 @@ def format_report(recipe: SFTRecipe, finetuned_path: str | os.PathLike, device: 
 
     if recipe.format_eval_prompts <= 0 or tokenizer_path(recipe, required=False) is None:
         return None
-    tokenizer = load_tokenizer(recipe.base_checkpoint, recipe.data.tokenizer or None)
+    tokenizer = load_tokenizer(recipe.model.init_from, recipe.data.tokenizer or None)
     problems = heldout_problems(recipe.format_eval_prompts)
     return {name: format_rate(load_model(path, device=device), tokenizer, problems)
-            for name, path in (("base", recipe.base_checkpoint), ("sft", finetuned_path))}
+            for name, path in (("base", recipe.model.init_from), ("sft", finetuned_path))}
 
 
 def run_sft_and_report(recipe: SFTRecipe, mode: str) -> None:
