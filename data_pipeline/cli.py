@@ -26,3 +26,16 @@ def add_source_args(p: argparse.ArgumentParser) -> None:
 def add_workers_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num_workers", type=int, default=None,
                    help="encoding processes (default: number of CPUs, at most 8)")
+
+
+def add_tokenizer_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json (or a model directory holding one) to encode with; default: "
+                        "<data_dir>/tokenizer/tokenizer.json. An imported model's own tokenizer works too.")
+
+
+def open_tokenizer(args: argparse.Namespace, default_path):
+    """The tokenizer a data script encodes with: --tokenizer, else the data folder's own."""
+    from data_pipeline.tokenizer.tokenizer import load_tokenizer
+
+    return load_tokenizer(args.tokenizer or default_path)

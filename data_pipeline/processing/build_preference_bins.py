@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from data_pipeline.cli import add_workers_arg, base_parser
+from data_pipeline.cli import add_tokenizer_arg, add_workers_arg, base_parser, open_tokenizer
 from data_pipeline.paths import DataPaths
 from data_pipeline.processing.binfile import token_dtype
 from data_pipeline.processing.chat_bins import SplitArrays, build_chat_bins
@@ -72,9 +72,10 @@ def layout_pairs(good: list) -> SplitArrays:
 def main() -> None:
     p = base_parser(__doc__.splitlines()[0])
     add_workers_arg(p)
+    add_tokenizer_arg(p)
     args = p.parse_args()
     paths = DataPaths.of(args.data_dir)
-    tok = Tokenizer.from_file(paths.tokenizer_json)
+    tok = open_tokenizer(args, paths.tokenizer_json)
     dtype = token_dtype(tok.vocab_size)
     t0 = time.time()
     meta = {"format": "preference", "dtype": dtype.name, "vocab_size": tok.vocab_size, "pad_id": tok.pad_id,

@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from utils.fs import atomic_dir
-from data_pipeline.cli import base_parser
+from data_pipeline.cli import add_tokenizer_arg, base_parser, open_tokenizer
 from data_pipeline.paths import DataPaths
 from data_pipeline.processing.binfile import (
     check_tokenizer_hash,
@@ -28,7 +28,6 @@ from data_pipeline.processing.binfile import (
     write_arrays,
     write_meta,
 )
-from data_pipeline.tokenizer.tokenizer import Tokenizer
 from utils.cli import main_guard
 from utils.errors import UserError
 
@@ -46,9 +45,10 @@ def packed_docs(tokens: np.ndarray, offsets: np.ndarray, order: np.ndarray, eos:
 def main() -> None:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--max_train_tokens", type=int, default=None, help="cap the train bin (whole docs)")
+    add_tokenizer_arg(p)
     args = p.parse_args()
     paths = DataPaths.of(args.data_dir)
-    tok = Tokenizer.from_file(paths.tokenizer_json)
+    tok = open_tokenizer(args, paths.tokenizer_json)
     src = read_meta(paths.tokens_stories, ENCODE_HINT)
     check_tokenizer_hash(src, tok.hash, str(paths.tokens_stories), ENCODE_HINT)
 

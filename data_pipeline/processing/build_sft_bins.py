@@ -19,19 +19,19 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # repo roo
 import time
 
 
-from data_pipeline.cli import add_workers_arg, base_parser
+from data_pipeline.cli import add_tokenizer_arg, add_workers_arg, base_parser, open_tokenizer
 from data_pipeline.paths import DataPaths
 from data_pipeline.processing.chat_bins import build_chat_bins, layout_examples, render_sft_chunk, sft_meta
-from data_pipeline.tokenizer.tokenizer import Tokenizer
 from utils.cli import main_guard
 
 
 def main() -> None:
     p = base_parser(__doc__.splitlines()[0])
     add_workers_arg(p)
+    add_tokenizer_arg(p)
     args = p.parse_args()
     paths = DataPaths.of(args.data_dir)
-    tok = Tokenizer.from_file(paths.tokenizer_json)
+    tok = open_tokenizer(args, paths.tokenizer_json)
     t0 = time.time()
     meta = sft_meta(tok)
     build_chat_bins(paths.bins_sft, paths.sft_raw, tok, args.num_workers, meta, render_chunk=render_sft_chunk,

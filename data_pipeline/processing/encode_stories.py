@@ -21,7 +21,7 @@ from collections import Counter
 import numpy as np
 
 from utils.fs import atomic_dir
-from data_pipeline.cli import add_workers_arg, base_parser
+from data_pipeline.cli import add_tokenizer_arg, add_workers_arg, base_parser, open_tokenizer
 from data_pipeline.jsonl import iter_jsonl
 from data_pipeline.paths import DataPaths
 from data_pipeline.processing.binfile import token_dtype, write_arrays, write_meta
@@ -67,9 +67,10 @@ def main() -> None:
     p.add_argument("--dedup", action="store_true", help="drop near-duplicate stories (MinHash/LSH)")
     p.add_argument("--dedup_threshold", type=float, default=0.8, help="Jaccard of word 5-grams")
     p.add_argument("--scrub_pii", action="store_true", help="replace emails/phones/IPs/cards by tags")
+    add_tokenizer_arg(p)
     args = p.parse_args()
     paths = DataPaths.of(args.data_dir)
-    tok = Tokenizer.from_file(paths.tokenizer_json)
+    tok = open_tokenizer(args, paths.tokenizer_json)
 
     texts = {split: read_stories(paths.stories(split)) for split in ("train", "val")}
     if not texts["train"]:

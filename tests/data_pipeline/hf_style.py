@@ -19,10 +19,15 @@ CORPUS = [
     "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
 ] * 30
 
+# Qwen2's pre-tokenizer: digits one by one, letters with one leading non-letter, newline runs apart.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
 STYLES: dict[str, dict] = {
     "llama3": {
         "specials": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
         "bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "end": "<|eot_id|>",
+        "tokenizer_class": "PreTrainedTokenizerFast",
         "template": (
             "{{ bos_token }}{% for m in messages %}"
             "<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
@@ -33,6 +38,7 @@ STYLES: dict[str, dict] = {
     "chatml": {
         "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         "bos": None, "eos": "<|im_end|>", "end": "<|im_end|>",
+        "tokenizer_class": "Qwen2Tokenizer", "split": QWEN2_SPLIT,
         "template": (
             "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
             "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
@@ -93,15 +99,21 @@ def untagged(template: str) -> str:
 
 
 def save_hf_tokenizer(directory: Path, style: str, template: str | None = None, vocab_size: int = 400):
-    """Train a byte-level BPE with the style's special tokens and save it with transformers'
-    ``save_pretrained`` (tokenizer.json, tokenizer_config.json, chat template). Returns the
-    transformers tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """Train a byte-level BPE with the style's special tokens (and pre-tokenizer) and save it with
+    transformers' ``save_pretrained`` (tokenizer.json, tokenizer_config.json naming the family's
+    tokenizer class as published files do, chat template). Returns the transformers tokenizer."""
+    import json
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     spec = STYLES[style]
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if "split" in spec:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(spec["split"]), behavior="isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=spec["specials"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -109,4 +121,9 @@ def save_hf_tokenizer(directory: Path, style: str, template: str | None = None, 
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=spec["bos"], eos_token=spec["eos"])
     hf.chat_template = spec["template"] if template is None else template
     hf.save_pretrained(str(directory))
+    if "tokenizer_class" in spec:
+        config_file = Path(directory) / "tokenizer_config.json"
+        config = json.loads(config_file.read_text())
+        config["tokenizer_class"] = spec["tokenizer_class"]
+        config_file.write_text(json.dumps(config, indent=2))
     return hf
