@@ -102,3 +102,29 @@ def test_import_finetune_align_export_serve(tmp_path, style):
                                                extra_body={"ignore_eos": True})
     assert reply.usage.prompt_tokens == len(prompt)
     assert reply.choices[0].message.content == hf_tok.decode(theirs, skip_special_tokens=True)
+
+
+def test_byo_recipes_validate(tmp_path):
+    """Every recipe under configs/examples/byo loads with its entry point's recipe type."""
+    from align.recipe import OfflineRecipe, OnlineRecipe
+    from finetune.recipe import SFTRecipe
+    from pretrain.recipe import PretrainRecipe
+    from utils.checkpoint import save_checkpoint
+    from utils.config import load_config
+    from model import ModelConfig, Transformer
+
+    ckpt = save_checkpoint(tmp_path / "m", Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=64)))
+    data = tmp_path / "d.jsonl"
+    data.write_text("{}\n")
+    (tmp_path / "train.bin").write_bytes(b"")
+    cases = {
+        "0_continued_pretrain": (PretrainRecipe, [f"init_from={ckpt}", f"data.train_bin={tmp_path}/train.bin", "data.val_bin=",
+                                                   "data.tokenizer=", "train.seq_len=64"]),
+        "1_sft_qlora": (SFTRecipe, [f"model.init_from={ckpt}", f"data.train_path={data}"]),
+        "2_dpo": (OfflineRecipe, [f"model.init_from={ckpt}", f"data.train_path={data}", f"data.val_path={data}"]),
+        "3_rlhf_grpo": (OnlineRecipe, [f"model.init_from={ckpt}", f"rollout.train_prompts={data}", f"rollout.test_prompts={data}"]),
+    }
+    assert sorted(p.stem for p in (REPO / "configs/examples/byo").glob("*.yaml")) == sorted(cases)
+    for name, (kind, overrides) in cases.items():
+        recipe = load_config(kind, REPO / f"configs/examples/byo/{name}.yaml", overrides)
+        assert str(ckpt) in (getattr(recipe, "init_from", "") or recipe.model.init_from)
