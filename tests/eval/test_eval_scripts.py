@@ -335,6 +335,31 @@ def test_humaneval_samples_n_per_task_through_the_engine(synthetic, tmp_path, mo
         humaneval.main(["--checkpoint", str(synthetic["ckpt"]), "n_samples=3", "progress=false"])
 
 
+def test_gsm8k_real_test_jsonl_by_data_path_alone(synthetic, tmp_path):
+    from tests.eval.real_files import GSM8K_TEST, write_gsm8k_test_jsonl
+
+    path = write_gsm8k_test_jsonl(tmp_path / "test.jsonl")
+    s = gsm8k.run(parse_eval_args("gsm8k", "", ["--checkpoint", str(synthetic["ckpt"]), "--data_path", str(path),
+                                                "n_shot=0", "--out_dir", str(tmp_path / "out")]),
+                  generate=lambda prompts: [{"text": p["answer"]} for p in GSM8K_TEST])
+    assert s["source"] == "local" and s["n"] == len(GSM8K_TEST) and s["accuracy"] == 1.0
+    # integer answers are the gold number: scored, not a traceback
+    write_gsm8k_test_jsonl(path, [{"question": r["question"], "answer": int(r["answer"].split("#### ")[1])}
+                                  for r in GSM8K_TEST])
+    s = gsm8k.run(recipe(synthetic, tmp_path, source="local", data_path=str(path), n_shot=0),
+                  generate=lambda prompts: [{"text": "so #### 18"}, {"text": "#### 4"}])
+    assert s["n_correct"] == 1 and s["n"] == 2
+
+
+def test_a_data_path_is_never_ignored(synthetic, tmp_path):
+    assert EvalRecipe().source == "synthetic" and EvalRecipe(data_path="x.jsonl").source == "local"
+    for source in ("synthetic", "hf"):
+        with pytest.raises(UserError, match=f"data_path.*source {source}.*source local"):
+            parse_eval_args("gsm8k", "", ["--checkpoint", "x", "--source", source, "--data_path", "x.jsonl"])
+    with pytest.raises(UserError, match="data_path.*text_path"):
+        perplexity.main(["--checkpoint", str(synthetic["ckpt"]), "--data_path", "held_out.jsonl", "progress=false"])
+
+
 # ----------------------------------------------------------------------------- command line, loading
 
 def test_flags_and_overrides_are_the_same_keys(world, tmp_path):
