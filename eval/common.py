@@ -46,8 +46,9 @@ class EvalRecipe:
     checkpoint: str = ""  # model checkpoint dir, or a LoRA adapter dir (merged onto its base)
     base_checkpoint: Optional[str] = None  # an adapter's base when its meta.json's record is wrong here
     tokenizer: Optional[str] = None  # default: tokenizer.json in the checkpoint (or its adapter base)
-    source: Literal["hf", "local", "synthetic"] = "synthetic"
-    data_path: Optional[str] = None  # with source=local: your copy of the set, original format
+    # where the eval set comes from; unset: local when data_path is given, else synthetic
+    source: Optional[Literal["hf", "local", "synthetic"]] = None
+    data_path: Optional[str] = None  # your copy of the set in its original layout (source local)
     limit: Optional[int] = None  # first N examples (MMLU: per subject; perplexity: documents)
     n_shot: Optional[int] = None
     shots_path: Optional[str] = None  # GSM8K few-shot problems (jsonl question/answer); default per source
@@ -76,6 +77,11 @@ class EvalRecipe:
     n_workers: int = 2
 
     def __post_init__(self) -> None:
+        if self.source is None:
+            self.source = "local" if self.data_path else "synthetic"
+        elif self.data_path and self.source != "local":
+            raise UserError(f"data_path {self.data_path} with source {self.source}: a data path is read only with "
+                            f"source local; drop the source (a data path alone means local) or set source local")
         for name in ("limit", "n_shot", "window", "stride"):
             value = getattr(self, name)
             if value is not None and value < (0 if name == "n_shot" else 1):

@@ -3,41 +3,34 @@
 - ``hf``: the real sets through HF ``datasets`` (streaming, so ``limit`` reads little):
   GSM8K "openai/gsm8k" (main, test), MMLU "cais/mmlu" (all, dev + test),
   HumanEval "openai/openai_humaneval" (test).
-- ``local``: copies in their original formats under ``data_path``:
-  GSM8K a .jsonl/.parquet file (or a dir holding test.jsonl) with question/answer;
-  MMLU a dir of headerless per-subject CSVs ``{subject}_dev.csv``/``{subject}_test.csv``
-  (the original tarball, subdirs allowed) or dev*/test* .jsonl/.parquet files with
-  subject/question/choices/answer (the HF layout); HumanEval a .jsonl(.gz)/.parquet file.
+- ``local``: your copy under ``data_path``, in the layout its publisher ships (the original
+  GSM8K test.jsonl, MMLU's data/ folder of per-subject CSVs or a cais/mmlu snapshot,
+  HumanEval.jsonl.gz, HF snapshots); read and checked by data_pipeline/download/eval_files.py,
+  which download_prompts.py --eval_local_dir shares. A data_path with another source is an error.
 - ``synthetic``: the project's embedded sets, written by
   ``data_pipeline/download/download_prompts.py`` under ``data/eval/``.
 
-Every loader returns plain lists of dicts in the HF record layout:
-GSM8K {"question", "answer"}; MMLU {"subject", "question", "choices": [4 str],
+Every loader returns plain lists of dicts in the HF record layout, checked whatever the source:
+GSM8K {"question", "answer" ending "#### N"}; MMLU {"subject", "question", "choices": [4 str],
 "answer": int 0-3}; HumanEval {"task_id", "prompt", "canonical_solution", "test", "entry_point"}.
 """
 from __future__ import annotations
 
-import csv
-import gzip
 import itertools
-import json
 import os
 import socket
 import urllib.parse
 from pathlib import Path
 from typing import Iterable, Optional
 
+from data_pipeline.download.eval_files import (MMLU_FIELDS, gsm8k_problems, humaneval_tasks, mmlu_question,
+                                               read_gsm8k, read_humaneval, read_mmlu, read_records, require_fields)
 from utils.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SYNTHETIC_DIR = REPO_ROOT / "data" / "eval"
 SOURCES = ("hf", "local", "synthetic")
-LETTERS = "ABCD"
 DOWNLOAD_CMD = "python data_pipeline/download/download_prompts.py"
-
-GSM8K_FIELDS = ("question", "answer")
-MMLU_FIELDS = ("subject", "question", "choices", "answer")
-HUMANEVAL_FIELDS = ("task_id", "prompt", "test", "entry_point")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -50,34 +43,9 @@ def _check_source(source: str, data_path: Optional[str]) -> None:
             raise UserError("--source local needs --data_path pointing at your copy of the eval set")
         if not Path(data_path).exists():
             raise UserError(f"--data_path {data_path} does not exist; point it at your copy of the eval set")
-
-
-def _read_records(path: Path) -> list[dict]:
-    """Rows of a .jsonl / .jsonl.gz / .json (list) / .parquet file as dicts."""
-    name = path.name.lower()
-    try:
-        if name.endswith(".parquet"):
-            import pyarrow.parquet as pq
-            return pq.read_table(path).to_pylist()
-        opener = gzip.open if name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            if name.endswith(".json"):
-                data = json.load(f)
-                return data if isinstance(data, list) else [data]
-            return [json.loads(line) for line in f if line.strip()]
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
-        raise UserError(f"cannot read {path}: {err}; expected JSON lines (one object per line) "
-                        "or parquet") from err
-    except Exception as err:  # pyarrow's own errors: not an importable common base
-        raise UserError(f"cannot read {path}: {type(err).__name__}: {err}") from err
-
-
-def _require_fields(records: list[dict], fields: Iterable[str], where: str) -> None:
-    for i, r in enumerate(records):
-        missing = [f for f in fields if f not in r]
-        if missing:
-            raise UserError(f"{where}: record {i} lacks field(s) {missing}; "
-                            f"it has {sorted(r)} (expected {list(fields)})")
+    elif data_path:
+        raise UserError(f"--data_path {data_path} with --source {source}: a data path is read only with "
+                        "--source local; drop --source (a data path alone means local) or set it to local")
 
 
 def _take(records: Iterable[dict], limit: Optional[int]) -> list[dict]:
@@ -139,71 +107,14 @@ def load_gsm8k(source: str, data_path: Optional[str] = None, limit: Optional[int
     """
     _check_source(source, data_path)
     if source == "hf":
-        return _take(_hf_stream("openai/gsm8k", "main", "test"), limit)
+        return gsm8k_problems(_take(_hf_stream("openai/gsm8k", "main", "test"), limit), "openai/gsm8k")
     if source == "local":
-        path = Path(data_path)
-        if path.is_dir():
-            path = path / "test.jsonl"
-            if not path.exists():
-                raise UserError(f"--data_path {data_path} is a directory without test.jsonl; "
-                                "point it at the GSM8K test .jsonl or .parquet file")
-    else:
-        path = _synthetic_path("gsm8k_test.jsonl")
-    records = _read_records(path)
-    _require_fields(records, GSM8K_FIELDS, str(path))
-    return _take(records, limit)
+        return _take(read_gsm8k(data_path), limit)
+    path = _synthetic_path("gsm8k_test.jsonl")
+    return _take(gsm8k_problems(read_records(path), str(path)), limit)
 
 
 # ----------------------------------------------------------------------------- MMLU
-
-def _normalise_mmlu(r: dict, where: str) -> dict:
-    """HF layout with answer as int 0-3 (accepts a letter too); 4 choices."""
-    choices = list(r["choices"])
-    answer = r["answer"]
-    if isinstance(answer, str):
-        answer = LETTERS.index(answer.strip().upper()) if answer.strip().upper() in LETTERS else answer
-    if len(choices) != 4 or not isinstance(answer, int) or not 0 <= answer <= 3:
-        raise UserError(f"{where}: MMLU record {r.get('question', '')[:60]!r} needs 4 choices and "
-                        f"an answer 0-3 or A-D; got {len(choices)} choices, answer {r['answer']!r}")
-    return {"subject": r["subject"], "question": r["question"], "choices": choices, "answer": answer}
-
-
-def _read_mmlu_csv(path: Path, subject: str) -> list[dict]:
-    """Original Hendrycks CSV: no header; question, A, B, C, D, answer letter."""
-    out = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for line_no, row in enumerate(csv.reader(f), start=1):
-            if len(row) != 6:
-                raise UserError(f"{path}:{line_no}: expected 6 columns (question,A,B,C,D,answer), "
-                                f"got {len(row)}")
-            out.append(_normalise_mmlu({"subject": subject, "question": row[0],
-                                        "choices": row[1:5], "answer": row[5]}, f"{path}:{line_no}"))
-    return out
-
-
-def _load_mmlu_dir(root: Path) -> tuple[list[dict], list[dict]]:
-    """dev and test records from a local MMLU copy (CSV per subject, or dev*/test* files)."""
-    splits: dict[str, list[dict]] = {"dev": [], "test": []}
-    csvs = sorted(root.rglob("*.csv"))
-    if csvs:
-        for path in csvs:
-            stem = path.stem
-            for split in splits:
-                if stem.endswith("_" + split):
-                    splits[split] += _read_mmlu_csv(path, stem[: -len(split) - 1])
-    else:
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
-            split = next((s for s in splits if path.name.startswith(s)), None)
-            if split and path.name.endswith((".jsonl", ".jsonl.gz", ".json", ".parquet")):
-                records = _read_records(path)
-                _require_fields(records, MMLU_FIELDS, str(path))
-                splits[split] += [_normalise_mmlu(r, str(path)) for r in records]
-    if not splits["dev"] or not splits["test"]:
-        raise UserError(f"--data_path {root}: found {len(splits['dev'])} dev and {len(splits['test'])} "
-                        "test MMLU questions; expected {subject}_dev.csv / {subject}_test.csv files "
-                        "(original format) or dev*/test* .jsonl/.parquet files (HF layout)")
-    return splits["dev"], splits["test"]
-
 
 def _limit_per_subject(records: list[dict], limit: Optional[int]) -> list[dict]:
     if limit is None:
@@ -226,21 +137,17 @@ def load_mmlu(source: str, data_path: Optional[str] = None,
     """
     _check_source(source, data_path)
     if source == "hf":
-        dev = [_normalise_mmlu(r, "cais/mmlu") for r in _hf_stream("cais/mmlu", "all", "dev")]
-        test = [_normalise_mmlu(r, "cais/mmlu") for r in _hf_stream("cais/mmlu", "all", "test")]
+        dev = [mmlu_question(r, "cais/mmlu") for r in _hf_stream("cais/mmlu", "all", "dev")]
+        test = [mmlu_question(r, "cais/mmlu") for r in _hf_stream("cais/mmlu", "all", "test")]
     elif source == "local":
-        root = Path(data_path)
-        if not root.is_dir():
-            raise UserError(f"--data_path {data_path} must be a directory for MMLU "
-                            "(per-subject CSVs, or dev/test .jsonl/.parquet files)")
-        dev, test = _load_mmlu_dir(root)
+        dev, test = read_mmlu(data_path)
     else:
         dev, test = [], []
         for split, out in (("dev", dev), ("test", test)):
             path = _synthetic_path("mmlu", f"{split}.jsonl")
-            records = _read_records(path)
-            _require_fields(records, MMLU_FIELDS, str(path))
-            out += [_normalise_mmlu(r, str(path)) for r in records]
+            records = read_records(path)
+            require_fields(records, MMLU_FIELDS, str(path))
+            out += [mmlu_question(r, str(path)) for r in records]
     return dev, _limit_per_subject(test, limit)
 
 
@@ -253,10 +160,9 @@ def load_humaneval(source: str, data_path: Optional[str] = None, limit: Optional
     """
     _check_source(source, data_path)
     if source == "hf":
-        return _take(_hf_stream("openai/openai_humaneval", None, "test"), limit)
-    path = Path(data_path) if source == "local" else _synthetic_path("humaneval.jsonl")
-    if path.is_dir():
-        raise UserError(f"--data_path {data_path} is a directory; point it at HumanEval.jsonl(.gz)")
-    records = _read_records(path)
-    _require_fields(records, HUMANEVAL_FIELDS, str(path))
-    return _take(records, limit)
+        return humaneval_tasks(_take(_hf_stream("openai/openai_humaneval", None, "test"), limit),
+                               "openai/openai_humaneval")
+    if source == "local":
+        return _take(read_humaneval(data_path), limit)
+    path = _synthetic_path("humaneval.jsonl")
+    return _take(humaneval_tasks(read_records(path), str(path)), limit)

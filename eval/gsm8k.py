@@ -22,8 +22,9 @@ import time
 from typing import Callable, Optional, Sequence
 
 from data_pipeline.answer import ends_with_answer_line, extract_gsm8k_answer, extract_hash_answer
+from data_pipeline.download.eval_files import gsm8k_problems, read_records
 from eval.common import REPO_ROOT, EvalRecipe, load_tokenizer, out_dir, parse_eval_args, summary_header
-from eval.data import DOWNLOAD_CMD, GSM8K_FIELDS, _hf_stream, _read_records, _require_fields, load_gsm8k
+from eval.data import DOWNLOAD_CMD, _hf_stream, load_gsm8k
 from eval.report import write_results
 from utils.cli import main_guard
 from utils.errors import UserError
@@ -45,7 +46,7 @@ def load_shots(recipe: EvalRecipe, n: int) -> list[dict]:
         path = pathlib.Path(recipe.shots_path)
         if not path.is_file():
             raise UserError(f"shots_path {path} does not exist; point it at a .jsonl of question/answer problems")
-        rows = _read_records(path)
+        rows = read_records(path)
     elif recipe.source == "hf":
         rows = [r for _, r in zip(range(n), _hf_stream("openai/gsm8k", "main", "train"))]
         path = "openai/gsm8k (train)"
@@ -53,14 +54,13 @@ def load_shots(recipe: EvalRecipe, n: int) -> list[dict]:
         if not SYNTHETIC_SHOTS.is_file():
             raise UserError(f"the few-shot problems {SYNTHETIC_SHOTS} are missing; create them with "
                             f"`{DOWNLOAD_CMD}`, or run with n_shot=0")
-        path, rows = SYNTHETIC_SHOTS, _read_records(SYNTHETIC_SHOTS)
+        path, rows = SYNTHETIC_SHOTS, read_records(SYNTHETIC_SHOTS)
     else:
         raise UserError(f"n_shot={n} with --source local needs shots_path=<train .jsonl with question/answer> "
                         "(few-shot examples must not come from the test set), or n_shot=0")
-    _require_fields(rows, GSM8K_FIELDS, str(path))
     if len(rows) < n:
         raise UserError(f"n_shot={n} but {path} holds only {len(rows)} problems; lower n_shot")
-    return [{"question": r["question"], "answer": r["answer"]} for r in rows[:n]]
+    return gsm8k_problems(rows[:n], str(path))  # each shot shows the "#### N" answer line
 
 
 def chat_messages(shots: Sequence[dict], question: str) -> list[dict]:

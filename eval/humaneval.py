@@ -9,7 +9,9 @@ the model continues it. Generation stops at the Codex stop sequences (a new top-
 in a sandboxed subprocess (eval/humaneval_exec.py: time and memory limits, no network, no
 process spawning); pass@k is the unbiased estimator over the n samples per task, for each
 k <= n in k_list. temperature 0 with n_samples 1 is greedy pass@1; the Codex paper samples
-n=200 at T=0.8 for pass@100. Writes out/eval/humaneval/humaneval_summary.json and
+n=200 at T=0.8 for pass@100. A task whose prompt does not fit the context is not generated: it
+counts as failed, and the summary says how many ("errors"; outcome "not generated", with the
+engine's reason in its records). Writes out/eval/humaneval/humaneval_summary.json and
 humaneval_records.jsonl (one line per completion).
 """
 import sys
@@ -30,8 +32,9 @@ from utils.errors import UserError
 NAME = "humaneval"
 STOP_SEQUENCES = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]  # Chen et al. (2021), section 2.3
 
-# prompts (token ids), n -> n completion texts per prompt; the engine in real runs, a stub in tests
-Generate = Callable[[list[list[int]], int], list[list[str]]]
+# prompts (token ids), n -> n samples per prompt, each {"text"} or, when the engine could not run the
+# prompt (longer than the context), {"text": "", "error": why}; the engine in real runs, a stub in tests
+Generate = Callable[[list[list[int]], int], list[list[dict]]]
 
 
 def truncate_at_stops(completion: str, stops: Sequence[str] = STOP_SEQUENCES) -> str:
@@ -53,14 +56,14 @@ def engine_generate(recipe: EvalRecipe, tok) -> Generate:
     engine = make_engine(load_model(recipe), tok, recipe)
     ctx = engine.max_model_len
 
-    def generate(prompts: list[list[int]], n: int) -> list[list[str]]:
+    def generate(prompts: list[list[int]], n: int) -> list[list[dict]]:
         params = [SamplingParams(max_tokens=max(1, min(recipe.max_new_tokens, ctx - len(p))), n=n,
                                  temperature=recipe.temperature, top_p=recipe.top_p,
                                  seed=recipe.seed + i if recipe.temperature > 0 else None,
                                  stop=list(STOP_SEQUENCES)) for i, p in enumerate(prompts)]
         completions = engine.generate(prompts, params, use_tqdm=recipe.progress)
-        # an error (a prompt longer than the context) comes back as an empty, failing completion
-        return [[o.text or "" for o in c.outputs] for c in completions]
+        return [[{"text": o.text or "", **({"error": o.error} if o.error else {})} for o in c.outputs]
+                for c in completions]
 
     return generate
 
@@ -81,14 +84,25 @@ def run(recipe: EvalRecipe, generate: Optional[Generate] = None) -> dict:
     t_gen = time.time()
     raw = generate([encode_prompt(tok, p["prompt"]) for p in problems], recipe.n_samples)
     gen_seconds = time.time() - t_gen
-    completions = {p["task_id"]: [truncate_at_stops(c) for c in outs] for p, outs in zip(problems, raw, strict=True)}
+    # a sample the engine could not generate (None) fails without running, and is counted
+    completions = {p["task_id"]: [None if o.get("error") else truncate_at_stops(o["text"]) for o in outs]
+                   for p, outs in zip(problems, raw, strict=True)}
+    errors = {p["task_id"]: outs[0]["error"] for p, outs in zip(problems, raw) if outs[0].get("error")}
     metrics, records = evaluate_completions(problems, completions, k_list=recipe.k_list, n_workers=recipe.n_workers,
                                             timeout_s=recipe.timeout_s, memory_mb=recipe.memory_mb,
                                             progress=recipe.progress)
+    for r in records:
+        if r["result"] == "not generated":
+            r["error"] = errors[r["task_id"]]
     skipped = [k for k in recipe.k_list if f"pass@{k}" not in metrics]
     summary = {**summary_header(NAME, recipe, started), **metrics, "n_samples_per_task": recipe.n_samples,
-               "temperature": recipe.temperature, "k_skipped": skipped, "generation_seconds": round(gen_seconds, 2)}
+               "temperature": recipe.temperature, "k_skipped": skipped, "errors": len(errors),
+               "generation_seconds": round(gen_seconds, 2)}
     summary_path, _ = write_results(out_dir(recipe, NAME), NAME, summary, records)
+    if errors:
+        first = next(iter(errors.items()))
+        print(f"humaneval: {len(errors)} of {len(problems)} tasks were not generated and count as failed "
+              f"(e.g. {first[0]}: {first[1]})")
     passes = ", ".join(f"{k} {v:.1%}" for k, v in metrics.items() if k.startswith("pass@"))
     print(f"humaneval: {passes} on {metrics['n_problems']} tasks x {recipe.n_samples} samples "
           f"(T={recipe.temperature}), outcomes {metrics['outcomes']}, source {recipe.source} -> {summary_path}")

@@ -211,7 +211,8 @@ def evaluate_completions(problems: Sequence[dict], completions_per_task: dict[st
 
     Args:
         problems: HumanEval records (each with "task_id"); every one is evaluated.
-        completions_per_task: task_id -> list of n completions (n >= 1, may differ per task).
+        completions_per_task: task_id -> list of n completions (n >= 1, may differ per task); None for
+            one that was not generated (its prompt did not fit the context): it fails without running.
         k_list: the k values to report; k above the smallest n is skipped.
         n_workers: subprocesses run at once (threads only wait on them).
     Returns:
@@ -228,7 +229,10 @@ def evaluate_completions(problems: Sequence[dict], completions_per_task: dict[st
 
     def run(job):
         problem, i, completion = job
-        out = check_completion(problem, completion, timeout_s=timeout_s, memory_mb=memory_mb)
+        if completion is None:
+            out = {"passed": False, "result": "not generated"}
+        else:
+            out = check_completion(problem, completion, timeout_s=timeout_s, memory_mb=memory_mb)
         return {"task_id": problem["task_id"], "completion_id": i, "completion": completion, **out}
 
     with ThreadPoolExecutor(max_workers=max(1, n_workers)) as pool:
@@ -245,7 +249,7 @@ def evaluate_completions(problems: Sequence[dict], completions_per_task: dict[st
         c[r["task_id"]] += int(r["passed"])
     outcomes: dict[str, int] = {}
     for r in records:
-        kind = r["result"] if r["result"] in ("passed", "timed out") else "failed"
+        kind = r["result"] if r["result"] in ("passed", "timed out", "not generated") else "failed"
         outcomes[kind] = outcomes.get(kind, 0) + 1
     summary = {"n_problems": len(problems), "n_samples": len(records),
                **mean_pass_at_k(list(n.values()), list(c.values()), k_list), "outcomes": outcomes}

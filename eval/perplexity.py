@@ -127,6 +127,9 @@ def per_document(tok, tokens: np.ndarray, nll: np.ndarray) -> list[dict]:
 def run(recipe: EvalRecipe, model: Optional[torch.nn.Module] = None, tok=None) -> dict:
     """Evaluate; returns the summary (also written to out_dir). Tests may pass model and tok."""
     started = time.time()
+    if recipe.data_path:  # the eval sets' key: never silently score bin_path instead
+        raise UserError(f"perplexity reads text_path (.jsonl/.txt) or bin_path, not data_path; pass "
+                        f"--text_path {recipe.data_path}")
     if model is None or tok is None:
         model, tok = load_model_and_tokenizer(recipe)
     if recipe.text_path:

@@ -7,9 +7,12 @@
   data/eval/gsm8k_test.jsonl          hf: openai/gsm8k test
   data/eval/mmlu/{dev,test}.jsonl     hf: cais/mmlu (all)
   data/eval/humaneval.jsonl           hf: openai/openai_humaneval
-With --source local, eval sets are read from --eval_local_dir (same file names
-as under data/eval) when given, else synthetic. Synthetic eval and RL-test
-questions come from the "eval" hash bucket, which no training data uses.
+--eval_local_dir DIR (with any --source) takes the eval sets from your copies, in the
+layouts their publishers ship (see EVAL_NAMES): GSM8K's test.jsonl, MMLU's data/ folder
+or a cais/mmlu snapshot as mmlu/, HumanEval.jsonl.gz; or data/eval's own names. A set
+DIR lacks comes from the source (synthetic for --source local), and says so.
+Synthetic eval and RL-test questions come from the "eval" hash bucket, which no
+training data uses.
 """
 import pathlib
 import sys
@@ -20,7 +23,7 @@ import random
 from pathlib import Path
 
 from data_pipeline.cli import add_source_args, base_parser
-from data_pipeline.download import formats
+from data_pipeline.download import eval_files, formats
 from data_pipeline.download.sources import (
     hf_rows,
     read_local,
@@ -60,14 +63,31 @@ def synthetic_mmlu(seed: int, n_test: int, dev_per_subject: int) -> tuple[list[d
     return dev, test
 
 
-def local_eval(eval_dir: Path | None, name: str, fn) -> list[dict] | None:
-    """Rows of eval_dir/name converted with fn, or None when there is no such file."""
-    if eval_dir is None or not (eval_dir / name).exists():
-        return None
-    rows, skipped = formats.convert(read_local(eval_dir / name), fn)
-    if not rows:
-        raise UserError(f"{eval_dir / name}: no row has the expected format ({skipped} skipped)")
-    return rows
+# Where --eval_local_dir may hold each eval set: data/eval's names, the publishers' names,
+# or a folder (the eval readers find test.jsonl, HumanEval.jsonl.gz, HF snapshots inside).
+EVAL_NAMES = {
+    "gsm8k": ("gsm8k_test.jsonl", "test.jsonl", "gsm8k"),
+    "mmlu": ("mmlu", "data"),
+    "humaneval": ("humaneval.jsonl", "HumanEval.jsonl.gz", "HumanEval.jsonl", "humaneval"),
+}
+READERS = {"gsm8k": eval_files.read_gsm8k, "mmlu": eval_files.read_mmlu, "humaneval": eval_files.read_humaneval}
+
+
+def local_eval_sets(eval_dir: Path) -> dict:
+    """{name: rows} (mmlu: (dev, test)) of each eval set eval_dir holds under one of EVAL_NAMES,
+    read and checked as the eval scripts read --data_path; UserError when it holds none."""
+    if not eval_dir.is_dir():
+        raise UserError(f"--eval_local_dir {eval_dir} is not a folder")
+    found = {}
+    for name, candidates in EVAL_NAMES.items():
+        path = next((eval_dir / c for c in candidates if (eval_dir / c).exists()), None)
+        if path is not None:
+            found[name] = READERS[name](path)
+            print(f"eval set {name}: {path}")
+    if not found:
+        names = "; ".join(f"{name}: {', '.join(c)}" for name, c in EVAL_NAMES.items())
+        raise UserError(f"--eval_local_dir {eval_dir} holds no eval set under the names looked for ({names})")
+    return found
 
 
 def main() -> None:
@@ -79,7 +99,8 @@ def main() -> None:
     p.add_argument("--n_mmlu_test", type=int, default=200, help="(synthetic; cap for hf)")
     p.add_argument("--n_mmlu_dev_per_subject", type=int, default=5)
     p.add_argument("--n_humaneval", type=int, default=12, help="synthetic tasks (at most 12)")
-    p.add_argument("--eval_local_dir", default=None, help="folder with local eval files (with --source local)")
+    p.add_argument("--eval_local_dir", default=None,
+                   help="folder with your copies of the eval sets (test.jsonl, mmlu/ or data/, HumanEval.jsonl.gz)")
     args = p.parse_args()
     source = resolve_source(args.source, args.local_path)
     paths, seed = DataPaths.of(args.data_dir), args.seed
@@ -89,30 +110,38 @@ def main() -> None:
         dev, test = synthetic_mmlu(seed, args.n_mmlu_test, args.n_mmlu_dev_per_subject)
         return rl_train, rl_test, gsm8k, dev, test, humaneval_tasks(random.Random(f"{seed}-humaneval"), args.n_humaneval)
 
+    eval_dir = Path(args.eval_local_dir) if args.eval_local_dir else None
+    mine = local_eval_sets(eval_dir) if eval_dir else {}
     if source == "hf":
         gsm_train, _ = formats.convert(hf_rows("openai/gsm8k", "train", "main"), formats.to_gsm8k)
         cut = len(gsm_train) - args.n_rl_test  # the last rows are held out as the RL test set
         rl_train, rl_test = gsm_train[:cut][:args.n_rl_train], gsm_train[cut:]
-        gsm8k, _ = formats.convert(hf_rows("openai/gsm8k", "test", "main", limit=args.n_gsm8k_test), formats.to_gsm8k)
-        dev, _ = formats.convert(hf_rows("cais/mmlu", "dev", "all"), formats.to_mmlu)
-        test, _ = formats.convert(hf_rows("cais/mmlu", "test", "all", limit=args.n_mmlu_test), formats.to_mmlu)
-        he, _ = formats.convert(hf_rows("openai/openai_humaneval", "test"), formats.to_humaneval)
-    elif source == "local":
-        rows, skipped = formats.convert(read_local(args.local_path), formats.to_gsm8k)
-        if not rows:
-            raise UserError(f"{args.local_path}: no row has question/answer with '#### N' ({skipped} skipped)")
-        rl_train, rl_test = split_every(rows, 10)
-        eval_dir = Path(args.eval_local_dir) if args.eval_local_dir else None
-        local = [local_eval(eval_dir, name, fn) for name, fn in (
-            ("gsm8k_test.jsonl", formats.to_gsm8k), ("mmlu/dev.jsonl", formats.to_mmlu),
-            ("mmlu/test.jsonl", formats.to_mmlu), ("humaneval.jsonl", formats.to_humaneval))]
-        if None in local:
-            print("eval sets without a local file (see --eval_local_dir) use the synthetic ones")
-            synthetic = synthetic_sets()[2:]
-            local = [mine if mine is not None else syn for mine, syn in zip(local, synthetic)]
-        gsm8k, dev, test, he = local
+        sets = {}
+        if "gsm8k" not in mine:
+            sets["gsm8k"] = formats.convert(hf_rows("openai/gsm8k", "test", "main", limit=args.n_gsm8k_test),
+                                            formats.to_gsm8k)[0]
+        if "mmlu" not in mine:
+            sets["mmlu"] = (formats.convert(hf_rows("cais/mmlu", "dev", "all"), formats.to_mmlu)[0],
+                            formats.convert(hf_rows("cais/mmlu", "test", "all", limit=args.n_mmlu_test),
+                                            formats.to_mmlu)[0])
+        if "humaneval" not in mine:
+            sets["humaneval"] = formats.convert(hf_rows("openai/openai_humaneval", "test"), formats.to_humaneval)[0]
     else:
         rl_train, rl_test, gsm8k, dev, test, he = synthetic_sets()
+        sets = {"gsm8k": gsm8k, "mmlu": (dev, test), "humaneval": he}
+        if source == "local":
+            rows, skipped = formats.convert(read_local(args.local_path), formats.to_gsm8k)
+            if not rows:
+                raise UserError(f"{args.local_path}: no row has question/answer with '#### N' ({skipped} skipped)")
+            rl_train, rl_test = split_every(rows, 10)
+    if eval_dir is not None:
+        for name in [n for n in EVAL_NAMES if n not in mine]:
+            print(f"eval set {name}: {'the hub' if source == 'hf' else 'synthetic'} "
+                  f"(none of {', '.join(EVAL_NAMES[name])} under {eval_dir})")
+    elif source == "local":
+        print("eval sets: synthetic (give --eval_local_dir for your copies of GSM8K, MMLU, HumanEval)")
+    sets.update(mine)
+    gsm8k, (dev, test), he = sets["gsm8k"], sets["mmlu"], sets["humaneval"]
 
     write_jsonl(paths.rl_prompts("train"), rl_train)
     write_jsonl(paths.rl_prompts("test"), rl_test)

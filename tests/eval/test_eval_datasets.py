@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import eval.data as ds
+from tests.eval import real_files as real
 from utils.errors import UserError
 
 GSM = [{"question": "Tom has 3 apples and buys 2. How many?", "answer": "3+2=5\n#### 5"},
@@ -172,3 +173,110 @@ def test_hf_path_names_the_real_sets_and_maps_records(monkeypatch):
     assert dev[0]["answer"] == 3 and len(test) == 3
     assert ds.load_humaneval("hf", limit=1) == HE
     assert all(streaming for *_, streaming in calls)
+
+
+# ----------------------------------------------------------------------------- the real files' layouts
+
+def test_a_data_path_means_local_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(ds, "_hub_reachable", lambda timeout_s=3.0: False)
+    path = real.write_gsm8k_test_jsonl(tmp_path / "test.jsonl")
+    for source in ("synthetic", "hf"):
+        with pytest.raises(UserError, match=f"--data_path .* with --source {source}: .*only with --source local"):
+            ds.load_gsm8k(source, str(path))
+    with pytest.raises(UserError, match="only with --source local"):
+        ds.load_mmlu("synthetic", str(tmp_path))
+    with pytest.raises(UserError, match="only with --source local"):
+        ds.load_humaneval("synthetic", str(path))
+
+
+def test_gsm8k_original_test_jsonl_and_hf_snapshot(tmp_path):
+    path = real.write_gsm8k_test_jsonl(tmp_path / "grade_school_math" / "data" / "test.jsonl")
+    assert ds.load_gsm8k("local", str(path)) == real.GSM8K_TEST
+    assert ds.load_gsm8k("local", str(path.parent)) == real.GSM8K_TEST
+    snapshot = tmp_path / "gsm8k_snapshot"
+    (snapshot / "main").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(real.GSM8K_TEST), snapshot / "main" / "test-00000-of-00001.parquet")
+    pq.write_table(pa.Table.from_pylist(real.GSM8K_TEST[:1]), snapshot / "main" / "train-00000-of-00001.parquet")
+    assert ds.load_gsm8k("local", str(snapshot)) == real.GSM8K_TEST
+
+
+def test_gsm8k_answers_without_the_hash_line_are_one_clear_error(tmp_path):
+    rows = real.GSM8K_TEST + [{"question": "How many legs has a cat?", "answer": "A cat has four legs."}]
+    path = real.write_gsm8k_test_jsonl(tmp_path / "test.jsonl", rows)
+    with pytest.raises(UserError, match=r"1 of 3 .*row 2.*#### "):
+        ds.load_gsm8k("local", str(path))
+    real.write_gsm8k_test_jsonl(path, [{"question": "q", "answer": ["#### 1"]}])
+    with pytest.raises(UserError, match="row 0"):
+        ds.load_gsm8k("local", str(path))
+
+
+def test_gsm8k_bare_number_answers_are_the_gold_answer(tmp_path):
+    rows = [{"question": "2+70?", "answer": 72}, {"question": "half of 3?", "answer": 1.5},
+            {"question": "1000+234?", "answer": "1,234"}]
+    path = real.write_gsm8k_test_jsonl(tmp_path / "test.jsonl", rows)
+    assert [r["answer"] for r in ds.load_gsm8k("local", str(path))] == ["#### 72", "#### 1.5", "#### 1,234"]
+    real.write_gsm8k_test_jsonl(path, [{"question": "yes?", "answer": True}])
+    with pytest.raises(UserError, match="row 0"):
+        ds.load_gsm8k("local", str(path))
+    real.write_gsm8k_test_jsonl(path, real.mmlu_hf_rows("test"))  # MMLU's test.jsonl: its answers are not the gold
+    with pytest.raises(UserError, match="multiple-choice"):
+        ds.load_gsm8k("local", str(path))
+
+
+def test_mmlu_original_tarball_reads_dev_and_test_only(tmp_path):
+    data = real.write_mmlu_tarball(tmp_path)
+    want_test = real.mmlu_hf_rows("test")
+    for root in (data, tmp_path):  # data/ itself, or the folder it was extracted into
+        dev, test = ds.load_mmlu("local", str(root))
+        assert test == want_test and dev == real.mmlu_hf_rows("dev")
+        assert {r["subject"] for r in test} == {"abstract_algebra", "world_religions"}  # no "mc" from mc_test.csv
+
+
+def test_mmlu_hf_snapshot_reads_all_once(tmp_path):
+    snapshot = real.write_mmlu_hf_snapshot(tmp_path / "cais_mmlu")
+    dev, test = ds.load_mmlu("local", str(snapshot))
+    assert test == real.mmlu_hf_rows("test") and dev == real.mmlu_hf_rows("dev")  # not each question twice
+    dev, test = ds.load_mmlu("local", str(snapshot / "world_religions"))  # one subject's folder
+    assert test == real.mmlu_hf_rows("test", "world_religions") and len(dev) == 1
+    # the per-subject folders alone (a snapshot without all/) hold every question once too
+    import shutil
+
+    shutil.rmtree(snapshot / "all")
+    dev, test = ds.load_mmlu("local", str(snapshot))
+    by_question = lambda rows: sorted(rows, key=lambda r: r["question"])
+    assert by_question(test) == by_question(real.mmlu_hf_rows("test"))
+
+
+def test_mmlu_csv_header_row_is_read_by_column_names(tmp_path):
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "test").mkdir()
+    (tmp_path / "dev" / "astronomy_dev.csv").write_text("question,A,B,C,D,answer\nClosest star?,Sun,Vega,Sirius,Rigel,A\n")
+    (tmp_path / "test" / "astronomy_test.csv").write_text("input,A,B,C,D,target\nRed planet?,Venus,Mars,Moon,Io,B\n")
+    dev, test = ds.load_mmlu("local", str(tmp_path))
+    assert dev == [{"subject": "astronomy", "question": "Closest star?", "choices": ["Sun", "Vega", "Sirius", "Rigel"],
+                    "answer": 0}]
+    assert test[0]["question"] == "Red planet?" and test[0]["answer"] == 1
+    (tmp_path / "test" / "astronomy_test.csv").write_text("Question,Option A,Option B,Option C,Option D,Correct Answer\n"
+                                                     "Red planet?,Venus,Mars,Moon,Io,B\n")
+    with pytest.raises(UserError, match="header"):
+        ds.load_mmlu("local", str(tmp_path))
+
+
+def test_mmlu_csv_numeric_answers_are_one_clear_error(tmp_path):
+    (tmp_path / "astronomy_dev.csv").write_text("Closest star?,Sun,Vega,Sirius,Rigel,A\n")
+    (tmp_path / "astronomy_test.csv").write_text("Red planet?,Venus,Mars,Moon,Io,1\n")
+    with pytest.raises(UserError, match=r"astronomy_test.csv:1.*letter"):
+        ds.load_mmlu("local", str(tmp_path))
+
+
+def test_humaneval_original_gz_and_folders(tmp_path):
+    gz = real.write_humaneval_gz(tmp_path / "human-eval" / "data" / "HumanEval.jsonl.gz")
+    assert ds.load_humaneval("local", str(gz)) == real.HUMANEVAL
+    assert ds.load_humaneval("local", str(gz.parent)) == real.HUMANEVAL
+    snapshot = tmp_path / "openai_humaneval_snapshot" / "openai_humaneval"
+    snapshot.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(real.HUMANEVAL), snapshot / "test-00000-of-00001.parquet")
+    assert ds.load_humaneval("local", str(snapshot.parent)) == real.HUMANEVAL
+    real.write_humaneval_gz(gz, real.HUMANEVAL + real.HUMANEVAL[:1])
+    with pytest.raises(UserError, match="HumanEval/0.*twice"):
+        ds.load_humaneval("local", str(gz))

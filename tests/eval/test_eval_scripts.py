@@ -302,10 +302,10 @@ def test_mmlu_end_to_end_with_the_checkpoint_and_shot_truncation(synthetic, tmp_
 def test_humaneval_canonical_solutions_pass(synthetic, tmp_path):
     tasks = synthetic["tasks"]
     # what a model continues with: the body, then more code that the stop sequences cut off
-    outs = [[t["canonical_solution"] + "\n\ndef helper():\n    while True: pass\n"] for t in tasks]
+    outs = [[{"text": t["canonical_solution"] + "\n\ndef helper():\n    while True: pass\n"}] for t in tasks]
     s = humaneval.run(recipe(synthetic, tmp_path), generate=lambda prompts, n: outs)
     assert s["pass@1"] == 1.0 and s["n_problems"] == len(tasks) and s["k_skipped"] == [10, 100]
-    bad = humaneval.run(recipe(synthetic, tmp_path), generate=lambda prompts, n: [["    return None\n"]] * len(prompts))
+    bad = humaneval.run(recipe(synthetic, tmp_path), generate=lambda prompts, n: [[{"text": "    return None\n"}]] * len(prompts))
     assert bad["pass@1"] == 0.0
 
 
@@ -333,6 +333,62 @@ def test_humaneval_samples_n_per_task_through_the_engine(synthetic, tmp_path, mo
     assert s["n_samples"] == 4 and len(records) == 4 and 0 <= s["pass@1"] <= s["pass@2"] <= 1
     with pytest.raises(UserError, match="greedy"):
         humaneval.main(["--checkpoint", str(synthetic["ckpt"]), "n_samples=3", "progress=false"])
+
+
+def test_humaneval_prompts_that_do_not_fit_are_counted_as_not_generated(synthetic, tmp_path):
+    tasks = synthetic["tasks"]
+
+    def generate(prompts, n):  # as the engine answers a prompt longer than the context
+        return [[{"text": tasks[0]["canonical_solution"]}] * n] + \
+               [[{"text": "", "error": "prompt (300 tokens) + max_tokens (1) = 301 exceeds the model's context"}] * n
+                for _ in prompts[1:]]
+
+    s = humaneval.run(recipe(synthetic, tmp_path), generate=generate)
+    n = len(tasks)
+    assert s["n_problems"] == n and s["errors"] == n - 1 and s["pass@1"] == 1 / n
+    assert s["outcomes"] == {"passed": 1, "not generated": n - 1}
+    _, records = read_out(tmp_path, "humaneval")
+    assert [r["passed"] for r in records] == [True] + [False] * (n - 1)
+    assert records[1]["result"] == "not generated" and records[1]["error"].startswith("prompt (300 tokens)")
+
+
+def test_humaneval_real_file_with_a_prompt_longer_than_the_context(synthetic, tmp_path):
+    from tests.eval.real_files import write_humaneval_gz
+
+    long_task = dict(synthetic["tasks"][1], task_id="Long/0",
+                     prompt="def f(x):\n    \"\"\"" + "Return x unchanged. " * 200 + "\"\"\"\n")
+    gz = write_humaneval_gz(tmp_path / "HumanEval.jsonl.gz", [synthetic["tasks"][0], long_task])
+    humaneval.main(["--checkpoint", str(synthetic["ckpt"]), "--data_path", str(gz), "max_new_tokens=4",
+                    "--out_dir", str(tmp_path / "out"), "progress=false"])
+    s, records = read_out(tmp_path, "humaneval")
+    assert s["source"] == "local" and s["n_problems"] == 2 and s["errors"] == 1
+    assert records[1]["task_id"] == "Long/0" and "exceeds the model's context" in records[1]["error"]
+    assert s["outcomes"].get("not generated") == 1
+
+
+def test_gsm8k_real_test_jsonl_by_data_path_alone(synthetic, tmp_path):
+    from tests.eval.real_files import GSM8K_TEST, write_gsm8k_test_jsonl
+
+    path = write_gsm8k_test_jsonl(tmp_path / "test.jsonl")
+    s = gsm8k.run(parse_eval_args("gsm8k", "", ["--checkpoint", str(synthetic["ckpt"]), "--data_path", str(path),
+                                                "n_shot=0", "--out_dir", str(tmp_path / "out")]),
+                  generate=lambda prompts: [{"text": p["answer"]} for p in GSM8K_TEST])
+    assert s["source"] == "local" and s["n"] == len(GSM8K_TEST) and s["accuracy"] == 1.0
+    # integer answers are the gold number: scored, not a traceback
+    write_gsm8k_test_jsonl(path, [{"question": r["question"], "answer": int(r["answer"].split("#### ")[1])}
+                                  for r in GSM8K_TEST])
+    s = gsm8k.run(recipe(synthetic, tmp_path, source="local", data_path=str(path), n_shot=0),
+                  generate=lambda prompts: [{"text": "so #### 18"}, {"text": "#### 4"}])
+    assert s["n_correct"] == 1 and s["n"] == 2
+
+
+def test_a_data_path_is_never_ignored(synthetic, tmp_path):
+    assert EvalRecipe().source == "synthetic" and EvalRecipe(data_path="x.jsonl").source == "local"
+    for source in ("synthetic", "hf"):
+        with pytest.raises(UserError, match=f"data_path.*source {source}.*source local"):
+            parse_eval_args("gsm8k", "", ["--checkpoint", "x", "--source", source, "--data_path", "x.jsonl"])
+    with pytest.raises(UserError, match="data_path.*text_path"):
+        perplexity.main(["--checkpoint", str(synthetic["ckpt"]), "--data_path", "held_out.jsonl", "progress=false"])
 
 
 # ----------------------------------------------------------------------------- command line, loading
