@@ -245,8 +245,10 @@ def plot_curves(recipe: DemoRecipe, path: pathlib.Path) -> None:
 # ----------------------------------------------------------------------------- serve check
 
 
-def serve_check(checkpoint: str, port: int, out_dir: str) -> None:
-    """Start the server, send one chat request through the official OpenAI client, stop it."""
+def ask_server(args: list[str], question: str, port: int = 0, cwd: Optional[str] = None,
+               env: Optional[dict] = None):
+    """Start ``python <args> --port PORT`` (0: a free port), send ``question`` through the official
+    OpenAI client once the server answers, stop the server. Returns (model name, the chat completion)."""
     import socket
 
     from openai import OpenAI
@@ -255,7 +257,7 @@ def serve_check(checkpoint: str, port: int, out_dir: str) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "inference/server.py", "--checkpoint", checkpoint, "--port", str(port)])
+    server = subprocess.Popen([sys.executable, *args, "--port", str(port)], cwd=cwd, env=env)
     try:
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="demo", max_retries=0, timeout=60)
         deadline = time.time() + 120
@@ -265,18 +267,23 @@ def serve_check(checkpoint: str, port: int, out_dir: str) -> None:
                 break
             except Exception:
                 if time.time() > deadline or server.poll() is not None:
-                    raise UserError("the demo server did not come up within 120 s; see its output above.")
+                    raise UserError("the server did not come up within 120 s; see its output above.")
                 time.sleep(0.5)
-        question = "Tom has 3 apples and buys 4 more. How many apples does Tom have now?"
-        reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
-                                               max_tokens=64, temperature=0)
-        text = reply.choices[0].message.content
-        print(f"server: {question!r} -> {text!r}")
-        with atomic_file(pathlib.Path(out_dir) / "serve.json") as f:
-            json.dump({"question": question, "text": text, "completion_tokens": reply.usage.completion_tokens}, f)
+        return model, client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                                     max_tokens=64, temperature=0)
     finally:
         server.terminate()
         server.wait(30)
+
+
+def serve_check(checkpoint: str, port: int, out_dir: str) -> None:
+    """Start the server, send one chat request through the official OpenAI client, stop it."""
+    question = "Tom has 3 apples and buys 4 more. How many apples does Tom have now?"
+    _, reply = ask_server(["inference/server.py", "--checkpoint", checkpoint], question, port)
+    text = reply.choices[0].message.content
+    print(f"server: {question!r} -> {text!r}")
+    with atomic_file(pathlib.Path(out_dir) / "serve.json") as f:
+        json.dump({"question": question, "text": text, "completion_tokens": reply.usage.completion_tokens}, f)
 
 
 # ----------------------------------------------------------------------------- main

@@ -6,13 +6,17 @@ Every problem (unknown key, wrong type, missing required key, missing file) is c
 and reported at once, each line naming the file, the dotted key and what was expected,
 with the closest valid key for a typo. Overrides use the same dotted keys and YAML values.
 A field whose metadata says ``{"path": "file"}`` or ``{"path": "dir"}`` must exist on disk;
-``{"path": "file?"}`` may be empty (None or "").
+``{"path": "file?"}`` may be empty (None or ""). A missing directory that a recipe in the same
+folder writes (its ``train.out_dir``) is reported with that recipe's command, so a stage run too
+early says which stage must run first.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import difflib
+import os
+import re
 import sys
 import types
 import typing
@@ -151,7 +155,40 @@ class _Builder:
         if kind == "file" and not p.is_file():
             self.fail(key, f"file {value!r} does not exist")
         elif kind == "dir" and not p.is_dir():
-            self.fail(key, f"directory {value!r} does not exist")
+            self.fail(key, f"directory {value!r} does not exist{_written_by(self.source, value)}")
+
+
+def _written_by(source: str, missing: str) -> str:
+    """"; X writes it ...: run `python ... --config_path X` first" when recipe X, beside the recipe
+    ``source``, writes the directory ``missing`` (it lies in X's train.out_dir); else ""."""
+    here = Path(source)
+    if not here.is_file():
+        return ""
+    target = Path(os.path.abspath(missing))
+    for sibling in sorted(here.parent.glob("*.yaml")):
+        out_dir = _train_out_dir(sibling)
+        if sibling != here and out_dir and (target == out_dir or out_dir in target.parents):
+            run = _own_command(sibling)
+            return f"; {sibling} writes it (its train.out_dir): run {f'`{run}`' if run else 'that stage'} first"
+    return ""
+
+
+def _train_out_dir(recipe: Path) -> Optional[Path]:
+    try:
+        train = (yaml.safe_load(recipe.read_text()) or {}).get("train")
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError):  # not a stage recipe
+        return None
+    out_dir = train.get("out_dir") if isinstance(train, dict) else None
+    return Path(os.path.abspath(out_dir)) if isinstance(out_dir, str) and out_dir else None
+
+
+def _own_command(recipe: Path) -> Optional[str]:
+    """The ``python <script> --config_path <recipe>`` that the recipe's comment lines give for itself."""
+    for line in recipe.read_text().splitlines():
+        found = re.search(r"python \S+\.py --config_path \S+", line) if line.startswith("#") else None
+        if found and found.group(0).endswith(recipe.name):
+            return found.group(0)
+    return None
 
 
 def config_from_dict(cls: type[T], data: dict, source: str = "<dict>") -> T:

@@ -4,13 +4,20 @@
     python utils/setup_classic_models.py --check    # exit 1 if a committed file is stale
 
 For each nano model (a named architecture at a size that trains on a CPU in minutes) it
-writes the whole staged pipeline, each stage reading the previous stage's output:
+writes the whole staged pipeline, each stage reading an earlier stage's output by path:
 
     0_pretrain.yaml                                     -> runs/classic/<model>/pretrain/final
-    1_sft_full.yaml / 1_sft_lora.yaml / 1_sft_qlora.yaml   (from pretrain)
-    2_reward.yaml / 2_dpo.yaml / 2_orpo.yaml               (from sft_full)
-    3_rlhf_ppo.yaml   (policy from dpo; reward model and critic from 2_reward)
-    3_rlhf_grpo.yaml / 3_rlhf_gspo.yaml   (policy from dpo; verifiable GSM8K-format reward)
+    1_sft_qlora.yaml                                    (from pretrain; every later stage starts here)
+    1_sft_full.yaml / 1_sft_lora.yaml                   (from pretrain; alternatives to 1_sft_qlora)
+    2_reward.yaml / 2_dpo.yaml / 2_orpo.yaml            (from sft_qlora)
+    3_rlhf_ppo.yaml   (policy from sft_qlora; reward model and critic from 2_reward)
+    3_rlhf_grpo.yaml / 3_rlhf_gspo.yaml   (policy from sft_qlora; verifiable GSM8K-format reward)
+    4_eval_*.yaml, 5_serve.yaml           (the GRPO policy; perplexity: the pretrained model)
+
+So the seed's path, pretrain -> QLoRA SFT -> GRPO, runs as written for every family. A stage
+that starts from 1_sft_qlora's adapter merges it onto its NF4 base when loading (model/load.py)
+and trains the merged model full-parameter. Each file's header names the commands that must
+run before it ("Run first"), computed from the paths it reads.
 
 Each family also gets ``<family>/<published model>/model.yaml``: the published dimensions
 as a ModelConfig, validated by the tests (and its parameter count checked against the
@@ -68,6 +75,10 @@ STAGES: dict[str, tuple[str, str]] = {
 }
 
 
+# The SFT run every later stage starts from: the seed's path is pretrain -> QLoRA SFT -> GRPO.
+CHAIN_SFT = "sft_qlora"
+
+
 def run_dir(key: str, stage: str) -> str:
     return f"runs/classic/{key}/{stage}"
 
@@ -115,7 +126,7 @@ def offline(key: str, algorithm: str) -> dict:
     loss = {"reward": {}, "dpo": dict(beta=0.1), "orpo": dict(orpo_lambda=0.1)}[algorithm]
     recipe = dict(
         algorithm=algorithm,
-        model=dict(init_from=final(key, "sft_full"), tokenizer_path=""),
+        model=dict(init_from=final(key, CHAIN_SFT), tokenizer_path=""),
         data=dict(train_path="data/raw/preference_train.jsonl", val_path="data/raw/preference_val.jsonl",
                   max_val_pairs=256),
         train=train_section(key, "reward" if algorithm == "reward" else algorithm, 200, 8, 256, eval_every=50,
@@ -140,7 +151,7 @@ def online(key: str, algorithm: str) -> dict:
     group = 1 if algorithm == "ppo" else 8
     return dict(
         algorithm=algorithm,
-        model=dict(init_from=final(key, "dpo"), tokenizer_path=""),
+        model=dict(init_from=final(key, CHAIN_SFT), tokenizer_path=""),
         rollout=dict(train_prompts="data/prompts/rl_train.jsonl", test_prompts="data/prompts/rl_test.jsonl",
                      prompts_per_rollout=32 if algorithm == "ppo" else 4, group_size=group, max_new_tokens=96,
                      temperature=1.0, eval_prompts=128),
@@ -188,27 +199,52 @@ def stage_recipes(key: str, model: dict) -> dict[str, dict]:
     }
 
 
-READS = {
-    "0_pretrain.yaml": "the token bins and tokenizer written by the data_pipeline steps of the README",
-    "1_sft_full.yaml": "0_pretrain's checkpoint",
-    "1_sft_lora.yaml": "0_pretrain's checkpoint",
-    "1_sft_qlora.yaml": "0_pretrain's checkpoint",
-    "2_reward.yaml": "1_sft_full's checkpoint",
-    "2_dpo.yaml": "1_sft_full's checkpoint",
-    "2_orpo.yaml": "1_sft_full's checkpoint",
-    "3_rlhf_ppo.yaml": "2_dpo's policy, with 2_reward's model as reward and critic",
-    "3_rlhf_grpo.yaml": "2_dpo's policy",
-    "3_rlhf_gspo.yaml": "2_dpo's policy",
-    "4_eval_gsm8k.yaml": "3_rlhf_grpo's policy",
-    "4_eval_mmlu.yaml": "3_rlhf_grpo's policy",
-    "4_eval_perplexity.yaml": "0_pretrain's checkpoint",
-    "4_eval_humaneval.yaml": "3_rlhf_grpo's policy",
-    "5_serve.yaml": "3_rlhf_grpo's policy (OpenAI-compatible API and chat page on port 8000)",
+MERGED = "1_sft_qlora's adapter, merged onto its NF4 base when loaded (then trained full-parameter)"
+ALTERNATIVE = ("An alternative to 1_sft_qlora, whose output the later stages read; to continue from this one, "
+               "pass model.init_from={out} to them.")
+ABOUT = {
+    "0_pretrain.yaml": "next-token pretraining on the token bins and tokenizer of the data_pipeline commands.",
+    "1_sft_full.yaml": "full fine-tuning of 0_pretrain's checkpoint. " + ALTERNATIVE,
+    "1_sft_lora.yaml": "LoRA adapters over 0_pretrain's checkpoint. " + ALTERNATIVE,
+    "1_sft_qlora.yaml": "LoRA adapters over 0_pretrain's checkpoint quantized to NF4; the reward, DPO, ORPO and RL "
+                        "stages start from this adapter.",
+    "2_reward.yaml": f"a reward model (scalar head) on preference pairs, from {MERGED}; 3_rlhf_ppo's reward and critic.",
+    "2_dpo.yaml": f"DPO on preference pairs, from {MERGED}.",
+    "2_orpo.yaml": f"ORPO on preference pairs, from {MERGED}.",
+    "3_rlhf_ppo.yaml": f"PPO with 2_reward's model as reward and critic; the policy is {MERGED}.",
+    "3_rlhf_grpo.yaml": f"GRPO with the verifiable GSM8K-format reward; the policy is {MERGED}.",
+    "3_rlhf_gspo.yaml": f"GSPO with the verifiable GSM8K-format reward; the policy is {MERGED}.",
+    "4_eval_gsm8k.yaml": "GSM8K-format accuracy of 3_rlhf_grpo's policy.",
+    "4_eval_mmlu.yaml": "MMLU-format accuracy of 3_rlhf_grpo's policy.",
+    "4_eval_perplexity.yaml": "perplexity of 0_pretrain's checkpoint on the held-out stories.",
+    "4_eval_humaneval.yaml": "HumanEval-format pass@k of 3_rlhf_grpo's policy.",
+    "5_serve.yaml": "serves 3_rlhf_grpo's policy (OpenAI-compatible API and chat page on port 8000).",
 }
+DATA_FIRST = "the data_pipeline commands of the README (token bins, tokenizer, prompts)"
 
 
-def render(header: list[str], data: dict) -> str:
-    lines = [f"# {part}" for line in header for part in textwrap.wrap(line, 100, subsequent_indent="  ")]
+def command(key: str, name: str) -> str:
+    """The command that runs stage file ``name`` of model ``key``."""
+    return f"python {STAGES[name][1]} --config_path {OUT_DIR}/{key}/{name}"
+
+
+def strings(data) -> list[str]:
+    """Every string value of a recipe, nested sections included."""
+    if isinstance(data, dict):
+        return [s for v in data.values() for s in strings(v)]
+    return [data] if isinstance(data, str) else []
+
+
+def run_first(recipes: dict[str, dict]) -> dict[str, list[str]]:
+    """Stage file -> the stage files whose output it reads (a path equal to their train.out_dir/final)."""
+    writer = {r["train"]["out_dir"] + "/final": name for name, r in recipes.items() if "train" in r}
+    return {name: sorted({writer[s] for s in strings(r) if s in writer}) for name, r in recipes.items()}
+
+
+def render(prose: list[str], commands: list[str], data: dict) -> str:
+    """Header comments (prose wrapped at 100 columns; commands whole, so they can be copied) + YAML."""
+    lines = [f"# {part}" for line in prose for part in textwrap.wrap(line, 100, subsequent_indent="  ")]
+    lines += [f"# {line}" for line in commands]
     lines.append("# Generated by utils/setup_classic_models.py; edit the generator, not this file.")
     return "\n".join(lines) + "\n" + yaml.safe_dump(data, sort_keys=False, width=120)
 
@@ -218,16 +254,17 @@ def generate() -> dict[str, str]:
     files = {}
     for key in NANO:
         arch = ARCHITECTURES[key]
-        for name, recipe in stage_recipes(key, arch.values).items():
-            script = STAGES[name][1]
-            header = [f"{key} -- {arch.description}", f"Stage {name[:-5]}: reads {READS[name]}.",
-                      f"Run:  python {script} --config_path {OUT_DIR}/{key}/{name}"]
-            files[f"{key}/{name}"] = render(header, recipe)
+        recipes = stage_recipes(key, arch.values)
+        for name, before in run_first(recipes).items():
+            about = ABOUT[name].format(out=final(key, name[2:-5]))
+            first = [f"Run first: {command(key, b)}" for b in before] or [f"Run first: {DATA_FIRST}"]
+            files[f"{key}/{name}"] = render([f"{key} -- {arch.description}", f"Stage {name[:-5]}: {about}"],
+                                            [*first, f"Run:       {command(key, name)}"], recipes[name])
     for key in PUBLISHED:
-        header = [ARCHITECTURES[key].description,
-                  "Published dimensions as a ModelConfig; validated by the tests, never trained here.",
-                  "Use it as the model: section of a 0_pretrain.yaml to train it at scale."]
-        files[f"{key}/model.yaml"] = render(header, ARCHITECTURES[key].values)
+        prose = [ARCHITECTURES[key].description,
+                 "Published dimensions as a ModelConfig; validated by the tests, never trained here.",
+                 "Use it as the model: section of a 0_pretrain.yaml to train it at scale."]
+        files[f"{key}/model.yaml"] = render(prose, [], ARCHITECTURES[key].values)
     return files
 
 

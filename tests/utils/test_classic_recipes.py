@@ -4,6 +4,7 @@ published size's model.yaml is its entry in model/architectures.py (whose tests 
 parameter counts)."""
 import importlib
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ import torch
 import yaml
 
 from model import ModelConfig, Transformer, architectures
-from utils.config import config_from_dict
+from utils.config import config_from_dict, load_config
+from utils.errors import UserError
 from utils.setup_classic_models import NANO, OUT_DIR, PUBLISHED, STAGES, generate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,15 +70,15 @@ def test_stage_recipe_validates(rel, tmp_path, monkeypatch):
 
 
 def test_stages_chain_by_path():
+    """The seed's path (pretrain -> QLoRA SFT -> GRPO) holds: every stage after SFT starts from
+    the QLoRA adapter; full and LoRA SFT are alternatives nothing reads by default."""
     for key in NANO:
         load = lambda name: yaml.safe_load(FILES[f"{key}/{name}"])  # noqa: E731
         out = {name: load(name)["train"]["out_dir"] + "/final" for name in STAGES if name[0] in "0123"}
         for sft in ("1_sft_full.yaml", "1_sft_lora.yaml", "1_sft_qlora.yaml"):
             assert load(sft)["base_checkpoint"] == out["0_pretrain.yaml"]
-        for name in ("2_reward.yaml", "2_dpo.yaml", "2_orpo.yaml"):
-            assert load(name)["model"]["init_from"] == out["1_sft_full.yaml"]
-        for name in ("3_rlhf_ppo.yaml", "3_rlhf_grpo.yaml", "3_rlhf_gspo.yaml"):
-            assert load(name)["model"]["init_from"] == out["2_dpo.yaml"]
+        for name in ("2_reward.yaml", "2_dpo.yaml", "2_orpo.yaml", "3_rlhf_ppo.yaml", "3_rlhf_grpo.yaml", "3_rlhf_gspo.yaml"):
+            assert load(name)["model"]["init_from"] == out["1_sft_qlora.yaml"]
         ppo = load("3_rlhf_ppo.yaml")
         assert ppo["reward"]["model_path"] == ppo["rl"]["critic_init"] == out["2_reward.yaml"]
         assert len(set(out.values())) == len(out)  # no two stages write the same run dir
@@ -84,6 +86,37 @@ def test_stages_chain_by_path():
             assert load(f"4_eval_{name}.yaml")["checkpoint"] == out["3_rlhf_grpo.yaml"]
         assert load("4_eval_perplexity.yaml")["checkpoint"] == out["0_pretrain.yaml"]
         assert load("5_serve.yaml")["checkpoint"] == out["3_rlhf_grpo.yaml"]
+
+
+def header_commands(text: str, label: str) -> list[str]:
+    """The commands a generated recipe's header lists after ``# <label>:``."""
+    return [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith(f"# {label}:")]
+
+
+@pytest.mark.parametrize("key", sorted(NANO))
+def test_missing_input_names_the_command_the_header_runs_first(key, tmp_path, monkeypatch):
+    """A stage run too early: its recipe fails on the missing run directory, naming the command
+    that writes it, which is the command its header says to run first."""
+    for rel, text in FILES.items():
+        (tmp_path / OUT_DIR / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / OUT_DIR / rel).write_text(text)
+    monkeypatch.chdir(tmp_path)
+    checked = 0
+    for name in STAGES:
+        text = FILES[f"{key}/{name}"]
+        first = [c for c in header_commands(text, "Run first") if c.startswith("python ")]
+        assert header_commands(text, "Run") == [f"python {STAGES[name][1]} --config_path {OUT_DIR}/{key}/{name}"]
+        if not name[0] in "123":  # pretrain reads data only; eval and serving load their checkpoint later
+            continue
+        data = yaml.safe_load(text)
+        _stub_inputs({k: v for k, v in data.items() if k in ("data", "rollout")}, tmp_path)  # data, not runs
+        module, cls = STAGES[name][0].split(":")
+        with pytest.raises(UserError) as err:
+            load_config(getattr(importlib.import_module(module), cls), OUT_DIR / key / name)
+        named = re.findall(r"run `([^`]+)` first", str(err.value))
+        assert first and set(named) == set(first), (name, str(err.value))
+        checked += 1
+    assert checked == 9
 
 
 @pytest.mark.parametrize("key", sorted(NANO))

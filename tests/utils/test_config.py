@@ -56,6 +56,37 @@ def test_missing_path_and_bad_model_combo(tmp_path):
         load_config(Recipe, write(tmp_path, "model:\n  n_heads: 4\n  n_kv_heads: 3\n"))
 
 
+@dataclass
+class Train:
+    out_dir: str = "runs/x"
+
+
+@dataclass
+class Stage:
+    init_from: str = field(default="", metadata={"path": "dir?"})
+    train: Train = field(default_factory=Train)
+
+
+def test_missing_dir_names_the_sibling_recipe_that_writes_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r/0_first.yaml").write_text("# First stage.  python first.py --config_path r/0_first.yaml\n"
+                                             "train:\n  out_dir: runs/first\n")
+    (tmp_path / "r/2_other.yaml").write_text("train:\n  out_dir: runs/other\n")  # no command in its header
+    (tmp_path / "r/notes.yaml").write_text("[a list, not a recipe]\n")
+    second = tmp_path / "r/1_second.yaml"
+    second.write_text("init_from: runs/first/final\ntrain:\n  out_dir: runs/second\n")
+    with pytest.raises(UserError) as e:
+        load_config(Stage, second)
+    assert "'runs/first/final' does not exist; r/0_first.yaml writes it (its train.out_dir): " \
+           "run `python first.py --config_path r/0_first.yaml` first" in str(e.value).replace(str(tmp_path) + "/", "")
+    with pytest.raises(UserError, match="r/2_other.yaml writes it .*: run that stage first"):
+        load_config(Stage, second, ["init_from=runs/other/step_00000010"])
+    with pytest.raises(UserError) as e:  # written by no recipe here (and never by the recipe itself)
+        load_config(Stage, second, ["init_from=runs/second/final"])
+    assert str(e.value).endswith("directory 'runs/second/final' does not exist")
+
+
 def test_bad_yaml_and_missing_file(tmp_path):
     with pytest.raises(UserError, match="not valid YAML at line 2"):
         load_config(Recipe, write(tmp_path, "a: 1\n  b: [\n"))
