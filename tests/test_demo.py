@@ -38,7 +38,7 @@ def write_recipes(tmp: Path) -> Path:
             data=dict(train_bin=str(data / "bins/pretrain/train.bin"), val_bin=str(data / "bins/pretrain/val.bin"), tokenizer=tok),
             train=train("pretrain", 4), optim=dict(lr=3e-3, warmup_steps=1)),
         "sft": dict(
-            base_checkpoint=str(runs / "pretrain/final"), data=dict(bin_dir=str(data / "bins/sft"), tokenizer=tok),
+            model=dict(init_from=str(runs / "pretrain/final")), data=dict(bin_dir=str(data / "bins/sft"), tokenizer=tok),
             train=train("sft", 4), optim=dict(lr=3e-3, warmup_steps=1),
             lora=dict(r=4, alpha=8, targets="all-linear", modules_to_save=["embed", "lm_head"]), format_eval_prompts=4),
         "dpo": dict(

@@ -107,7 +107,7 @@ def sft(key: str, mode: str) -> dict:
     # modules_to_save: the stories-only base never saw the chat tokens and digits of SFT data
     lora = dict(r=16, alpha=32, dropout=0.05, targets="all-linear", modules_to_save=["embed", "lm_head"])
     recipe = dict(
-        base_checkpoint=final(key, "pretrain"),
+        model=dict(init_from=final(key, "pretrain")),
         data=dict(bin_dir="data/bins/sft", tokenizer=TOKENIZER),
         train=train_section(key, f"sft_{mode}", 300, 8, 256, eval_every=100, save_every=100),
         # adapters start at zero and take a larger LR than full fine-tuning

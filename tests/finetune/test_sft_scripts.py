@@ -50,7 +50,7 @@ def setup_dir(tmp_path_factory):
 
 
 def overrides(root, out, steps=3):
-    return [f"base_checkpoint={root / 'base'}", f"data.bin_dir={root / 'bins' / 'sft'}",
+    return [f"model.init_from={root / 'base'}", f"data.bin_dir={root / 'bins' / 'sft'}",
             f"data.tokenizer={root / 'tokenizer' / 'tokenizer.json'}", f"train.out_dir={out}",
             f"train.max_steps={steps}", "train.batch_size=2", "train.seq_len=64", "train.device=cpu",
             "train.eval_every=0", "train.eval_batches=2", "train.save_every=0", "train.progress=false"]
@@ -100,7 +100,7 @@ def test_full_script_in_process(setup_dir, tmp_path, monkeypatch, capsys):
 
 def test_lora_resume_equals_uninterrupted(setup_dir, tmp_path):
     def recipe(out, steps):
-        data = {"base_checkpoint": str(setup_dir / "base"),
+        data = {"model": {"init_from": str(setup_dir / "base")},
                 "data": {"bin_dir": str(setup_dir / "bins" / "sft"), "tokenizer": str(setup_dir / "tokenizer" / "tokenizer.json")},
                 "train": {"out_dir": str(out), "max_steps": steps, "batch_size": 2, "seq_len": 64, "device": "cpu",
                           "save_every": 2, "progress": False, "eval_batches": 1},

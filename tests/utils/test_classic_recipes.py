@@ -76,7 +76,7 @@ def test_stages_chain_by_path():
         load = lambda name: yaml.safe_load(FILES[f"{key}/{name}"])  # noqa: E731
         out = {name: load(name)["train"]["out_dir"] + "/final" for name in STAGES if name[0] in "0123"}
         for sft in ("1_sft_full.yaml", "1_sft_lora.yaml", "1_sft_qlora.yaml"):
-            assert load(sft)["base_checkpoint"] == out["0_pretrain.yaml"]
+            assert load(sft)["model"]["init_from"] == out["0_pretrain.yaml"]
         for name in ("2_reward.yaml", "2_dpo.yaml", "2_orpo.yaml", "3_rlhf_ppo.yaml", "3_rlhf_grpo.yaml", "3_rlhf_gspo.yaml"):
             assert load(name)["model"]["init_from"] == out["1_sft_qlora.yaml"]
         ppo = load("3_rlhf_ppo.yaml")
