@@ -141,7 +141,7 @@ def test_example_recipes_validate(tmp_path, base_dir, name, mode):
 
     path = Path(__file__).resolve().parents[2] / "configs" / "examples" / f"{name}.yaml"
     # The data and base paths exist only after the pipeline ran; point them at test dirs.
-    r = load_config(SFTRecipe, path, [f"base_checkpoint={base_dir}", f"data.bin_dir={tmp_path}", "data.tokenizer="])
+    r = load_config(SFTRecipe, path, [f"model.init_from={base_dir}", f"data.bin_dir={tmp_path}", "data.tokenizer="])
     assert r.mode == mode
     r.expect_mode(mode)
 
