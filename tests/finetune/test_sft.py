@@ -162,3 +162,15 @@ def test_lora_with_modules_to_save(tmp_path, base_dir):
     assert not torch.equal(saved["embed.weight"], base["embed.weight"])  # trained in full
     model = load_model(result.checkpoint)
     assert torch.equal(model.embed.weight, saved["embed.weight"])
+
+
+def test_older_base_checkpoint_spelling_is_read_and_both_spellings_are_refused(tmp_path, base_dir):
+    old = recipe(tmp_path, base_dir, "full")
+    data = {"base_checkpoint": str(base_dir), "max_seq_len": 48, "data": {"bin_dir": str(tmp_path)},
+            "train": {"out_dir": str(tmp_path / "r"), "max_steps": 1, "batch_size": 1, "seq_len": 8}}
+    r = config_from_dict(SFTRecipe, data)
+    assert r.model.init_from == str(base_dir) == old.model.init_from and r.model.max_seq_len == 48
+    with pytest.raises(UserError, match="both base_checkpoint and model.init_from"):
+        config_from_dict(SFTRecipe, {**data, "model": {"init_from": str(base_dir)}})
+    with pytest.raises(UserError, match="needs model.init_from"):
+        config_from_dict(SFTRecipe, {k: v for k, v in data.items() if k != "base_checkpoint"})
