@@ -44,8 +44,9 @@ def truncate_at_stops(completion: str, stops: Sequence[str] = STOP_SEQUENCES) ->
 
 
 def encode_prompt(tok, prompt: str) -> list[int]:
-    """Plain-text prompt ids after an EOS, the document separator the model was pretrained on."""
-    return [tok.eos_id] + tok.encode(prompt)
+    """Plain-text prompt ids after what starts a document for this tokenizer (ours: EOS, the pretraining
+    separator; an imported model: its BOS)."""
+    return list(tok.document_prefix) + tok.encode(prompt)
 
 
 def engine_generate(recipe: EvalRecipe, tok) -> Generate:

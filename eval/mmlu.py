@@ -49,8 +49,8 @@ def build_prompt(tok, subject: str, dev: Sequence[dict], example: dict, k: int,
     """
     k = min(k, len(dev))
     while True:
-        # Pretraining streams read "doc <eos> doc": a leading EOS marks the start of a document.
-        ids = [tok.eos_id] + tok.encode(format_mmlu_prompt(subject, dev, example, k))
+        # A document starts as in pretraining: our streams read "doc <eos> doc" (a leading EOS), HF models with BOS.
+        ids = list(tok.document_prefix) + tok.encode(format_mmlu_prompt(subject, dev, example, k))
         if len(ids) <= max_len:
             return ids, k, False
         if k == 0:
