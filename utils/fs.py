@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from utils.errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
@@ -70,6 +72,27 @@ def atomic_file(final: str | os.PathLike, mode: str = "w") -> Iterator:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def writable_dir(path: str | os.PathLike, key: str) -> Path:
+    """Create directory ``path`` (with parents) and check a file can be written in it.
+
+    ``key`` names the setting in the message (e.g. ``train.out_dir``); a path that is a file,
+    lies under a file, or cannot be created or written is a UserError, before any work starts.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"{key}={str(path)!r} is a file (or lies under one), not a directory; "
+                        "point it at a directory.") from None
+    except OSError as err:
+        raise UserError(f"{key}={str(path)!r} cannot be written ({err.strerror}); choose a directory you can "
+                        "write to.") from None
+    return path
 
 
 def _fsync_dir(path: Path) -> None:

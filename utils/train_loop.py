@@ -53,6 +53,7 @@ from utils import train_state as S
 from utils.checkpoint import CheckpointManager
 from utils.device import TORCH_DTYPES, dtype_name
 from utils.errors import UserError
+from utils.fs import writable_dir
 from utils.logging import MetricsLogger, read_records
 from utils.optim import LRSchedule, OptimConfig, build_optimizer
 from utils.plots import plot_loss_curve
@@ -263,6 +264,7 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable, train_cfg: Tra
           flops_per_token: Optional[float] = None) -> TrainResult:
     """Train ``model`` for ``train_cfg.max_steps`` optimizer steps (see the module docstring)."""
     cfg = train_cfg
+    writable_dir(cfg.out_dir, "train.out_dir")
     env = D.setup(cfg.distributed, cfg.device)
     dtype = _resolve_dtype(cfg, env.device)
     accum = grad_accum_steps(cfg, env.world_size)
@@ -312,6 +314,9 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable, train_cfg: Tra
         f"{cfg.batch_size * cfg.seq_len * accum * env.world_size:,} tokens/step | trainable params {n_train:,} | "
         f"FLOPs/token {fpt:.3g} | peak {'n/a' if not peak else f'{peak:.3g}'} FLOPs/s"
         + (f" | resumed from {resume_path} at step {run.step}" if state is not None else ""))
+    if cfg.distributed != "none" and not env.active:
+        run.logger.print(f"train: train.distributed={cfg.distributed} in a single process (not started by torchrun), so "
+                         "training runs without it; launch with torchrun --nproc_per_node N to use N processes.")
 
     final_eval: dict = {}
     with _Interrupt() as interrupt:

@@ -150,4 +150,8 @@ def test_bad_optim_config():
         OptimConfig(betas=[0.9])
     with pytest.raises(UserError, match="min_lr_ratio"):
         OptimConfig(min_lr_ratio=2.0)
+    with pytest.raises(UserError, match="weight_decay must be >= 0"):  # trained silently before
+        OptimConfig(weight_decay=-0.1)
+    with pytest.raises(UserError, match="eps"):
+        OptimConfig(eps=0.0)
     assert math.isfinite(OptimConfig().lr)
