@@ -6,8 +6,8 @@
 The prompt is the task's code (signature + docstring) as plain text, as in Chen et al. (2021);
 the model continues it. Generation stops at the Codex stop sequences (a new top-level
 "class", "def", "#", "if" or "print"), and the completion is cut there. Every completion runs
-in a sandboxed subprocess (eval/humaneval_exec.py: time and memory limits, no network, no
-process spawning); pass@k is the unbiased estimator over the n samples per task, for each
+in a sandboxed subprocess (eval/humaneval_exec.py: bubblewrap when installed, an audit hook,
+time and memory limits, no network, no process spawning, no files outside its own directory); pass@k is the unbiased estimator over the n samples per task, for each
 k <= n in k_list. temperature 0 with n_samples 1 is greedy pass@1; the Codex paper samples
 n=200 at T=0.8 for pass@100. Writes out/eval/humaneval/humaneval_summary.json and
 humaneval_records.jsonl (one line per completion).
@@ -84,14 +84,15 @@ def run(recipe: EvalRecipe, generate: Optional[Generate] = None) -> dict:
     completions = {p["task_id"]: [truncate_at_stops(c) for c in outs] for p, outs in zip(problems, raw, strict=True)}
     metrics, records = evaluate_completions(problems, completions, k_list=recipe.k_list, n_workers=recipe.n_workers,
                                             timeout_s=recipe.timeout_s, memory_mb=recipe.memory_mb,
-                                            progress=recipe.progress)
+                                            progress=recipe.progress, sandbox=recipe.sandbox)
     skipped = [k for k in recipe.k_list if f"pass@{k}" not in metrics]
     summary = {**summary_header(NAME, recipe, started), **metrics, "n_samples_per_task": recipe.n_samples,
                "temperature": recipe.temperature, "k_skipped": skipped, "generation_seconds": round(gen_seconds, 2)}
     summary_path, _ = write_results(out_dir(recipe, NAME), NAME, summary, records)
     passes = ", ".join(f"{k} {v:.1%}" for k, v in metrics.items() if k.startswith("pass@"))
     print(f"humaneval: {passes} on {metrics['n_problems']} tasks x {recipe.n_samples} samples "
-          f"(T={recipe.temperature}), outcomes {metrics['outcomes']}, source {recipe.source} -> {summary_path}")
+          f"(T={recipe.temperature}), outcomes {metrics['outcomes']}, source {recipe.source}, sandbox "
+          f"{metrics['sandbox']} -> {summary_path}")
     return summary
 
 
