@@ -266,13 +266,14 @@ def _evaluate(run: S.Run, eval_fn: Optional[Callable]) -> dict:
     return {k: float(v) for k, v in (out or {}).items()}
 
 
-def _resume_point(manager: CheckpointManager) -> Optional[Path]:
+def _resume_point(manager: CheckpointManager, say: bool) -> Optional[Path]:
     """resume=auto: the newest checkpoint, unless it was saved while the run was diverging and a
     healthy one exists (a diverged run is restarted from where it was last good)."""
     newest, healthy = manager.latest(), manager.latest(healthy=True)
     if newest is not None and healthy is not None and healthy != newest and not manager.is_healthy(newest):
-        print(f"train: {newest} was saved while the run was diverging; resuming from the newest healthy checkpoint "
-              f"{healthy}", file=sys.stderr)
+        if say:
+            print(f"train: {newest} was saved while the run was diverging; resuming from the newest healthy "
+                  f"checkpoint {healthy}", file=sys.stderr)
         return healthy
     return newest
 
@@ -319,7 +320,7 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable, train_cfg: Tra
                   f"({size / 1e6:.1f} MB)", file=sys.stderr)
     resume_path = None
     if cfg.resume == "auto":
-        resume_path = _resume_point(manager)
+        resume_path = _resume_point(manager, say=env.is_main)
     elif cfg.resume != "never":
         resume_path = Path(cfg.resume)
         if not resume_path.is_dir():
