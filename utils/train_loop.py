@@ -61,7 +61,7 @@ from utils.fs import writable_dir
 from utils.logging import MetricsLogger, read_records
 from utils.optim import LRSchedule, OptimConfig, build_optimizer
 from utils.plots import plot_loss_curve
-from utils.spike import Diverged, SpikeConfig, SpikeDetector
+from utils.spike import SpikeConfig, SpikeDetector
 from utils.train_config import TrainConfig
 
 __all__ = ["TrainConfig", "SpikeConfig", "OptimConfig", "TrainResult", "train", "grad_accum_steps"]
@@ -266,32 +266,6 @@ def _evaluate(run: S.Run, eval_fn: Optional[Callable]) -> dict:
     return {k: float(v) for k, v in (out or {}).items()}
 
 
-def _resume_point(manager: CheckpointManager, say: bool) -> Optional[Path]:
-    """resume=auto: the newest checkpoint, unless it was saved while the run was diverging and a
-    healthy one exists (a diverged run is restarted from where it was last good)."""
-    newest, healthy = manager.latest(), manager.latest(healthy=True)
-    if newest is not None and healthy is not None and healthy != newest and not manager.is_healthy(newest):
-        if say:
-            print(f"train: {newest} was saved while the run was diverging; resuming from the newest healthy "
-                  f"checkpoint {healthy}", file=sys.stderr)
-        return healthy
-    return newest
-
-
-def _diverged(run: S.Run, loss: float, what: str) -> Diverged:
-    """The error that stops a diverged run (logged as an event first); no final/ is written."""
-    healthy = run.manager.latest(healthy=True)
-    run.event("diverged", loss=loss, best=run.spike.best, bad_steps=run.bad_streak, healthy_checkpoint=str(healthy))
-    where = (f"The newest healthy checkpoint is {healthy}; running the same command again resumes from it."
-             if healthy else "No healthy checkpoint was saved.")
-    return Diverged(
-        f"training diverged at step {run.step + 1}: {what} (non-finite loss or gradient, or a loss spike; last loss "
-        f"{loss:.4g}, best smoothed loss {run.spike.best:.4g}). The run stops without writing final/. {where} "
-        "Lower optim.lr or raise optim.warmup_steps; train.spike.policy=rollback retries from the healthy checkpoint "
-        "with a lower LR, and train.spike.max_bad_steps sets how many bad steps in a row end the run."
-    )
-
-
 def train(model: nn.Module, batches: Iterator, loss_fn: Callable, train_cfg: TrainConfig, optim_cfg: OptimConfig, *,
           eval_fn: Optional[Callable] = None, recipe: Any = None, params=None, weights_fn: Optional[Callable] = None,
           checkpoint_meta: Optional[dict] = None, tokenizer_path: Optional[str] = None,
@@ -320,7 +294,7 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable, train_cfg: Tra
                   f"({size / 1e6:.1f} MB)", file=sys.stderr)
     resume_path = None
     if cfg.resume == "auto":
-        resume_path = _resume_point(manager, say=env.is_main)
+        resume_path = S.resume_point(manager, say=env.is_main)
     elif cfg.resume != "never":
         resume_path = Path(cfg.resume)
         if not resume_path.is_dir():
@@ -370,7 +344,7 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable, train_cfg: Tra
                     if cfg.spike.policy == "rollback" and S.rollback(run, weights_fn):
                         continue
                 if run.bad_streak >= cfg.spike.max_bad_steps:
-                    raise _diverged(run, record["loss"], f"{run.bad_streak} consecutive steps were skipped")
+                    raise S.diverged(run, record["loss"], f"{run.bad_streak} consecutive steps were skipped")
                 run.step += 1
                 log_now = run.step % cfg.log_every == 0 or run.step == 1
                 if log_now:  # reading the load syncs with the GPU: only on log steps
@@ -399,7 +373,7 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable, train_cfg: Tra
             if manager.latest() != manager.path_for(run.step):  # not saved at this step yet
                 S.save_step(run, extra)
             if run.bad_streak:  # the weights in hand made the last steps' losses bad: not a final model
-                raise _diverged(run, history[-1]["loss"], f"the last {run.bad_streak} step(s) before max_steps were "
+                raise S.diverged(run, history[-1]["loss"], f"the last {run.bad_streak} step(s) before max_steps were "
                                 "skipped (raise train.max_steps and run again to finish on healthy steps)")
             final = S.save_final(run, extra)
             if env.is_main:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -39,7 +40,7 @@ from utils.distributed import DistEnv, all_gather_object, barrier, full_tensor
 from utils.errors import UserError
 from utils.logging import MetricsLogger
 from utils.optim import LRSchedule, OptimConfig
-from utils.spike import SpikeDetector
+from utils.spike import Diverged, SpikeDetector
 
 from utils.train_config import TrainConfig
 
@@ -316,6 +317,32 @@ def rollback(run: Run, weights_fn) -> bool:
     run.bad_streak = 0
     run.event("rollback", from_step=from_step, to_step=run.step, lr_scale=run.schedule.scale, checkpoint=str(latest))
     return True
+
+
+def resume_point(manager: CheckpointManager, say: bool) -> Optional[Path]:
+    """resume=auto: the newest checkpoint, unless it was saved while the run was diverging and a
+    healthy one exists (a diverged run is restarted from where it was last good)."""
+    newest, healthy = manager.latest(), manager.latest(healthy=True)
+    if newest is not None and healthy is not None and healthy != newest and not manager.is_healthy(newest):
+        if say:
+            print(f"train: {newest} was saved while the run was diverging; resuming from the newest healthy "
+                  f"checkpoint {healthy}", file=sys.stderr)
+        return healthy
+    return newest
+
+
+def diverged(run: S.Run, loss: float, what: str) -> Diverged:
+    """The error that stops a diverged run (logged as an event first); no final/ is written."""
+    healthy = run.manager.latest(healthy=True)
+    run.event("diverged", loss=loss, best=run.spike.best, bad_steps=run.bad_streak, healthy_checkpoint=str(healthy))
+    where = (f"The newest healthy checkpoint is {healthy}; running the same command again resumes from it."
+             if healthy else "No healthy checkpoint was saved.")
+    return Diverged(
+        f"training diverged at step {run.step + 1}: {what} (non-finite loss or gradient, or a loss spike; last loss "
+        f"{loss:.4g}, best smoothed loss {run.spike.best:.4g}). The run stops without writing final/. {where} "
+        "Lower optim.lr or raise optim.warmup_steps; train.spike.policy=rollback retries from the healthy checkpoint "
+        "with a lower LR, and train.spike.max_bad_steps sets how many bad steps in a row end the run."
+    )
 
 
 def resume(run: Run, state: dict) -> dict:
