@@ -1,5 +1,6 @@
 """pretrain/train.py end to end on tiny bins, and its recipe checks."""
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +114,19 @@ def test_bad_recipes_are_user_errors(tmp_path):
     other_tok.write_text("{}")
     with pytest.raises(UserError, match="built with tokenizer"):
         pretrain_script.main(base + tiny_overrides(tmp_path, **{"data.tokenizer": other_tok}))
+
+
+def test_a_huge_lr_stops_the_command_with_one_paragraph(tmp_path):
+    """The issue's reproduction, run as a user runs it: optim.lr=1e6 skipped 39 of 40 updates and
+    exited 0 with "pretrain: done" and a final/ of blown-up weights."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "pretrain/train.py", "--config_path", "configs/examples/pretrain_tiny.yaml",
+                          *tiny_overrides(tmp_path, **{"optim.lr": 1e6, "train.max_steps": 40})],
+                         cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert len(errors) == 1 and "training diverged" in errors[0] and "consecutive steps were skipped" in errors[0]
+    assert "pretrain: done" not in res.stderr and not (tmp_path / "run" / "final").exists()
