@@ -209,8 +209,13 @@ class CheckpointManager:
     def latest(self, healthy: bool = False) -> Optional[Path]:
         """The newest complete checkpoint; ``healthy=True``: the newest saved while the run was healthy."""
         if healthy:
-            found = [s for s in self.steps() if self.is_healthy(self.path_for(s))]
-            return self.path_for(found[-1]) if found else None
+            for step in reversed(self.steps()):
+                try:
+                    if self.is_healthy(self.path_for(step)):
+                        return self.path_for(step)
+                except UserError:
+                    continue  # a damaged meta.json: not a place to go back to
+            return None
         marker = self.run_dir / "latest"
         if marker.is_file():
             candidate = self.run_dir / marker.read_text().strip()
@@ -221,11 +226,9 @@ class CheckpointManager:
 
     @staticmethod
     def is_healthy(path: Path) -> bool:
-        """meta.json's ``healthy`` (checkpoints written before it existed count as healthy)."""
-        try:
-            return read_meta(path).get("healthy", True) is True
-        except UserError:
-            return False
+        """meta.json's ``healthy`` (checkpoints written before it existed count as healthy); a
+        damaged meta.json is a UserError."""
+        return read_meta(path).get("healthy", True) is True
 
     def steps(self) -> list[int]:
         if not self.run_dir.is_dir():

@@ -360,7 +360,8 @@ def test_unfinished_saves_are_removed_at_start(tmp_path, capsys):
     (lambda d: (d / "model_config.json").write_text('{"d_model": "big"}'), "model_config.json holds an invalid model config \(d_model='big', expected int"),
 ])
 def test_damaged_resume_checkpoints_are_one_clear_error(tmp_path, damage, fragment):
-    train(tiny_model(), StreamLoader(2), ce_loss, cfg(tmp_path, max_steps=2), OPT)
-    damage(tmp_path / "step_00000002")
+    """The newest of two checkpoints is damaged: an error naming it, not a quiet resume from the older one."""
+    train(tiny_model(), StreamLoader(2), ce_loss, cfg(tmp_path, max_steps=4, save_every=2), OPT)
+    damage(tmp_path / "step_00000004")
     with pytest.raises(UserError, match=fragment):
-        train(tiny_model(), StreamLoader(2), ce_loss, cfg(tmp_path, max_steps=3), OPT)
+        train(tiny_model(), StreamLoader(2), ce_loss, cfg(tmp_path, max_steps=5), OPT)
