@@ -74,7 +74,7 @@ def tiny_data(folder: Path) -> list[str]:
                                                 "tokenizer_hash": file_hash(tok)}))
     over = {"data.train_bin": bins / "train.bin", "data.val_bin": bins / "val.bin", "data.tokenizer": tok,
             "model.vocab_size": 320, "model.d_model": 32, "model.n_layers": 2, "model.n_heads": 4,
-            "model.n_kv_heads": 2, "model.max_seq_len": 64, "train.batch_size": 4, "train.seq_len": 32,
+            "model.n_kv_heads": 2, "model.max_seq_len": 256, "train.batch_size": 4, "train.seq_len": 32,
             "train.global_batch_tokens": None, "train.eval_every": 0, "train.eval_batches": 2,
             "train.device": "cpu", "train.progress": False, "optim.lr": 1e-2, "optim.warmup_steps": 5}
     return [f"{k}={'null' if v is None else v}" for k, v in over.items()]
@@ -253,13 +253,15 @@ def cases(work: Path) -> list[dict]:
     assert built.returncode == 0, built.stderr[-2000:]
     sft = [sys.executable, "finetune/sft_train.py", "--config_path", "configs/examples/sft_full_tiny.yaml",
            f"data.bin_dir={work / 'data/bins/sft'}", f"data.tokenizer={work / 'data/tokenizer/tokenizer.json'}",
-           "train.max_steps=2", "train.batch_size=2", "train.seq_len=64", "train.device=cpu", "train.progress=false",
+           "train.max_steps=2", "train.batch_size=2", "train.seq_len=256", "train.device=cpu", "train.progress=false",
            "format_eval_prompts=0"]
     (work / "held.jsonl").write_text(json.dumps({"text": "the cat sat on the mat"}) + "\n")
     ppl = [sys.executable, "eval/perplexity.py", f"--text_path={work / 'held.jsonl'}", "progress=false",
            f"--out_dir={work / 'ppl'}"]
     tried = [
-        ("seq_len > max_seq_len", pre + ["train.seq_len=128", f"train.out_dir={work / 'r1'}"], work / "r1"),
+        ("seq_len > max_seq_len", pre + ["train.seq_len=512", f"train.out_dir={work / 'r1'}"], work / "r1"),
+        ("sft: prompts longer than seq_len", sft + ["train.seq_len=16", f"base_checkpoint={good / 'final'}",
+                                                    f"train.out_dir={work / 'sft_short'}"], work / "sft_short" / "final"),
         ("eval_batches=0", pre + ["train.eval_batches=0", f"train.out_dir={work / 'r2'}"], work / "r2"),
         ("out_dir is a file", pre + [f"train.out_dir={a_file}"], None),
         ("out_dir under a file", pre + [f"train.out_dir={a_file}/run"], None),

@@ -36,8 +36,9 @@ between the hook's check and the open, can get out; run untrusted code with
 bubblewrap installed (``sandbox="bwrap"`` fails instead of degrading). In either
 layer the verdict is reported from inside the child, so a program that digs the
 runner's secret out of the interpreter's frames can report a pass it did not earn;
-the limits bound CPU time, memory and file sizes, not the disk bandwidth or the
-number of files written in the working directory.
+without bubblewrap a program can still learn whether a path exists (``stat`` is not an
+audit event); the limits bound CPU time, memory and file sizes, not the disk bandwidth or
+the number of files written in the working directory.
 
 The parent enforces a wall-clock timeout by SIGKILL to the whole process group.
 The limits are set inside the child rather than through ``preexec_fn`` because

@@ -191,6 +191,10 @@ def _train_step(run: S.Run, stop_requested: Callable[[], bool]) -> tuple[dict, O
                         + [torch.as_tensor(metric_sums[k], dtype=torch.float64, device=env.device) for k in keys])
     stats = D.all_reduce_sum(stats, env).tolist()
     total_w = stats[1]
+    if total_w <= 0:
+        raise UserError(f"step {run.step + 1}: no micro-batch on any process holds a token to learn from (every "
+                        "loss_weight is 0). SFT examples whose prompt is longer than train.seq_len lose all their "
+                        "assistant tokens: raise train.seq_len, or check the data's loss mask.")
     loss = stats[0] / total_w
     metrics = {k: v / total_w for k, v in zip(keys, stats[4:])}
 

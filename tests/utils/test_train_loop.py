@@ -192,6 +192,16 @@ def test_spike_rollback_policy_reloads_last_checkpoint_and_lowers_lr(tmp_path):
     assert load_train_state(tmp_path / "step_00000008")["schedule"]["scale"] == 0.5
 
 
+def test_a_step_with_nothing_to_learn_is_a_user_error(tmp_path):
+    """Every target masked (an SFT prompt longer than seq_len): a ZeroDivisionError traceback before."""
+    def all_masked(model, batch):
+        loss, m = ce_loss(model, batch)
+        return loss * 0, {"loss_weight": 0.0}
+
+    with pytest.raises(UserError, match="step 1: no micro-batch on any process holds a token to learn from"):
+        train(tiny_model(), StreamLoader(1), all_masked, cfg(tmp_path, batch_size=1, global_batch_size=2), OPT)
+
+
 def test_batch_not_dividing_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="does not divide"):
         grad_accum_steps(cfg(tmp_path, global_batch_tokens=1000), world_size=2)
