@@ -37,7 +37,8 @@ class SpikeConfig:
 
     enabled: bool = True  # false: no spike detection (non-finite steps are still skipped and counted)
     z_threshold: float = 6.0
-    max_loss_ratio: Optional[float] = 2.0  # loss above this times the best smoothed loss is a spike; null: off
+    max_loss_ratio: Optional[float] = 2.0  # loss above this times the best smoothed loss is a spike (raise it for
+    # very noisy small-batch runs; null: off)
     ema_beta: float = 0.98
     warmup_steps: int = 50  # normal steps observed before the detector may fire
     policy: Literal["skip", "rollback"] = "skip"
