@@ -75,6 +75,7 @@ class EvalRecipe:
     timeout_s: float = 5.0
     memory_mb: int = 512
     n_workers: int = 2
+    sandbox: Literal["auto", "bwrap", "python"] = "auto"  # auto: bubblewrap when installed (eval/humaneval_exec.py)
 
     def __post_init__(self) -> None:
         if self.source is None:

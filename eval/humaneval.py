@@ -6,8 +6,8 @@
 The prompt is the task's code (signature + docstring) as plain text, as in Chen et al. (2021);
 the model continues it. Generation stops at the Codex stop sequences (a new top-level
 "class", "def", "#", "if" or "print"), and the completion is cut there. Every completion runs
-in a sandboxed subprocess (eval/humaneval_exec.py: time and memory limits, no network, no
-process spawning); pass@k is the unbiased estimator over the n samples per task, for each
+in a sandboxed subprocess (eval/humaneval_exec.py: bubblewrap when installed, an audit hook,
+time and memory limits, no network, no process spawning, no files outside its own directory); pass@k is the unbiased estimator over the n samples per task, for each
 k <= n in k_list. temperature 0 with n_samples 1 is greedy pass@1; the Codex paper samples
 n=200 at T=0.8 for pass@100. A task whose prompt does not fit the context is not generated: it
 counts as failed, and the summary says how many ("errors"; outcome "not generated", with the
@@ -91,7 +91,7 @@ def run(recipe: EvalRecipe, generate: Optional[Generate] = None) -> dict:
     errors = {p["task_id"]: outs[0]["error"] for p, outs in zip(problems, raw) if outs[0].get("error")}
     metrics, records = evaluate_completions(problems, completions, k_list=recipe.k_list, n_workers=recipe.n_workers,
                                             timeout_s=recipe.timeout_s, memory_mb=recipe.memory_mb,
-                                            progress=recipe.progress)
+                                            progress=recipe.progress, sandbox=recipe.sandbox)
     for r in records:
         if r["result"] == "not generated":
             r["error"] = errors[r["task_id"]]
@@ -106,7 +106,8 @@ def run(recipe: EvalRecipe, generate: Optional[Generate] = None) -> dict:
               f"(e.g. {first[0]}: {first[1]})")
     passes = ", ".join(f"{k} {v:.1%}" for k, v in metrics.items() if k.startswith("pass@"))
     print(f"humaneval: {passes} on {metrics['n_problems']} tasks x {recipe.n_samples} samples "
-          f"(T={recipe.temperature}), outcomes {metrics['outcomes']}, source {recipe.source} -> {summary_path}")
+          f"(T={recipe.temperature}), outcomes {metrics['outcomes']}, source {recipe.source}, sandbox "
+          f"{metrics['sandbox']} -> {summary_path}")
     return summary
 
 

@@ -1,45 +1,73 @@
 """Run HumanEval completions against their unit tests in a sandboxed subprocess.
 
 One program per completion: ``prompt + completion + test + check(entry_point)``,
-executed by a fresh ``python -I`` in its own session (process group) and temp
-dir. Before the user code runs, the child (still single-threaded) applies:
+executed by a fresh ``python -I -B`` in its own session (process group) and a fresh,
+empty temporary directory. Two layers of isolation:
 
-- resource limits: RLIMIT_AS (memory), RLIMIT_CPU, RLIMIT_FSIZE, RLIMIT_NPROC;
-- no network: a fresh user+network namespace when the kernel allows it (no
-  interfaces, so even 127.0.0.1 is unreachable), and in every case
-  ``socket.socket``/``create_connection``/``getaddrinfo``/... replaced by
-  functions that raise; proxy variables are not passed on;
-- no process spawning: ``os.system``/``fork``/``exec*``/``subprocess.Popen``/
-  ``os.kill``... raise. This is the real fork-bomb guard when the evaluator runs
-  as root, because Linux never enforces RLIMIT_NPROC on uid 0.
+1. The OS layer, when bubblewrap (``bwrap``, Debian's ``bubblewrap`` package) is
+   installed and works (``sandbox="auto"`` uses it then; ``"bwrap"`` requires it):
+   the child runs in new user, PID, network, IPC, UTS and cgroup namespaces with
+   every capability dropped. Its filesystem is read-only ``/usr`` (and ``/bin``,
+   ``/lib*``) plus the Python installation, a private ``/proc``, a minimal ``/dev``,
+   an empty ``/tmp`` and, writable, only its own working directory: ``/etc``,
+   ``/home``, ``/root``, the repository and other runs' files do not exist in it.
+   No network interface but a downed loopback. It dies with the evaluator.
+2. The Python layer, always: before the program runs, the child (still
+   single-threaded) sets resource limits (RLIMIT_AS memory, RLIMIT_CPU,
+   RLIMIT_FSIZE, RLIMIT_NPROC, no core files), enters a fresh user+network
+   namespace when the kernel allows it, replaces the process and socket functions
+   with ones that raise, and installs an audit hook (PEP 578) that refuses, with a
+   PermissionError: every ``ctypes`` event (loading a library, calling a foreign
+   function, reading raw memory), process creation and signals (``os.system``,
+   ``exec*``, ``fork``, ``posix_spawn``, ``subprocess``, ``kill``), every socket
+   event, opening a file for writing outside the working directory, opening or
+   listing anything outside the working directory and the Python installation
+   (``/etc/passwd`` included), renaming, deleting, linking or changing files
+   outside the working directory, paths relative to a directory descriptor, and
+   the object-graph walks that could reach the hook itself (``gc.get_objects``,
+   ``gc.get_referrers``, ``sys._current_frames``, tracing hooks). The hook resolves
+   symlinks itself with functions it captured before the program ran, so
+   replacing ``os.path.realpath`` or ``builtins`` does not fool it.
+
+What this does NOT guarantee: without bubblewrap the Python layer is the only wall,
+and CPython's audit hooks are documented as not being a sandbox: a program that
+exploits an interpreter memory-safety bug, or races a symlink swap from a thread
+between the hook's check and the open, can get out; run untrusted code with
+bubblewrap installed (``sandbox="bwrap"`` fails instead of degrading). In either
+layer the verdict is reported from inside the child, so a program that digs the
+runner's secret out of the interpreter's frames can report a pass it did not earn;
+without bubblewrap a program can still learn whether a path exists (``stat`` is not an
+audit event); the limits bound CPU time, memory and file sizes, not the disk bandwidth or
+the number of files written in the working directory.
 
 The parent enforces a wall-clock timeout by SIGKILL to the whole process group.
-Like OpenAI's ``human-eval`` harness this stops accidents (infinite loops,
-huge allocations, stray sockets), not a determined attacker: run untrusted
-model output in a container too.
-
 The limits are set inside the child rather than through ``preexec_fn`` because
 ``evaluate_completions`` launches from a thread pool and ``preexec_fn`` is not
 safe in a threaded parent (the child can deadlock before exec).
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Literal, Sequence
 
 from eval.passk import mean_pass_at_k
+from utils.errors import UserError
 
-# Source of the child process (run with `python -I -c`, so stdlib only).
-# It reads one JSON job from stdin: program, limits, nonce, result path.
-_CHILD_SOURCE = r'''
+Sandbox = Literal["auto", "bwrap", "python"]
+
+# Source of the child process (run with `python -I -B -c`, so stdlib only).
+# It reads one JSON job from stdin: program, limits, nonce, result path, read roots.
+_CHILD_SOURCE = r"""
 import json, sys
 job = json.loads(sys.stdin.read())
 
@@ -58,8 +86,7 @@ _limit(resource.RLIMIT_CORE, 0)
 # Fresh user + network namespace: only a downed loopback, no routes.
 try:
     import ctypes
-    _libc = ctypes.CDLL(None, use_errno=True)
-    _libc.unshare(0x10000000 | 0x40000000)  # CLONE_NEWUSER | CLONE_NEWNET
+    ctypes.CDLL(None, use_errno=True).unshare(0x10000000 | 0x40000000)  # CLONE_NEWUSER | CLONE_NEWNET
 except Exception:
     pass
 
@@ -88,20 +115,131 @@ for name in ("system", "popen", "fork", "forkpty", "posix_spawn", "posix_spawnp"
 subprocess.Popen = _make_blocked("process control (subprocess.Popen)")
 _posixsubprocess.fork_exec = _make_blocked("process control (fork_exec)")
 
-program, result_path, nonce = job["program"], job["result_path"], job["nonce"]
-del job
 
-def _report(line):
-    with open(result_path, "w") as f:
-        f.write(nonce + " " + line[:500])
-try:
-    exec(compile(program, "<humaneval>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
-except BaseException as err:  # SystemExit too: a test must reach the end of check()
-    detail = str(err)
-    _report(f"failed: {type(err).__name__}" + (f": {detail}" if detail else ""))
-    raise SystemExit(1)
-_report("passed")
-'''
+def _audit_hook(workdir):
+    # Everything the hook calls is captured here, before the program runs: C functions and
+    # methods of built-in types, which the program cannot replace (it can replace os.path.*,
+    # builtins.* or module attributes, and the hook never looks them up again).
+    lstat, readlink, getcwd, len_, OSError_ = posix.lstat, posix.readlink, posix.getcwd, len, OSError
+    S_IFMT, S_IFLNK = 0o170000, 0o120000
+    WRITE = posix.O_WRONLY | posix.O_RDWR | posix.O_CREAT | posix.O_TRUNC | posix.O_APPEND
+    Denied, str_, bytes_, int_, type_, reversed_, any_ = PermissionError, str, bytes, int, type, reversed, any
+    split, rsplit, startswith, join = str.split, str.rsplit, str.startswith, str.join
+    devices = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")
+    prefixes = (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)
+    deny_prefixes = ("ctypes.", "socket.", "subprocess.", "os.system", "os.exec", "os.spawn", "os.posix_spawn",
+                     "os.fork", "os.kill", "pty.", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
+                     "sys._current_frames", "sys.settrace", "sys.setprofile", "sys.remote_exec", "webbrowser.",
+                     "resource.setrlimit", "resource.prlimit")  # root could raise its own hard limits
+    # event -> (indices of path arguments, indices of dir_fd arguments, writes?)
+    paths = {
+        "os.listdir": ((0,), (), False), "os.scandir": ((0,), (), False), "os.listxattr": ((0,), (), False),
+        "os.getxattr": ((0,), (), False), "os.chdir": ((0,), (), True),
+        "os.remove": ((0,), (1,), True), "os.rmdir": ((0,), (1,), True), "os.mkdir": ((0,), (2,), True),
+        "os.rename": ((0, 1), (2, 3), True), "os.link": ((0, 1), (2, 3), True), "os.symlink": ((1,), (2,), True),
+        "os.chmod": ((0,), (2,), True), "os.chown": ((0,), (3,), True), "os.utime": ((0,), (3,), True),
+        "os.truncate": ((0,), (), True), "os.setxattr": ((0,), (), True), "os.removexattr": ((0,), (), True),
+        "os.chflags": ((0,), (), True), "os.lchflags": ((0,), (), True), "os.mkfifo": ((0,), (2,), True),
+        "os.mknod": ((0,), (3,), True), "shutil.rmtree": ((0,), (), True), "shutil.copyfile": ((1,), (), True),
+        "shutil.copytree": ((1,), (), True), "shutil.move": ((0, 1), (), True), "shutil.chown": ((0,), (), True),
+        "shutil.unpack_archive": ((1,), (), True), "shutil.make_archive": ((0,), (), True),
+        "sqlite3.connect": ((0,), (), True),
+    }
+
+    def resolve(path):
+        # Absolute path with every symlink followed, like os.path.realpath.
+        if type_(path) is bytes_:
+            path = bytes_.decode(path, "utf-8", "surrogateescape")
+        if not startswith(path, "/"):
+            path = getcwd() + "/" + path
+        todo, done, hops = [p for p in reversed_(split(path, "/")) if p], "", 0
+        while todo:
+            part = todo.pop()
+            if part == ".":
+                continue
+            if part == "..":
+                done = rsplit(done, "/", 1)[0]
+                continue
+            candidate = done + "/" + part
+            try:
+                is_link = lstat(candidate).st_mode & S_IFMT == S_IFLNK
+            except OSError_:
+                is_link = False  # not there (yet): the rest is taken as written
+            if not is_link:
+                done = candidate
+                continue
+            hops += 1
+            if hops > 40:
+                raise Denied("sandbox: too many levels of symbolic links")
+            target = readlink(candidate)
+            if startswith(target, "/"):
+                done = ""
+            todo.extend(p for p in reversed_(split(target, "/")) if p)
+        return done or "/"
+
+    def inside(path, roots):
+        return any_(path == r or startswith(path, r + "/") for r in roots)
+
+    # Reads: the working directory and the Python installation (its prefixes, not other sys.path
+    # entries: a .pth file can point anywhere). Writes: the working directory only.
+    writable = (resolve(workdir),)
+    readable = writable + tuple(resolve(p) for p in prefixes)
+
+    def check(event, path, write):
+        if type_(path) is int_ or path is None:
+            return  # an already open descriptor, or the working directory
+        if type_(path) is not str_ and type_(path) is not bytes_:
+            raise Denied(f"sandbox: {event} takes a str path here")  # a PathLike could answer differently twice
+        real = resolve(path)
+        if real in devices or inside(real, writable if write else readable):
+            return
+        raise Denied(f"sandbox: {event} of {real!r} is outside the sandbox")
+
+    def hook(event, args):
+        if startswith(event, deny_prefixes):
+            raise Denied(f"sandbox: {event} is not allowed")
+        if event == "open":
+            path, mode, flags = args
+            check(event, path, (mode is not None and any_(c in mode for c in "wax+")) or flags & WRITE)
+        elif event in paths:
+            where, dir_fds, write = paths[event]
+            for i in dir_fds:
+                if i < len_(args) and type_(args[i]) is int_ and args[i] >= 0:  # -1 / None: no dir_fd
+                    raise Denied(f"sandbox: {event} with dir_fd is not allowed")
+            for i in where:
+                if i < len_(args):
+                    check(event, args[i], write)
+        elif event == "object.__setattr__" and args[0] is hook:
+            raise Denied("sandbox: the audit hook cannot be changed")
+
+    return hook
+
+
+def _reporter(result_path, nonce):
+    def report(line):
+        with open(result_path, "w") as f:
+            f.write(nonce + " " + line[:500])
+    return report
+
+
+def _main(job):
+    report = _reporter(job.pop("result_path"), job.pop("nonce"))  # the nonce lives on in this closure only
+    program = job.pop("program")
+    sys.addaudithook(_audit_hook(job.pop("workdir")))
+    for name in [m for m in sys.modules if m == "ctypes" or m.startswith(("ctypes.", "_ctypes"))]:
+        del sys.modules[name]
+    globals().pop("ctypes", None)
+    try:
+        exec(compile(program, "<humaneval>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+    except BaseException as err:  # SystemExit too: a test must reach the end of check()
+        detail = str(err)
+        report(f"failed: {type(err).__name__}" + (f": {detail}" if detail else ""))
+        raise SystemExit(1)
+    report("passed")
+
+
+_main(job)
+"""
 
 
 def build_program(problem: dict, completion: str) -> str:
@@ -149,8 +287,51 @@ def _kill_group(pgid: int) -> None:
         pass  # group already gone
 
 
+@functools.lru_cache(maxsize=None)
+def bwrap_usable() -> bool:
+    """bubblewrap is on PATH and can create its namespaces here (some containers forbid it)."""
+    exe = shutil.which("bwrap")
+    if exe is None:
+        return False
+    try:
+        probe = subprocess.run([exe, "--ro-bind", "/", "/", "--unshare-all", "--die-with-parent", "true"],
+                               capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+def resolve_sandbox(sandbox: Sandbox) -> Literal["bwrap", "python"]:
+    """The isolation that will run: ``auto`` is bwrap when usable, else the Python layer alone."""
+    if sandbox not in ("auto", "bwrap", "python"):
+        raise UserError(f"sandbox={sandbox!r}: choose auto, bwrap or python")
+    if sandbox == "python" or (sandbox == "auto" and not bwrap_usable()):
+        return "python"
+    if not bwrap_usable():
+        raise UserError("sandbox=bwrap, but bubblewrap (bwrap) is not installed or cannot create namespaces here; "
+                        "install it (Debian/Ubuntu: apt-get install bubblewrap) or use sandbox=auto")
+    return "bwrap"
+
+
+def _bwrap_prefix(workdir: str) -> list[str]:
+    """bwrap arguments: new namespaces, no capabilities, read-only system and Python directories,
+    a private /proc, /dev and /tmp, and ``workdir`` as the only writable place."""
+    argv = [shutil.which("bwrap") or "bwrap", "--unshare-all", "--die-with-parent", "--cap-drop", "ALL",
+            "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    for top in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):  # merged /usr: /bin -> usr/bin
+            argv += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            argv += ["--ro-bind", top, top]
+    for prefix in sorted({sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}):
+        real = os.path.realpath(prefix)
+        for where in dict.fromkeys([real, prefix]):  # a venv reached through a symlink: both paths
+            argv += ["--ro-bind", real, where]
+    return argv + ["--bind", workdir, workdir, "--chdir", workdir, "--"]
+
+
 def check_completion(problem: dict, completion: str, timeout_s: float = 5.0,
-                     memory_mb: int = 512) -> dict:
+                     memory_mb: int = 512, sandbox: Sandbox = "auto") -> dict:
     """Execute one completion against the problem's tests in a sandboxed subprocess.
 
     Args:
@@ -158,23 +339,30 @@ def check_completion(problem: dict, completion: str, timeout_s: float = 5.0,
         completion: the model's continuation of the prompt (the function body).
         timeout_s: wall-clock limit; the whole process group is killed after it.
         memory_mb: address-space limit of the child.
+        sandbox: "auto" (bubblewrap when usable, else the Python layer), "bwrap" (required)
+            or "python" (the audit hook, limits and namespaces only); see the module docstring.
     Returns:
         {"passed": bool, "result": "passed" | "failed: <Error>: <msg>" | "timed out"
         | "failed: killed by SIGXCPU" | "failed: exit code N"}.
     """
     program = build_program(problem, completion)
     nonce = secrets.token_hex(16)  # so only our runner's report counts, not stray output
-    with tempfile.TemporaryDirectory(prefix="humaneval_", ignore_cleanup_errors=True) as workdir:
+    kind = resolve_sandbox(sandbox)
+    with tempfile.TemporaryDirectory(prefix="humaneval_", ignore_cleanup_errors=True) as tmp:
+        workdir = os.path.join(tmp, "work")  # the program's fresh, empty directory; the parent's files stay outside
+        os.mkdir(workdir)
         result_path = os.path.join(workdir, ".result")
-        job = {"program": program, "nonce": nonce, "result_path": result_path,
+        job = {"program": program, "nonce": nonce, "result_path": result_path, "workdir": os.path.realpath(workdir),
                "memory_bytes": memory_mb * 1024 * 1024,
                "cpu_s": int(math.ceil(timeout_s)) + 1,
                "fsize_bytes": 16 * 1024 * 1024,
                "nproc": _user_task_count() + 16}
-        with open(os.path.join(workdir, ".stderr"), "wb") as err_file:
+        argv = [sys.executable, "-I", "-B", "-c", _CHILD_SOURCE]
+        if kind == "bwrap":
+            argv = _bwrap_prefix(workdir) + argv
+        with open(os.path.join(tmp, "stderr"), "wb") as err_file:
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-c", _CHILD_SOURCE],
-                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err_file,
+                argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err_file,
                 cwd=workdir, env=_sandbox_env(workdir), start_new_session=True)
             timed_out = False
             try:
@@ -182,13 +370,14 @@ def check_completion(problem: dict, completion: str, timeout_s: float = 5.0,
             except subprocess.TimeoutExpired:
                 timed_out = True
             finally:
-                # The child leads its own session: this also reaps anything it left running.
+                # The child leads its own session: this also reaps anything it left running
+                # (under bwrap, --die-with-parent takes the sandbox down with it).
                 _kill_group(proc.pid)
                 proc.wait()
 
         report = _read_tail(result_path, limit=4096)
         # Last line of stderr explains a crash that happened outside the runner's try.
-        err_lines = _read_tail(os.path.join(workdir, ".stderr"), limit=4096).strip().splitlines()
+        err_lines = _read_tail(os.path.join(tmp, "stderr"), limit=4096).strip().splitlines()
         err_tail = err_lines[-1][:300] if err_lines else ""
     if timed_out:
         return {"passed": False, "result": "timed out"}
@@ -206,7 +395,7 @@ def check_completion(problem: dict, completion: str, timeout_s: float = 5.0,
 def evaluate_completions(problems: Sequence[dict], completions_per_task: dict[str, list[str]],
                          k_list: Sequence[int] = (1, 10, 100), n_workers: int = 2,
                          timeout_s: float = 5.0, memory_mb: int = 512,
-                         progress: bool = False) -> tuple[dict, list[dict]]:
+                         progress: bool = False, sandbox: Sandbox = "auto") -> tuple[dict, list[dict]]:
     """Check every completion of every problem and compute unbiased pass@k.
 
     Args:
@@ -215,8 +404,9 @@ def evaluate_completions(problems: Sequence[dict], completions_per_task: dict[st
             one that was not generated (its prompt did not fit the context): it fails without running.
         k_list: the k values to report; k above the smallest n is skipped.
         n_workers: subprocesses run at once (threads only wait on them).
+        sandbox: see ``check_completion``; the summary says which isolation ran.
     Returns:
-        (summary, records). summary: {"n_problems", "n_samples", "pass@k"..., "outcomes"};
+        (summary, records). summary: {"n_problems", "n_samples", "pass@k"..., "outcomes", "sandbox"};
         records: one per completion, in problem then completion order:
         {"task_id", "completion_id", "completion", "passed", "result"}.
     """
@@ -226,13 +416,14 @@ def evaluate_completions(problems: Sequence[dict], completions_per_task: dict[st
         if not completions:
             raise ValueError(f"no completions for task {problem['task_id']}")
         jobs += [(problem, i, c) for i, c in enumerate(completions)]
+    isolation = resolve_sandbox(sandbox)
 
     def run(job):
         problem, i, completion = job
         if completion is None:
             out = {"passed": False, "result": "not generated"}
         else:
-            out = check_completion(problem, completion, timeout_s=timeout_s, memory_mb=memory_mb)
+            out = check_completion(problem, completion, timeout_s=timeout_s, memory_mb=memory_mb, sandbox=isolation)
         return {"task_id": problem["task_id"], "completion_id": i, "completion": completion, **out}
 
     with ThreadPoolExecutor(max_workers=max(1, n_workers)) as pool:
@@ -252,5 +443,6 @@ def evaluate_completions(problems: Sequence[dict], completions_per_task: dict[st
         kind = r["result"] if r["result"] in ("passed", "timed out", "not generated") else "failed"
         outcomes[kind] = outcomes.get(kind, 0) + 1
     summary = {"n_problems": len(problems), "n_samples": len(records),
-               **mean_pass_at_k(list(n.values()), list(c.values()), k_list), "outcomes": outcomes}
+               **mean_pass_at_k(list(n.values()), list(c.values()), k_list), "outcomes": outcomes,
+               "sandbox": "bwrap + python" if isolation == "bwrap" else "python"}
     return summary, records

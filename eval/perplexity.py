@@ -106,7 +106,8 @@ def utf8_bytes(tok, ids: np.ndarray) -> int:
 def perplexity_metrics(total_nll: float, n_tokens: int, n_bytes: int) -> dict:
     """mean NLL (nats/token), perplexity = exp(mean NLL), bits per byte = NLL / ln 2 / bytes."""
     mean = total_nll / n_tokens
-    return {"mean_nll": mean, "perplexity": math.exp(mean),
+    # exp overflows a float past 709 nats/token (a broken or untrained-on-this-text model): say inf
+    return {"mean_nll": mean, "perplexity": math.exp(mean) if mean < 709.0 else math.inf,
             "bits_per_byte": total_nll / math.log(2) / n_bytes if n_bytes else None,
             "n_tokens": n_tokens, "n_bytes": n_bytes, "total_nll": total_nll}
 

@@ -6,16 +6,21 @@ A checkpoint is a directory that the next stage rebuilds from alone:
     model_config.json     the ModelConfig
     recipe.yaml           the stage recipe that produced it (optional)
     train_state.pt        optimizer / scheduler / RNG / data position (optional), read with weights_only=True
-    meta.json             step, tokens seen, kind ("model" or "adapter"), free-form extras
+    meta.json             step, tokens seen, kind ("model" or "adapter"), free-form extras,
+                          checksums (sha256 of the weights and train state), healthy (step checkpoints)
     tokenizer.json        copied beside the weights (optional), with its companions (tokenizer_config.json,
                           special_tokens_map.json, chat_template.jinja, generation_config.json) when present
 
-It is written into a temporary sibling directory and renamed, so a crash mid-write never
-leaves a half checkpoint that later loads. A run directory keeps the last K checkpoints as
-``step_00000100/`` and a ``latest`` file naming the newest complete one.
+It is written into a temporary sibling directory, fsynced and renamed (utils/fs.py), so a crash
+mid-write never leaves a half checkpoint that later loads, and a save that returned survives a
+power cut. The checksums catch what atomicity cannot: bytes changed later on disk or in a copy.
+Loading verifies them (``LLM_VERIFY_CHECKSUMS=0`` skips it, for very large checkpoints; the
+files still have to parse). A run directory keeps the last K checkpoints as ``step_00000100/``,
+plus the newest one saved while the run was healthy, and a ``latest`` file naming the newest.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -31,6 +36,7 @@ from utils.fs import atomic_dir, atomic_file
 WEIGHTS, MODEL_CONFIG, RECIPE, TRAIN_STATE, META, TOKENIZER = (
     "model.safetensors", "model_config.json", "recipe.yaml", "train_state.pt", "meta.json", "tokenizer.json",
 )
+CHECKSUMMED = (WEIGHTS, TRAIN_STATE)  # the binary files, where flipped bytes would load silently
 # What travels with tokenizer.json: an imported model's special tokens, chat template and stop ids.
 TOKENIZER_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
 
@@ -77,10 +83,36 @@ def save_checkpoint(
             save_yaml(recipe, tmp / RECIPE)
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE)
-        (tmp / META).write_text(json.dumps({"kind": "model", **(meta or {})}, indent=2, default=str))
+        checksums = {name: file_sha256(tmp / name) for name in CHECKSUMMED if (tmp / name).is_file()}
+        meta = {"kind": "model", **(meta or {}), "checksums": checksums}
+        (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
         if tokenizer_path is not None and Path(tokenizer_path).is_file():
             copy_tokenizer_files(tokenizer_path, tmp)
     return path
+
+
+def file_sha256(file: str | os.PathLike) -> str:
+    """``sha256:<hex>`` of a file's bytes (the same hex ``sha256sum`` prints)."""
+    with open(file, "rb") as f:
+        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def verify_checksum(path: str | os.PathLike, name: str) -> None:
+    """Compare ``path/name`` with the checksum meta.json recorded at save; UserError naming the
+    file when they differ. Nothing to compare (a checkpoint from before checksums, or from
+    another tool) or ``LLM_VERIFY_CHECKSUMS=0`` passes."""
+    if os.environ.get("LLM_VERIFY_CHECKSUMS", "1").strip().lower() in ("0", "false", "no"):
+        return
+    expected = read_meta(path).get("checksums", {})
+    expected = expected.get(name) if isinstance(expected, dict) else None
+    file = Path(path) / name
+    if expected is None or not file.is_file():
+        return
+    if file_sha256(file) != expected:
+        raise UserError(
+            f"{file} does not match the checksum recorded when it was saved; its bytes changed on disk or in a copy, "
+            "so it is damaged. Use an earlier checkpoint (or a fresh copy) or re-run the stage that wrote it."
+        )
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -116,6 +148,7 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     file = Path(path) / WEIGHTS
+    verify_checksum(path, WEIGHTS)
     try:
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError) as err:
@@ -152,6 +185,7 @@ def load_train_state(path: str | os.PathLike) -> Optional[dict]:
     file = Path(path) / TRAIN_STATE
     if not file.is_file():
         return None
+    verify_checksum(path, TRAIN_STATE)
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # a damaged pickle raises many types; all mean the same to the user
@@ -161,11 +195,13 @@ def load_train_state(path: str | os.PathLike) -> Optional[dict]:
 # ----------------------------------------------------------------------------- run directories
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_UNFINISHED = re.compile(r"^\.(step_\d+|final|latest)\.(tmp|old)-")  # what a killed save leaves (utils/fs.py)
 
 
 class CheckpointManager:
-    """Keeps ``run_dir/step_XXXXXXXX`` checkpoints, the last ``keep_last`` of them, and a
-    ``latest`` file that is only updated after a checkpoint is complete."""
+    """Keeps ``run_dir/step_XXXXXXXX`` checkpoints: the last ``keep_last`` of them (0: all) and,
+    always, the newest one saved while the run was healthy (meta.json ``healthy``), so a rollback
+    after a divergence has somewhere good to go. A ``latest`` file names the newest complete one."""
 
     def __init__(self, run_dir: str | os.PathLike, keep_last: int = 3):
         self.run_dir = Path(run_dir)
@@ -174,14 +210,24 @@ class CheckpointManager:
     def path_for(self, step: int) -> Path:
         return self.run_dir / f"step_{step:08d}"
 
-    def save(self, step: int, model: torch.nn.Module, **kwargs) -> Path:
-        path = save_checkpoint(self.path_for(step), model, meta={"step": step, **kwargs.pop("meta", {})}, **kwargs)
+    def save(self, step: int, model: torch.nn.Module, *, healthy: bool = True, **kwargs) -> Path:
+        meta = {"step": step, **kwargs.pop("meta", {}), "healthy": healthy}
+        path = save_checkpoint(self.path_for(step), model, meta=meta, **kwargs)
         with atomic_file(self.run_dir / "latest") as f:
             f.write(path.name + "\n")
         self._prune()
         return path
 
-    def latest(self) -> Optional[Path]:
+    def latest(self, healthy: bool = False) -> Optional[Path]:
+        """The newest complete checkpoint; ``healthy=True``: the newest saved while the run was healthy."""
+        if healthy:
+            for step in reversed(self.steps()):
+                try:
+                    if self.is_healthy(self.path_for(step)):
+                        return self.path_for(step)
+                except UserError:
+                    continue  # a damaged meta.json: not a place to go back to
+            return None
         marker = self.run_dir / "latest"
         if marker.is_file():
             candidate = self.run_dir / marker.read_text().strip()
@@ -190,12 +236,42 @@ class CheckpointManager:
         steps = self.steps()
         return self.path_for(steps[-1]) if steps else None
 
+    @staticmethod
+    def is_healthy(path: Path) -> bool:
+        """meta.json's ``healthy`` (checkpoints written before it existed count as healthy); a
+        damaged meta.json is a UserError."""
+        return read_meta(path).get("healthy", True) is True
+
     def steps(self) -> list[int]:
         if not self.run_dir.is_dir():
             return []
         found = [int(m.group(1)) for p in self.run_dir.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / WEIGHTS).is_file()]
         return sorted(found)
 
+    def remove_unfinished(self) -> tuple[int, int]:
+        """Delete the temporary directories and files of saves that were killed before their rename
+        (``.step_*.tmp-*`` and the like). Returns (entries removed, bytes freed). Call it only when no
+        save is running: at the start of a run, on the one process that writes."""
+        count = size = 0
+        if not self.run_dir.is_dir():
+            return 0, 0
+        for entry in self.run_dir.iterdir():
+            if not _UNFINISHED.match(entry.name):
+                continue
+            files = [entry] if not entry.is_dir() else [f for f in entry.rglob("*") if f.is_file()]
+            size += sum(f.lstat().st_size for f in files)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            count += 1
+        return count, size
+
     def _prune(self) -> None:
-        for step in self.steps()[: -self.keep_last] if self.keep_last > 0 else []:
-            shutil.rmtree(self.path_for(step), ignore_errors=True)
+        if self.keep_last <= 0:
+            return
+        steps = self.steps()
+        newest_healthy = self.latest(healthy=True)
+        for step in steps[: -self.keep_last]:
+            if self.path_for(step) != newest_healthy:
+                shutil.rmtree(self.path_for(step), ignore_errors=True)

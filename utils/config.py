@@ -226,6 +226,9 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"recipe {str(path)!r} is a directory; pass --config_path pointing at a YAML file in it "
+                        f"(e.g. {_example_yaml(path)}).")
     if not path.is_file():
         raise UserError(f"recipe {str(path)!r} does not exist; pass --config_path pointing at a YAML file under configs/.")
     try:
@@ -241,6 +244,11 @@ def read_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"recipe {str(path)!r} must be a mapping of keys at the top, got {type(data).__name__}.")
     return data
+
+
+def _example_yaml(folder: Path) -> str:
+    found = sorted(folder.rglob("*.yaml"))
+    return str(found[0]) if found else str(folder / "recipe.yaml")
 
 
 def load_config(cls: type[T], path: str | Path | None, overrides: Sequence[str] = ()) -> T:

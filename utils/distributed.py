@@ -9,6 +9,7 @@ LOCAL_RANK, MASTER_ADDR/PORT; ``setup`` reads them and opens the process group
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -55,12 +56,18 @@ def setup(kind: str = "none", device: str = "auto") -> DistEnv:
             torch.cuda.set_device(dev)
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30),
                                 device_id=dev if dev.type == "cuda" else None)
+        # Destroy the group before the interpreter is torn down, on every way out (a stage that
+        # returns, a UserError or Ctrl-C through main_guard): left to finalization, gloo's worker
+        # threads can still hold work whose tensors need the GIL, and the process aborts
+        # ("terminate called without an active exception") after its work was done.
+        atexit.register(cleanup)
     elif dev.type == "cuda":
         torch.cuda.set_device(dev)
     return DistEnv(rank, world, local_rank, dev, kind if world > 1 else "none")
 
 
 def cleanup() -> None:
+    """Destroy the process group (a no-op when there is none); also run at exit (see ``setup``)."""
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -1,4 +1,9 @@
-"""Write files and directories so a crash never leaves a half-written result behind."""
+"""Write files and directories so a crash never leaves a half-written result behind.
+
+Each writer fills a temporary sibling, fsyncs it, renames it into place and fsyncs the parent
+directory: a reader sees the old or the new version, never a mix, and a write that returned
+survives a power cut. A killed writer leaves only its hidden ``.<name>.tmp-*`` sibling.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from utils.errors import UserError
 
 
 @contextlib.contextmanager
@@ -23,14 +30,16 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
-        _fsync_dir(tmp)
+        fsync_tree(tmp)  # contents on disk before the rename makes them visible
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
             os.replace(tmp, final)
+            fsync_dir(final.parent)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+            fsync_dir(final.parent)  # the rename itself survives a power cut
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -48,7 +57,9 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
+        _fsync_file(tmp)
         os.replace(tmp, final)
+        fsync_dir(final.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -66,17 +77,57 @@ def atomic_file(final: str | os.PathLike, mode: str = "w") -> Iterator:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
         os.replace(tmp, final)
+        fsync_dir(final.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
 
 
-def _fsync_dir(path: Path) -> None:
+def writable_dir(path: str | os.PathLike, key: str) -> Path:
+    """Create directory ``path`` (with parents) and check a file can be written in it.
+
+    ``key`` names the setting in the message (e.g. ``train.out_dir``); a path that is a file,
+    lies under a file, or cannot be created or written is a UserError, before any work starts.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"{key}={str(path)!r} is a file (or lies under one), not a directory; "
+                        "point it at a directory.") from None
+    except OSError as err:
+        raise UserError(f"{key}={str(path)!r} cannot be written ({err.strerror}); choose a directory you can "
+                        "write to.") from None
+    return path
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file and directory under ``path`` (and ``path`` itself): data and names."""
     for f in path.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        if f.is_file() and not f.is_symlink():
+            _fsync_file(f)
+        elif f.is_dir():
+            fsync_dir(f)
+    fsync_dir(path)
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so the entries created or renamed in it are on disk (POSIX needs this
+    after a rename; without it a power cut can lose a save that was reported done)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
 
 
 def _umask() -> int:

@@ -44,6 +44,12 @@ class OptimConfig:
             raise UserError(f"optim.betas must be two numbers in [0, 1), got {self.betas}.")
         if self.lr <= 0 or self.muon_lr <= 0:
             raise UserError(f"optim.lr and optim.muon_lr must be positive, got {self.lr} and {self.muon_lr}.")
+        if self.weight_decay < 0:
+            raise UserError(f"optim.weight_decay must be >= 0 (0: no decay), got {self.weight_decay}.")
+        if self.eps <= 0:
+            raise UserError(f"optim.eps must be positive, got {self.eps}.")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise UserError(f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum}.")
         if self.warmup_steps < 0:
             raise UserError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}.")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

@@ -25,9 +25,9 @@ class TrainConfig:
     global_batch_size: Optional[int] = None  # or: rows per optimizer step over all processes
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
-    eval_batches: int = 20
+    eval_batches: int = 20  # micro-batches per evaluation (>= 1)
     save_every: int = 0  # 0: checkpoint only at the end (and on Ctrl-C)
-    keep_last: int = 2
+    keep_last: int = 2  # step checkpoints kept (0: keep all); the newest healthy one is never pruned
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N (utils/device.py); torchrun: one GPU per process
     dtype: DType = "auto"  # autocast dtype; auto: bf16 on CUDA, fp32 on CPU
@@ -46,5 +46,10 @@ class TrainConfig:
                 raise UserError(f"train.{name} must be positive, got {getattr(self, name)}.")
         if self.global_batch_tokens is not None and self.global_batch_size is not None:
             raise UserError("train: set global_batch_tokens or global_batch_size, not both.")
-        if self.log_every <= 0:
-            raise UserError(f"train.log_every must be positive, got {self.log_every}.")
+        for name in ("log_every", "eval_batches"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"train.{name} must be positive, got {getattr(self, name)}.")
+        for name, zero in (("eval_every", "evaluate only at the end"), ("save_every", "checkpoint only at the end"),
+                           ("keep_last", "keep every checkpoint")):
+            if getattr(self, name) < 0:
+                raise UserError(f"train.{name} must be >= 0 (0: {zero}), got {getattr(self, name)}.")

@@ -32,13 +32,17 @@ Stages pass in what differs; the loop owns everything else:
 
 Each optimizer step: accumulate gradients over micro-batches (DDP syncs only on the last),
 all-reduce loss/flags, normalise the gradient by the total loss weight, clip, then step
-only when loss and grad norm are finite and the spike detector is quiet.
+only when loss and grad norm are finite and the spike detector is quiet (utils/spike.py).
+``train.spike.max_bad_steps`` skipped steps in a row mean the run diverged: ``Diverged`` (a
+UserError) is raised and no ``final/`` is written; step checkpoints record in meta.json whether
+the run was healthy when they were saved, and rollbacks and resumes go to the newest healthy one.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +57,7 @@ from utils import train_state as S
 from utils.checkpoint import CheckpointManager
 from utils.device import TORCH_DTYPES, dtype_name
 from utils.errors import UserError
+from utils.fs import writable_dir
 from utils.logging import MetricsLogger, read_records
 from utils.optim import LRSchedule, OptimConfig, build_optimizer
 from utils.plots import plot_loss_curve
@@ -146,8 +151,10 @@ class _Interrupt:
             signal.signal(sig, prev)
 
 
-def _train_step(run: S.Run, stop_requested: Callable[[], bool]) -> tuple[dict, bool, bool]:
-    """One optimizer step over ``accum`` micro-batches; returns (record, spiked, stop)."""
+def _train_step(run: S.Run, stop_requested: Callable[[], bool]) -> tuple[dict, Optional[dict], bool, bool]:
+    """One optimizer step over ``accum`` micro-batches; returns (record, spike, bad, stop): why the
+    loss is a spike (or None), whether the step was skipped as non-finite or spiking, and whether a
+    process asked to stop."""
     env, model = run.env, run.model
     model.train()
     t0 = time.perf_counter()
@@ -184,6 +191,10 @@ def _train_step(run: S.Run, stop_requested: Callable[[], bool]) -> tuple[dict, b
                         + [torch.as_tensor(metric_sums[k], dtype=torch.float64, device=env.device) for k in keys])
     stats = D.all_reduce_sum(stats, env).tolist()
     total_w = stats[1]
+    if total_w <= 0:
+        raise UserError(f"step {run.step + 1}: no micro-batch on any process holds a token to learn from (every "
+                        "loss_weight is 0). SFT examples whose prompt is longer than train.seq_len lose all their "
+                        "assistant tokens: raise train.seq_len, or check the data's loss mask.")
     loss = stats[0] / total_w
     metrics = {k: v / total_w for k, v in zip(keys, stats[4:])}
 
@@ -204,8 +215,8 @@ def _train_step(run: S.Run, stop_requested: Callable[[], bool]) -> tuple[dict, b
 
     lr_mult = run.schedule.apply(run.optimizer, run.step)
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
-    spike_z = run.spike.check(loss) if finite else None
-    do_update = finite and spike_z is None
+    spike = run.spike.check(loss) if finite else None
+    do_update = finite and spike is None
     if do_update:
         if run.scaler is not None:
             run.scaler.step(run.optimizer)
@@ -224,9 +235,11 @@ def _train_step(run: S.Run, stop_requested: Callable[[], bool]) -> tuple[dict, b
               "tok_per_s": global_tokens / dt, "tokens": run.tokens_seen, "dt_ms": 1000 * dt, **metrics}
     if not finite:
         run.event("nonfinite", loss=loss, grad_norm=grad_norm, action="skipped update")
-    elif spike_z is not None:
-        record["spike_z"] = spike_z
-    return record, spike_z is not None, stats[3] > 0
+    elif spike is not None:
+        record.update({f"spike_{k}": v for k, v in spike.items()})
+    # fp16: an overflowing gradient is how the GradScaler learns to lower its scale, not a bad step.
+    bad = not do_update and (spike is not None or not math.isfinite(loss) or run.scaler is None)
+    return record, spike, bad, stats[3] > 0
 
 
 def _after_update(model: nn.Module) -> None:
@@ -263,6 +276,7 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable, train_cfg: Tra
           flops_per_token: Optional[float] = None) -> TrainResult:
     """Train ``model`` for ``train_cfg.max_steps`` optimizer steps (see the module docstring)."""
     cfg = train_cfg
+    writable_dir(cfg.out_dir, "train.out_dir")
     env = D.setup(cfg.distributed, cfg.device)
     dtype = _resolve_dtype(cfg, env.device)
     accum = grad_accum_steps(cfg, env.world_size)
@@ -277,9 +291,14 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable, train_cfg: Tra
         raise UserError("train(params=...) holds tensors that are not parameters of the model.")
 
     manager = CheckpointManager(cfg.out_dir, cfg.keep_last)
+    if env.is_main:  # saves killed before their rename leave hidden temp dirs behind: reclaim the space
+        count, size = manager.remove_unfinished()
+        if count:
+            print(f"train: removed {count} unfinished checkpoint save(s) left in {cfg.out_dir} by an interrupted run "
+                  f"({size / 1e6:.1f} MB)", file=sys.stderr)
     resume_path = None
     if cfg.resume == "auto":
-        resume_path = manager.latest()
+        resume_path = S.resume_point(manager, say=env.is_main)
     elif cfg.resume != "never":
         resume_path = Path(cfg.resume)
         if not resume_path.is_dir():
@@ -296,8 +315,7 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable, train_cfg: Tra
                LRSchedule(optim_cfg, cfg.max_steps), torch.amp.GradScaler("cuda") if dtype == "fp16" else None,
                SpikeDetector(cfg.spike), batches, loss_fn, accum, None if dtype == "fp32" else TORCH_DTYPES[dtype], manager,
                MetricsLogger(cfg.out_dir, enabled=False))
-    if state is not None:
-        S.resume(run, state)
+    changed = S.resume(run, state) if state is not None else {}
     extra = {"weights_fn": weights_fn, "recipe": recipe, "meta": checkpoint_meta, "tokenizer_path": tokenizer_path}
 
     run.logger = MetricsLogger(cfg.out_dir, enabled=env.is_main, tensorboard=cfg.tensorboard, total_steps=cfg.max_steps,
@@ -312,18 +330,25 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable, train_cfg: Tra
         f"{cfg.batch_size * cfg.seq_len * accum * env.world_size:,} tokens/step | trainable params {n_train:,} | "
         f"FLOPs/token {fpt:.3g} | peak {'n/a' if not peak else f'{peak:.3g}'} FLOPs/s"
         + (f" | resumed from {resume_path} at step {run.step}" if state is not None else ""))
+    if changed:  # applied from this step on, not ignored: said on the console and in metrics.jsonl
+        run.event("recipe_changed", applied=", ".join(f"{k}: {old} -> {now}" for k, (old, now) in changed.items()))
+    if cfg.distributed != "none" and not env.active:
+        run.logger.print(f"train: train.distributed={cfg.distributed} in a single process (not started by torchrun), so "
+                         "training runs without it; launch with torchrun --nproc_per_node N to use N processes.")
 
     final_eval: dict = {}
     with _Interrupt() as interrupt:
         try:
             while run.step < cfg.max_steps:
-                record, spiked, stop = _train_step(run, lambda: interrupt.requested)
+                record, spike, bad, stop = _train_step(run, lambda: interrupt.requested)
                 record["mfu"] = F.mfu(record["tok_per_s"], fpt, peak, env.world_size)
-                if spiked:
-                    run.event("loss_spike", loss=record["loss"], z=record["spike_z"], policy=cfg.spike.policy)
-                    if cfg.spike.policy == "rollback":
-                        S.rollback(run, weights_fn)
+                run.bad_streak = run.bad_streak + 1 if bad else 0
+                if spike:
+                    run.event("loss_spike", loss=record["loss"], **spike, policy=cfg.spike.policy)
+                    if cfg.spike.policy == "rollback" and S.rollback(run, weights_fn):
                         continue
+                if run.bad_streak >= cfg.spike.max_bad_steps:
+                    raise S.diverged(run, record["loss"], f"{run.bad_streak} consecutive steps were skipped")
                 run.step += 1
                 log_now = run.step % cfg.log_every == 0 or run.step == 1
                 if log_now:  # reading the load syncs with the GPU: only on log steps
@@ -351,6 +376,9 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable, train_cfg: Tra
                 run.logger.console({"step": run.step, **final_eval})
             if manager.latest() != manager.path_for(run.step):  # not saved at this step yet
                 S.save_step(run, extra)
+            if run.bad_streak:  # the weights in hand made the last steps' losses bad: not a final model
+                raise S.diverged(run, history[-1]["loss"], f"the last {run.bad_streak} step(s) before max_steps were "
+                                "skipped (raise train.max_steps and run again to finish on healthy steps)")
             final = S.save_final(run, extra)
             if env.is_main:
                 plot_loss_curve(read_records(Path(cfg.out_dir) / "metrics.jsonl"), Path(cfg.out_dir) / "loss.png",

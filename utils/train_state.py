@@ -6,7 +6,7 @@ and from checkpoint directories.
 
 A step checkpoint (``utils.checkpoint`` layout) holds the weights plus ``train_state.pt``:
 
-    step, world_size, optimizer_name, optimizer, schedule, scaler, spike, tokens_seen,
+    step, world_size, optimizer_name, optimizer, schedule, scaler, spike, tokens_seen, bad_streak,
     ranks: [{"rng": {...}, "data": loader.state_dict()}, ...]   # one entry per rank
 
 Each rank has its own data position and RNG streams, so they are gathered to rank 0 and
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -27,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from utils.checkpoint import (
+    MODEL_CONFIG,
     CheckpointManager,
     load_into,
     load_train_state,
@@ -38,7 +40,7 @@ from utils.distributed import DistEnv, all_gather_object, barrier, full_tensor
 from utils.errors import UserError
 from utils.logging import MetricsLogger
 from utils.optim import LRSchedule, OptimConfig
-from utils.spike import SpikeDetector
+from utils.spike import Diverged, SpikeDetector
 
 from utils.train_config import TrainConfig
 
@@ -105,17 +107,35 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, env: Dis
     return optimizer.state_dict()
 
 
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, env: DistEnv) -> None:
+# Optimizer-group settings that come from the recipe, and the recipe key each comes from.
+_RECIPE_GROUP_KEYS = {"base_lr": "optim.lr", "weight_decay": "optim.weight_decay", "betas": "optim.betas",
+                      "eps": "optim.eps", "momentum": "optim.muon_momentum", "ns_steps": "optim.muon_ns_steps"}
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, env: DistEnv) -> dict:
+    """Load the optimizer's moments and step counts from ``state``, keeping the settings the recipe
+    gives each group (LR, weight decay, betas, ...): ``load_state_dict`` would bring back the saved
+    ones, and a resumed run would train with the old LR while logging the new. Returns what the
+    recipe changed, as {recipe key: (saved, now)}."""
+    fresh = [{k: g[k] for k in _RECIPE_GROUP_KEYS if k in g} for g in optimizer.param_groups]
     if env.kind == "fsdp":
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=_fsdp_options())
-        return
-    try:
-        optimizer.load_state_dict(state)
-    except (ValueError, KeyError) as err:
-        raise UserError(f"the checkpoint's optimizer state does not fit this run ({err}); "
-                        "the trainable parameters differ. Resume with the same recipe or set train.resume=never.") from None
+    else:
+        try:
+            optimizer.load_state_dict(state)
+        except (ValueError, KeyError) as err:
+            raise UserError(f"the checkpoint's optimizer state does not fit this run ({err}); the trainable "
+                            "parameters differ. Resume with the same recipe or set train.resume=never.") from None
+    changed = {}
+    for group, settings in zip(optimizer.param_groups, fresh):
+        for k, now in settings.items():
+            if group.get(k) != now:
+                key = "optim.muon_lr" if k == "base_lr" and group.get("use_muon") else _RECIPE_GROUP_KEYS[k]
+                changed[key] = (group.get(k), now)
+                group[k] = now
+    return changed
 
 
 def check_same_model(path: Path, model: nn.Module) -> None:
@@ -125,11 +145,25 @@ def check_same_model(path: Path, model: nn.Module) -> None:
         return
     saved = read_config_dict(path)
     ours = cfg.to_dict()
+    wrong_type = [f"{k}={saved[k]!r}, expected {type(ours[k]).__name__}" for k in sorted(saved)
+                  if saved[k] is not None and ours.get(k) is not None and not _same_kind(saved[k], ours[k])]
+    if wrong_type:
+        raise UserError(f"{Path(path) / MODEL_CONFIG} holds an invalid model config ({'; '.join(wrong_type[:3])}); "
+                        "the checkpoint is damaged or hand-edited. Resume from another checkpoint or set train.resume=never.")
     diff = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k) and k != "extra")
     if diff:
         shown = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs recipe {ours.get(k)!r}" for k in diff[:4])
         raise UserError(f"checkpoint {str(path)!r} belongs to a different model ({shown}). "
                         "Point train.resume at a checkpoint of this model, use another train.out_dir, or set train.resume=never.")
+
+
+def _same_kind(a: Any, b: Any) -> bool:
+    """JSON types agree (an int where a float is stored counts as the same)."""
+    number = (int, float)
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) == isinstance(b, bool)
+    return (isinstance(a, number) and isinstance(b, number)) or type(a) is type(b) or \
+        (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)))
 
 
 def load_weights_into(path: Path, model: nn.Module, env: DistEnv, weights_fn: Optional[Callable]) -> None:
@@ -228,6 +262,7 @@ class Run:
     step: int = 0
     tokens_seen: int = 0
     rollbacks: int = 0
+    bad_streak: int = 0  # consecutive steps skipped as non-finite or spiking
     events: list = field(default_factory=list)
 
     def autocast(self):
@@ -250,20 +285,23 @@ def save_step(run: Run, extra: dict) -> Optional[Path]:
         train_state = {"step": run.step, "world_size": run.env.world_size, "optimizer_name": run.optim_cfg.name,
                        "optimizer": opt_state, "schedule": run.schedule.state_dict(), "spike": run.spike.state_dict(),
                        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
-                       "tokens_seen": run.tokens_seen, "ranks": ranks}
-        path = run.manager.save(run.step, run.raw, recipe=extra["recipe"], train_state=train_state, weights=weights,
+                       "tokens_seen": run.tokens_seen, "bad_streak": run.bad_streak, "ranks": ranks}
+        path = run.manager.save(run.step, run.raw, healthy=run.bad_streak == 0, recipe=extra["recipe"],
+                                train_state=train_state, weights=weights,
                                 meta={"tokens_seen": run.tokens_seen, **(extra["meta"] or {})},
                                 tokenizer_path=extra["tokenizer_path"])
     barrier(run.env)
     return path
 
 
-def rollback(run: Run, weights_fn) -> None:
-    latest = run.manager.latest()
+def rollback(run: Run, weights_fn) -> bool:
+    """Go back to the newest healthy checkpoint with a lower LR; False (and the step is skipped)
+    when there is none or ``max_rollbacks`` is used up."""
+    latest = run.manager.latest(healthy=True)
     if latest is None or run.rollbacks >= run.cfg.spike.max_rollbacks:
-        why = "no checkpoint yet" if latest is None else f"max_rollbacks={run.cfg.spike.max_rollbacks} reached"
+        why = "no healthy checkpoint yet" if latest is None else f"max_rollbacks={run.cfg.spike.max_rollbacks} reached"
         run.event("spike_skip", reason=why)
-        return
+        return False
     from_step = run.step
     # Weights and optimizer go back; the data stream does not, so the batches that caused
     # the spike are not replayed (PaLM's recipe: restart earlier and skip the bad data).
@@ -271,15 +309,49 @@ def rollback(run: Run, weights_fn) -> None:
     load_weights_into(latest, run.raw, run.env, weights_fn)
     load_optimizer_state(run.raw, run.optimizer, state["optimizer"], run.env)
     run.step = int(state["step"])
+    best = run.spike.best  # the loss statistics go back too, but not the best loss reached since
+    run.spike.load_state_dict(state["spike"])
+    run.spike.best = min(best, run.spike.best)
     run.schedule.scale *= run.cfg.spike.lr_drop
     run.rollbacks += 1
+    run.bad_streak = 0
     run.event("rollback", from_step=from_step, to_step=run.step, lr_scale=run.schedule.scale, checkpoint=str(latest))
+    return True
 
 
-def resume(run: Run, state: dict) -> None:
-    """Resume: optimizer (needs the wrapped params), schedule, spike, scaler, RNG, data, step."""
-    load_optimizer_state(run.raw, run.optimizer, state["optimizer"], run.env)
+def resume_point(manager: CheckpointManager, say: bool) -> Optional[Path]:
+    """resume=auto: the newest checkpoint, unless it was saved while the run was diverging and a
+    healthy one exists (a diverged run is restarted from where it was last good)."""
+    newest, healthy = manager.latest(), manager.latest(healthy=True)
+    if newest is not None and healthy is not None and healthy != newest and not manager.is_healthy(newest):
+        if say:
+            print(f"train: {newest} was saved while the run was diverging; resuming from the newest healthy "
+                  f"checkpoint {healthy}", file=sys.stderr)
+        return healthy
+    return newest
+
+
+def diverged(run: S.Run, loss: float, what: str) -> Diverged:
+    """The error that stops a diverged run (logged as an event first); no final/ is written."""
+    healthy = run.manager.latest(healthy=True)
+    run.event("diverged", loss=loss, best=run.spike.best, bad_steps=run.bad_streak, healthy_checkpoint=str(healthy))
+    where = (f"The newest healthy checkpoint is {healthy}; running the same command again resumes from it."
+             if healthy else "No healthy checkpoint was saved.")
+    return Diverged(
+        f"training diverged at step {run.step + 1}: {what} (non-finite loss or gradient, or a loss spike; last loss "
+        f"{loss:.4g}, best smoothed loss {run.spike.best:.4g}). The run stops without writing final/. {where} "
+        "Lower optim.lr or raise optim.warmup_steps; train.spike.policy=rollback retries from the healthy checkpoint "
+        "with a lower LR, and train.spike.max_bad_steps sets how many bad steps in a row end the run."
+    )
+
+
+def resume(run: Run, state: dict) -> dict:
+    """Resume: optimizer (needs the wrapped params), schedule, spike, scaler, RNG, data, step.
+    Returns the optimizer settings the recipe changed since the checkpoint ({key: (saved, now)}),
+    which apply from here on."""
+    changed = load_optimizer_state(run.raw, run.optimizer, state["optimizer"], run.env)
     run.step = int(state["step"])
+    run.bad_streak = int(state.get("bad_streak", 0))
     run.schedule.load_state_dict(state["schedule"])
     run.spike.load_state_dict(state["spike"])
     if run.scaler is not None and state.get("scaler"):
@@ -288,6 +360,7 @@ def resume(run: Run, state: dict) -> None:
     mine = state["ranks"][run.env.rank]
     set_rng_state(mine["rng"], run.env.device)
     restore_data_state(run.batches, mine["data"])
+    return changed
 
 
 def save_final(run: Run, extra: dict) -> Path:

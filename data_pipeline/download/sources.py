@@ -98,8 +98,13 @@ def read_local(path: str | os.PathLike) -> list[dict]:
             sep = "<|endoftext|>" if "<|endoftext|>" in text else "\n\n"
             rows = [{"text": d.strip()} for d in text.split(sep) if d.strip()]
     elif suffix == ".parquet":
+        import pyarrow
         import pyarrow.parquet as pq
-        rows = pq.read_table(path).to_pylist()
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (pyarrow.ArrowException, OSError) as err:
+            raise UserError(f"{path} is not a readable Parquet file ({err}); check the file, or convert it "
+                            "to .jsonl") from None
     else:
         raise UserError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .txt or .parquet")
     if not rows:

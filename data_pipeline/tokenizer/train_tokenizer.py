@@ -25,6 +25,8 @@ from data_pipeline.tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer, hf_conf
 from utils.cli import main_guard
 from utils.errors import UserError
 
+MAX_VOCAB = 2**20
+
 
 def row_text(row: dict) -> str:
     """The trainable text of a raw row: a story's text or a conversation's turns."""
@@ -78,6 +80,9 @@ def main() -> None:
     if args.vocab_size < min_vocab:
         raise UserError(f"--vocab_size {args.vocab_size} is too small: a byte-level BPE needs 256 "
                         f"byte tokens + {len(SPECIAL_TOKENS)} special tokens; use >= {min_vocab}")
+    if args.vocab_size > MAX_VOCAB:  # the HF trainer allocates per requested slot: 1e9 aborted the process
+        raise UserError(f"--vocab_size {args.vocab_size} is too large: at most {MAX_VOCAB:,} (published models "
+                        "use up to ~256k; 4096-32768 suit this project's corpora)")
     if args.inputs:
         inputs = [Path(x) for x in args.inputs]
     else:

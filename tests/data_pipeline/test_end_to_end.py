@@ -92,7 +92,9 @@ def test_local_source_and_bad_local_files(monkeypatch, tmp_path):
     before = (out / "raw/stories_train.jsonl").read_bytes()
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 story".encode("latin-1"))
-    for bad, match in (("empty.jsonl", "empty"), ("latin1.txt", "UTF-8"), ("missing.jsonl", "does not exist")):
+    (tmp_path / "fake.parquet").write_text("a text file named .parquet")  # a pyarrow traceback before
+    for bad, match in (("empty.jsonl", "empty"), ("latin1.txt", "UTF-8"), ("missing.jsonl", "does not exist"),
+                       ("fake.parquet", "not a readable Parquet file")):
         with pytest.raises(UserError, match=match):
             call_main(monkeypatch, download_tinystories, ["--data_dir", str(out), "--local_path",
                                                           str(tmp_path / bad), "--parts", "stories"])
@@ -103,11 +105,25 @@ def test_tokenizer_bad_inputs(monkeypatch, tmp_path, pipeline_dir):
     from data_pipeline.tokenizer import train_tokenizer
     with pytest.raises(UserError, match="too small"):
         call_main(monkeypatch, train_tokenizer, ["--data_dir", str(pipeline_dir), "--vocab_size", "200"])
+    with pytest.raises(UserError, match="too large: at most 1,048,576"):  # the HF trainer aborted (exit 134) before
+        call_main(monkeypatch, train_tokenizer, ["--data_dir", str(pipeline_dir), "--vocab_size", "1000000000"])
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw/stories_train.jsonl").write_text("")
     with pytest.raises(UserError, match="empty"):
         call_main(monkeypatch, train_tokenizer, ["--data_dir", str(tmp_path)])
     assert not (tmp_path / "tokenizer").exists()
+
+
+@pytest.mark.parametrize("backend", ["hf", "scratch"])
+def test_tokenizer_reports_the_size_reached_when_merges_run_out(monkeypatch, tmp_path, capsys, backend):
+    from data_pipeline.tokenizer import train_tokenizer
+    corpus = tmp_path / "tiny.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["a cat sat", "a cat ran", "the dog sat"]))
+    call_main(monkeypatch, train_tokenizer, ["--data_dir", str(tmp_path), "--vocab_size", "5000",
+                                             "--backend", backend, "--inputs", str(corpus)])
+    out = capsys.readouterr().out
+    size = Tokenizer.from_file(tmp_path / "tokenizer/tokenizer.json").vocab_size
+    assert size < 5000 and "(asked 5000)" in out and f"ran out of pairs to merge at {size} tokens" in out
 
 
 def test_bins_refuse_a_retrained_tokenizer(monkeypatch, tmp_path, pipeline_dir):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import eval.data as eval_data
 from eval import common, gsm8k, humaneval, mmlu, perplexity
 from eval.common import EvalRecipe, parse_eval_args
+from tests.utils.faults import flip_bytes, safetensors_data_start
 from eval.scoring import continuation_logprobs, next_token_logits, sliding_window_nll, sliding_windows
 from utils.config import load_config
 from utils.errors import UserError
@@ -181,6 +182,26 @@ def test_perplexity_script_on_text_and_bin(world, tmp_path):
     (bins / "meta.json").write_text(json.dumps({**meta, "tokenizer_hash": "0" * 16}))
     with pytest.raises(UserError, match="tokenizer"):
         perplexity.main(["--checkpoint", str(world["ckpt"]), f"bin_path={bins / 'val.bin'}", "progress=false"])
+
+
+def test_perplexity_of_a_hopeless_model_is_inf_not_an_overflow():
+    assert perplexity.perplexity_metrics(800.0 * 10, 10, 40)["perplexity"] == math.inf  # OverflowError before
+    assert perplexity.perplexity_metrics(2.0 * 10, 10, 40)["perplexity"] == pytest.approx(math.exp(2.0))
+
+
+@pytest.mark.parametrize("damage,fragment", [
+    (lambda d: flip_bytes(d / "model.safetensors", 8, seed=1, start=safetensors_data_start(d / "model.safetensors")),
+     "model.safetensors does not match the checksum"),  # an OverflowError traceback before
+    (lambda d: (d / "model_config.json").write_text('{"d_model": "big"}'), "invalid model config"),
+    (lambda d: (d / "meta.json").write_text("\x00garbage{"), "meta.json is not valid JSON"),
+])
+def test_perplexity_on_a_damaged_checkpoint_is_one_clear_error(world, tmp_path, damage, fragment):
+    import shutil
+
+    ckpt = shutil.copytree(world["ckpt"], tmp_path / "ckpt")
+    damage(ckpt)
+    with pytest.raises(UserError, match=fragment):
+        perplexity.main(["--checkpoint", str(ckpt), f"--text_path={tmp_path / 'x.jsonl'}", "progress=false"])
 
 
 # ----------------------------------------------------------------------------- GSM8K

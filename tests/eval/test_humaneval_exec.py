@@ -140,3 +140,103 @@ def test_child_runs_in_its_own_network_namespace():
     parent_ns = os.readlink("/proc/self/ns/net")
     body = f"    import os\n    assert os.readlink('/proc/self/ns/net') != {parent_ns!r}\n    return a + b\n"
     assert check_completion(PROBLEM, body, timeout_s=3)["passed"]
+
+
+# ----------------------------------------------------------------------------- escapes
+
+from eval.humaneval_exec import bwrap_usable, resolve_sandbox  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+
+LAYERS = ["python"] + (["bwrap"] if bwrap_usable() else [])
+
+
+def escapes(outside) -> dict[str, str]:
+    """Programs that pass only if they get out. ``outside`` is a host directory beside the sandbox
+    holding secret.txt; each escape that was tried against the first sandbox is here."""
+    secret = f"{outside}/secret.txt"
+    return {
+        "ctypes system()": f"    import ctypes\n    ctypes.CDLL(None).system(b'touch {outside}/ctypes')\n",
+        "_ctypes dlopen": "    import _ctypes\n    _ctypes.dlopen(None, 2)\n",
+        "write outside": f"    open('{outside}/written', 'w').write('x')\n",
+        "os.open outside": f"    import os\n    os.write(os.open('{outside}/written2', os.O_WRONLY | os.O_CREAT), b'x')\n",
+        "write via /proc/self/cwd/..": "    open('/proc/self/cwd/../escaped', 'w').write('x')\n",
+        "read /etc/passwd": "    assert 'root' in open('/etc/passwd').read()\n",
+        "read a host file": f"    assert open('{secret}').read() == 's3cret'\n",
+        "symlink to a host file": f"    import os\n    os.symlink('{secret}', 'link')\n    assert open('link').read() == 's3cret'\n",
+        "realpath replaced": ("    import os.path, posixpath\n    os.path.realpath = posixpath.realpath = lambda p, **k: '/tmp'\n"
+                              f"    assert open('{secret}').read() == 's3cret'\n"),
+        "builtins replaced": ("    import builtins\n    builtins.any = lambda it: True\n    builtins.len = lambda x: 0\n"
+                              f"    assert open('{secret}').read() == 's3cret'\n"),
+        "pathlib read": f"    from pathlib import Path\n    assert Path('{secret}').read_text() == 's3cret'\n",
+        "list a host dir": f"    import os\n    assert os.listdir('{outside}') == ['secret.txt']\n",
+        "copy /etc/passwd in": "    import shutil\n    shutil.copy('/etc/passwd', 'p')\n    assert 'root' in open('p').read()\n",
+        "delete a host file": f"    import os\n    os.remove('{secret}')\n",
+        "chdir out": f"    import os\n    os.chdir('{outside}')\n    assert open('secret.txt').read() == 's3cret'\n",
+        "import from a host dir": f"    import sys\n    sys.path.insert(0, '{outside}')\n    import evil\n",
+        "raise own limits": "    import resource\n    resource.setrlimit(resource.RLIMIT_AS, (-1, -1))\n",
+        "walk to the hook": "    import gc\n    gc.get_objects()\n",
+    }
+
+
+@pytest.mark.parametrize("sandbox", LAYERS)
+def test_every_escape_that_was_tried_is_blocked(tmp_path, sandbox):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("s3cret")
+    (outside / "evil.py").write_text(f"open('{outside}/imported', 'w').write('x')\n")
+    tries = escapes(outside)
+    # Controls: ordinary programs, file work in the sandbox's own directory included, still pass.
+    controls = {
+        "own dir": "    open('f.txt', 'w').write('ok')\n    assert open('f.txt').read() == 'ok'\n",
+        "tempfile": "    import tempfile\n    with tempfile.NamedTemporaryFile('w') as f:\n        f.write('x')\n",
+        "stdlib": ("    import collections, dataclasses, enum, json, re, math, random\n"
+                   "    P = collections.namedtuple('P', 'x y')\n    assert P(1, 2).y == 2\n"
+                   "    E = enum.Enum('E', 'A B')\n    assert json.loads(json.dumps([math.pi]))[0] == math.pi\n"),
+    }
+    bodies = {**tries, **controls}
+    completions = {"Test/0": [body + "    return a + b\n" for body in bodies.values()]}
+    summary, records = evaluate_completions([PROBLEM], completions, k_list=[1], n_workers=2, timeout_s=10,
+                                            sandbox=sandbox)
+    outcome = {name: r for name, r in zip(bodies, records)}
+    assert summary["sandbox"] == ("bwrap + python" if sandbox == "bwrap" else "python")
+    escaped = [name for name in tries if outcome[name]["passed"]]
+    assert not escaped, {name: outcome[name] for name in escaped}
+    assert all(outcome[name]["passed"] for name in controls), {name: outcome[name] for name in controls}
+    assert sorted(p.name for p in outside.iterdir()) == ["evil.py", "secret.txt"]  # nothing written or deleted
+    assert (outside / "secret.txt").read_text() == "s3cret"
+    if sandbox == "python":  # the audit hook is what stopped them, not an accident
+        for name in ("ctypes system()", "read /etc/passwd", "write outside", "realpath replaced", "builtins replaced"):
+            assert "PermissionError: sandbox:" in outcome[name]["result"], (name, outcome[name])
+
+
+@pytest.mark.skipif("bwrap" not in LAYERS, reason="bubblewrap is not installed here (CI installs it)")
+def test_bwrap_layer_hides_the_host_filesystem_and_processes(tmp_path):
+    """What only the OS layer gives: calls the audit hook does not see (stat, getpid) find an
+    empty world; the same program fails in the Python layer alone."""
+    import os
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    (tmp_path / "host_file").write_text("x")
+    hidden = ["/etc/passwd", "/home", str(repo / "README.md"), str(tmp_path / "host_file")]
+    body = ("    import os\n"
+            f"    for p in {hidden!r}:\n"
+            "        assert not os.path.exists(p), p\n"
+            "    assert os.getpid() < 10, os.getpid()  # its own PID namespace\n"
+            "    return a + b\n")
+    assert check_completion(PROBLEM, body, timeout_s=10, sandbox="bwrap") == {"passed": True, "result": "passed"}
+    assert all(os.path.exists(p) for p in hidden[2:])
+    assert not check_completion(PROBLEM, body, timeout_s=10, sandbox="python")["passed"]
+
+
+def test_bwrap_required_but_missing_is_a_clear_error(monkeypatch):
+    import eval.humaneval_exec as ex
+
+    monkeypatch.setattr(ex.shutil, "which", lambda name: None)
+    ex.bwrap_usable.cache_clear()
+    try:
+        assert resolve_sandbox("auto") == "python"
+        with pytest.raises(UserError, match="apt-get install bubblewrap"):
+            check_completion(PROBLEM, CORRECT, sandbox="bwrap")
+    finally:
+        ex.bwrap_usable.cache_clear()

@@ -12,6 +12,7 @@ import torch
 from finetune.recipe import SFTRecipe
 from finetune.sft import run_sft
 from model import ModelConfig, Transformer
+from tests.utils.faults import flip_bytes, safetensors_data_start
 from utils.checkpoint import load_weights, read_meta, save_checkpoint
 from utils.config import config_from_dict
 
@@ -87,6 +88,26 @@ def test_wrong_script_is_a_clear_error(setup_dir, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="sft_lora_train.py"):
         run_script_main("finetune/sft_train.py", ["--config_path", REPO / "configs/examples/sft_lora_tiny.yaml",
                                                   *overrides(setup_dir, tmp_path)], monkeypatch)
+
+
+@pytest.mark.parametrize("damage,fragment", [
+    (lambda d: (d / "model_config.json").write_text('{"d_model": "big"}'), "invalid model config"),  # TypeError before
+    (lambda d: (d / "meta.json").write_text("\x00garbage{"), "meta.json is not valid JSON"),  # JSONDecodeError before
+    (lambda d: flip_bytes(d / "model.safetensors", 8, seed=2, start=safetensors_data_start(d / "model.safetensors")),
+     "model.safetensors does not match the checksum"),
+])
+def test_damaged_base_checkpoint_is_one_clear_error(setup_dir, tmp_path, monkeypatch, damage, fragment):
+    import shutil
+
+    from utils.errors import UserError
+
+    base = shutil.copytree(setup_dir / "base", tmp_path / "base")
+    damage(base)
+    with pytest.raises(UserError, match=fragment):
+        run_script_main("finetune/sft_train.py", ["--config_path", REPO / "configs/examples/sft_full_tiny.yaml",
+                                                  *overrides(setup_dir, tmp_path / "out"), f"model.init_from={base}"],
+                        monkeypatch)
+    assert not (tmp_path / "out" / "final").exists()
 
 
 def test_full_script_in_process(setup_dir, tmp_path, monkeypatch, capsys):

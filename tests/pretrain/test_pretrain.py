@@ -1,5 +1,6 @@
 """pretrain/train.py end to end on tiny bins, and its recipe checks."""
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -64,12 +65,47 @@ def test_pretrain_end_to_end_learns_and_writes_checkpoints(tmp_path, capsys):
     assert "grad accum 2" in err and "512 tokens/step" not in err and "256 tokens/step" in err
 
 
+@pytest.mark.parametrize("key,value,message", [
+    ("train.eval_batches", 0, "eval_batches must be positive"),  # ZeroDivisionError before
+    ("train.save_every", -1, "save_every must be >= 0"),  # each of these trained silently before
+    ("train.keep_last", -1, "keep_last must be >= 0"),
+    ("train.eval_every", -5, "eval_every must be >= 0"),
+    ("optim.weight_decay", -0.1, "weight_decay must be >= 0"),
+])
+def test_bad_train_numbers_are_user_errors(tmp_path, key, value, message):
+    with pytest.raises(UserError, match=message):
+        pretrain_script.main(["--config_path", str(ROOT / "configs/examples/pretrain_tiny.yaml")]
+                             + tiny_overrides(tmp_path, **{key: value}))
+
+
+def test_out_dir_that_cannot_be_a_directory_is_a_user_error(tmp_path):
+    base = ["--config_path", str(ROOT / "configs/examples/pretrain_tiny.yaml")]
+    a_file = tmp_path / "taken"
+    a_file.write_text("not a directory")
+    for out_dir in (a_file, a_file / "run"):  # FileExistsError / NotADirectoryError tracebacks before
+        with pytest.raises(UserError, match="is a file .*not a directory"):
+            pretrain_script.main(base + tiny_overrides(tmp_path, **{"train.out_dir": out_dir}))
+    assert a_file.read_text() == "not a directory"
+    if not Path("/sys/kernel").is_dir():
+        pytest.skip("no sysfs here to stand for an unwritable directory")
+    with pytest.raises(UserError, match="cannot be written"):  # sysfs refuses mkdir, even to root
+        pretrain_script.main(base + tiny_overrides(tmp_path, **{"train.out_dir": "/sys/llm_run"}))
+
+
+def test_ddp_without_torchrun_says_it_runs_one_process(tmp_path, capsys):
+    torch.set_num_threads(1)
+    pretrain_script.main(["--config_path", str(ROOT / "configs/examples/pretrain_tiny.yaml")]
+                         + tiny_overrides(tmp_path, **{"train.distributed": "ddp", "train.max_steps": 1}))
+    assert "train.distributed=ddp in a single process (not started by torchrun)" in capsys.readouterr().err
+
+
 def test_bad_recipes_are_user_errors(tmp_path):
     base = ["--config_path", str(ROOT / "configs/examples/pretrain_tiny.yaml")]
     with pytest.raises(UserError, match="does not divide"):
         pretrain_script.main(base + tiny_overrides(tmp_path, **{"train.global_batch_tokens": 100}))
-    with pytest.raises(UserError, match="max_seq_len"):
-        pretrain_script.main(base + tiny_overrides(tmp_path, **{"model.pos_emb": "learned", "train.seq_len": 128}))
+    for pos_emb in ("learned", "rope"):  # RoPE trained silently past the context before
+        with pytest.raises(UserError, match="exceeds the model's context max_seq_len=64"):
+            pretrain_script.main(base + tiny_overrides(tmp_path, **{"model.pos_emb": pos_emb, "train.seq_len": 128}))
     with pytest.raises(UserError, match="vocab_size"):
         pretrain_script.main(base + tiny_overrides(tmp_path, **{"model.vocab_size": 16}))
     with pytest.raises(UserError, match="does not exist"):
@@ -78,3 +114,19 @@ def test_bad_recipes_are_user_errors(tmp_path):
     other_tok.write_text("{}")
     with pytest.raises(UserError, match="built with tokenizer"):
         pretrain_script.main(base + tiny_overrides(tmp_path, **{"data.tokenizer": other_tok}))
+
+
+def test_a_huge_lr_stops_the_command_with_one_paragraph(tmp_path):
+    """The issue's reproduction, run as a user runs it: optim.lr=1e6 skipped 39 of 40 updates and
+    exited 0 with "pretrain: done" and a final/ of blown-up weights."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "pretrain/train.py", "--config_path", "configs/examples/pretrain_tiny.yaml",
+                          *tiny_overrides(tmp_path, **{"optim.lr": 1e6, "train.max_steps": 40})],
+                         cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert len(errors) == 1 and "training diverged" in errors[0] and "consecutive steps were skipped" in errors[0]
+    assert "pretrain: done" not in res.stderr and not (tmp_path / "run" / "final").exists()

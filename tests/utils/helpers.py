@@ -72,6 +72,9 @@ def _worker() -> None:
 
     out, runs, steps, global_rows = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]), int(sys.argv[4])
     torch.set_num_threads(1)
+    _probe_process_group_at_exit(Path(out))
+    if runs[0].startswith("exit:"):
+        return _exit_worker(Path(out), runs[0].split(":")[1], steps, global_rows)
     for run in runs:
         # flags: "term" = SIGTERM on rank 1 in step 2; "resume" = continue the "term" run's
         # directory; both (and "long") train 2 steps more than the plain runs.
@@ -90,6 +93,43 @@ def _worker() -> None:
             continue
         if env.rank == 0:
             (run_dir / "history.json").write_text(json.dumps([h["loss"] for h in result.history]))
+
+
+def _probe_process_group_at_exit(out: Path) -> None:
+    """Write whether the process group is still alive when the interpreter starts to shut down.
+    Registered before ``utils.distributed.setup``'s handler, so it runs after it (atexit is LIFO)."""
+    import atexit
+    import os
+
+    import torch.distributed as dist
+
+    rank = os.environ.get("RANK", "0")
+    atexit.register(lambda: (out / f"pg_alive_at_exit_rank{rank}").write_text(str(dist.is_initialized())))
+
+
+def _exit_worker(out: Path, how: str, steps: int, global_rows: int) -> None:
+    """Train a few DDP steps, then leave the way a stage script can: return, a UserError or
+    Ctrl-C through ``main_guard`` (exit 0, 2, 130). No stage calls destroy_process_group itself."""
+    from utils.cli import main_guard
+    from utils.errors import UserError
+    from utils.optim import OptimConfig
+    from utils.train_loop import TrainConfig, train
+
+    def main():
+        cfg = TrainConfig(out_dir=str(out / "run"), max_steps=steps, batch_size=2, seq_len=SEQ,
+                          global_batch_size=global_rows, distributed="ddp", device="cpu", resume="never",
+                          progress=False, log_every=100)
+        from utils.distributed import setup
+
+        env = setup("ddp", "cpu")
+        train(tiny_model(), StreamLoader(2, rank=env.rank, world_size=env.world_size), ce_loss, cfg,
+              OptimConfig(lr=1e-2, warmup_steps=1))
+        if how == "usererror":
+            raise UserError("a recipe mistake found after training")
+        if how == "interrupt":
+            raise KeyboardInterrupt
+
+    main_guard(main)
 
 
 class TermOnRank1(StreamLoader):

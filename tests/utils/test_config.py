@@ -92,6 +92,9 @@ def test_bad_yaml_and_missing_file(tmp_path):
         load_config(Recipe, write(tmp_path, "a: 1\n  b: [\n"))
     with pytest.raises(UserError, match="does not exist"):
         load_config(Recipe, tmp_path / "absent.yaml")
+    write(tmp_path, "steps: 5\n")
+    with pytest.raises(UserError, match=r"is a directory; .*r\.yaml"):  # was "does not exist"
+        load_config(Recipe, tmp_path)
 
 
 def test_overrides_both_forms(tmp_path):

@@ -148,6 +148,7 @@ def test_bad_optim_config():
     bad = [({"betas": [0.9]}, "betas"), ({"betas": [0.9, 1.0]}, "betas"), ({"lr": 0.0}, "optim.lr"),
            ({"muon_lr": -0.02}, "muon_lr"), ({"warmup_steps": -1}, "warmup_steps"), ({"min_lr_ratio": 2.0}, "min_lr_ratio"),
            ({"decay_frac": 0.0}, "decay_frac"), ({"decay_frac": 1.5}, "decay_frac")]
+    bad += [({"weight_decay": -0.1}, "weight_decay must be >= 0"), ({"eps": 0.0}, "eps")]  # trained silently before
     for fields, name in bad:
         with pytest.raises(UserError, match=name):
             OptimConfig(**fields)

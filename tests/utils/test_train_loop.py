@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from model import ModelConfig
+from tests.utils.faults import flip_bytes, safetensors_data_start
 from tests.utils.helpers import SEQ, StreamLoader, ce_loss, tiny_model
-from utils.checkpoint import load_train_state, load_weights
+from utils.checkpoint import load_train_state, load_weights, read_meta
 from utils.errors import UserError
 from utils.optim import OptimConfig
-from utils.spike import SpikeConfig
+from utils.spike import Diverged, SpikeConfig
 from utils.train_loop import TrainConfig, grad_accum_steps, train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -191,6 +192,16 @@ def test_spike_rollback_policy_reloads_last_checkpoint_and_lowers_lr(tmp_path):
     assert load_train_state(tmp_path / "step_00000008")["schedule"]["scale"] == 0.5
 
 
+def test_a_step_with_nothing_to_learn_is_a_user_error(tmp_path):
+    """Every target masked (an SFT prompt longer than seq_len): a ZeroDivisionError traceback before."""
+    def all_masked(model, batch):
+        loss, m = ce_loss(model, batch)
+        return loss * 0, {"loss_weight": 0.0}
+
+    with pytest.raises(UserError, match="step 1: no micro-batch on any process holds a token to learn from"):
+        train(tiny_model(), StreamLoader(1), all_masked, cfg(tmp_path, batch_size=1, global_batch_size=2), OPT)
+
+
 def test_batch_not_dividing_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="does not divide"):
         grad_accum_steps(cfg(tmp_path, global_batch_tokens=1000), world_size=2)
@@ -218,3 +229,149 @@ def test_bf16_autocast_on_cpu_tracks_fp32(tmp_path):
     assert all(v.dtype == torch.float32 for v in load_weights(bf16.checkpoint).values())  # master weights stay fp32
     with pytest.raises(UserError, match="fp16 needs a CUDA"):
         train(tiny_model(), StreamLoader(2), ce_loss, cfg(tmp_path / "c", dtype="fp16"), OPT)
+
+
+# ----------------------------------------------------------------------------- divergence
+
+
+def _nan_at(calls: set[int] | range):
+    """ce_loss, but NaN on the given loss_fn calls (1-based; one call per step here)."""
+    def fn(model, batch):
+        loss, m = ce_loss(model, batch)
+        fn.calls += 1
+        return (loss * float("nan") if fn.calls in calls else loss), m
+
+    fn.calls = 0
+    return fn
+
+
+def test_a_run_that_stays_nonfinite_stops_and_writes_no_final(tmp_path, capsys):
+    spike = SpikeConfig(max_bad_steps=5)
+    # NaN from step 5 on: steps 5-9 are skipped, the fifth in a row stops the run (it ran to the end before).
+    with pytest.raises(Diverged, match=r"diverged at step 9: 5 consecutive steps .*newest healthy checkpoint is "
+                                       r".*step_00000004; running the same command again resumes from it"):
+        train(tiny_model(), StreamLoader(2), _nan_at(range(5, 10**6)), cfg(tmp_path, max_steps=40, save_every=4,
+                                                                          keep_last=1, spike=spike), OPT)
+    assert not (tmp_path / "final").exists()
+    # step 8 was saved mid-streak: marked unhealthy; keep_last=1 kept it and, beside it, the newest healthy one.
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000004", "step_00000008"]
+    assert read_meta(tmp_path / "step_00000004")["healthy"] is True and read_meta(tmp_path / "step_00000008")["healthy"] is False
+    events = [json.loads(x)["event"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if "event" in x]
+    assert events == ["nonfinite"] * 5 + ["diverged"]
+    # Run again (the divergence fixed): resume=auto starts from the healthy checkpoint, not the newest.
+    capsys.readouterr()
+    res = train(tiny_model(), StreamLoader(2), ce_loss, cfg(tmp_path, max_steps=6, keep_last=1), OPT)
+    assert "resuming from the newest healthy checkpoint" in capsys.readouterr().err
+    assert [h["step"] for h in res.history] == [1, 2, 3, 4, 5, 6] and (tmp_path / "final").is_dir()
+
+
+def test_bad_last_steps_mean_no_final(tmp_path):
+    with pytest.raises(Diverged, match="the last 1 step"):
+        train(tiny_model(), StreamLoader(2), _nan_at({4}), cfg(tmp_path, max_steps=4), OPT)
+    assert not (tmp_path / "final").exists() and read_meta(tmp_path / "step_00000004")["healthy"] is False
+
+
+def _climbing(start: int, per_call: float):
+    """ce_loss times a factor that grows steadily from call ``start`` on: a slow divergence."""
+    def fn(model, batch):
+        loss, m = ce_loss(model, batch)
+        fn.calls += 1
+        return loss * (1 + per_call * max(0, fn.calls - start)), m
+
+    fn.calls = 0
+    return fn
+
+
+def test_a_slow_climb_is_stopped_early_and_the_healthy_checkpoint_survives_pruning(tmp_path):
+    """The loss climbs 5% of its value per step from step 20: the ratio to the best fires as it
+    passes 2x (the z-score alone let such a run go on to 2000x); skipping cannot help, so after
+    max_bad_steps the run stops. keep_last=2 would have pruned every healthy checkpoint."""
+    spike = SpikeConfig(warmup_steps=10, max_bad_steps=10)
+    with pytest.raises(Diverged) as err:
+        train(tiny_model(), StreamLoader(2), _climbing(20, 0.05),
+              cfg(tmp_path, max_steps=200, save_every=5, keep_last=2, spike=spike), OPT)
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    first_spike = next(r for r in records if r.get("event") == "loss_spike")
+    assert first_spike["over_best"] > 2.0 and first_spike["step"] < 45  # caught at 2x, not at 1e4
+    healthy = [p for p in sorted(tmp_path.glob("step_*")) if read_meta(p)["healthy"]]
+    assert healthy and str(healthy[-1]) in str(err.value)
+    assert len(list(tmp_path.glob("step_*"))) == 3  # keep_last=2 unhealthy ones + the newest healthy one
+
+
+def test_rollback_goes_to_the_newest_healthy_checkpoint(tmp_path):
+    """Step 8 is non-finite (skipped) and saved mid-streak, so step_8 is unhealthy; the spike at
+    step 11 rolls back to step 4, the newest checkpoint saved while the run was healthy."""
+    spike = SpikeConfig(warmup_steps=3, policy="rollback")
+    nan_at_8 = _nan_at({8})
+
+    def fn(model, batch):
+        loss, m = nan_at_8(model, batch)
+        return (loss * 50 if nan_at_8.calls == 11 else loss), m
+
+    res = train(tiny_model(), StreamLoader(2), fn, cfg(tmp_path, max_steps=12, save_every=4, spike=spike),
+                OptimConfig(lr=1e-2, warmup_steps=1, schedule="constant"))
+    rollback = next(e for e in res.events if e["event"] == "rollback")
+    assert rollback["from_step"] == 10 and rollback["to_step"] == 4 and rollback["checkpoint"].endswith("step_00000004")
+    assert res.final_step == 12 and (tmp_path / "final").is_dir()
+
+
+# ----------------------------------------------------------------------------- resume and checkpoints
+
+
+def test_an_lr_changed_on_resume_is_applied_and_logged(tmp_path, monkeypatch):
+    """Before: the optimizer kept the checkpoint's LR while metrics.jsonl logged the new one."""
+    import utils.train_loop as loop
+
+    used: list[list[float]] = []
+    real_build = loop.build_optimizer
+
+    def build(*a, **k):
+        opt = real_build(*a, **k)
+        real_step = opt.step
+        opt.step = lambda *x, **y: (used.append([(g["lr"], g["weight_decay"]) for g in opt.param_groups]), real_step(*x, **y))[1]
+        return opt
+
+    monkeypatch.setattr(loop, "build_optimizer", build)
+    const = dict(warmup_steps=0, schedule="constant")
+    train(tiny_model(), StreamLoader(2), ce_loss, cfg(tmp_path, max_steps=2), OptimConfig(lr=1e-2, weight_decay=0.1, **const))
+    res = train(tiny_model(), StreamLoader(2), ce_loss, cfg(tmp_path, max_steps=4), OptimConfig(lr=3e-2, weight_decay=0.0, **const))
+    assert used[:2] == [[(1e-2, 0.1), (1e-2, 0.0)]] * 2 and used[2:] == [[(3e-2, 0.0), (3e-2, 0.0)]] * 2
+    assert [h["lr"] for h in res.history] == [1e-2, 1e-2, 3e-2, 3e-2]  # the log says what was done
+    event = next(e for e in res.events if e["event"] == "recipe_changed")
+    assert event["applied"] == "optim.lr: 0.01 -> 0.03, optim.weight_decay: 0.1 -> 0.0"
+
+
+def test_unfinished_saves_are_removed_at_start(tmp_path, capsys):
+    import multiprocessing as mp
+
+    from tests.utils.faults import write_then_die
+
+    train(tiny_model(), StreamLoader(2), ce_loss, cfg(tmp_path, max_steps=2), OPT)
+    for _ in range(2):  # two saves killed mid-write, as by SIGKILL or a power cut
+        proc = mp.get_context("spawn").Process(target=write_then_die, args=(tmp_path / "step_00000003",))
+        proc.start()
+        proc.join(120)
+        assert proc.exitcode == 1
+    orphans = list(tmp_path.glob(".step_00000003.tmp-*"))
+    assert len(orphans) == 2
+    size = sum(f.stat().st_size for d in orphans for f in d.rglob("*") if f.is_file())
+    capsys.readouterr()
+    res = train(tiny_model(), StreamLoader(2), ce_loss, cfg(tmp_path, max_steps=3), OPT)
+    assert f"removed 2 unfinished checkpoint save(s) left in {tmp_path} by an interrupted run ({size / 1e6:.1f} MB)" \
+        in capsys.readouterr().err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")] and res.history[-1]["step"] == 3
+
+
+@pytest.mark.parametrize("damage,fragment", [
+    (lambda d: flip_bytes(d / "model.safetensors", 4, seed=0, start=safetensors_data_start(d / "model.safetensors")),
+     "model.safetensors does not match the checksum"),  # resumed silently at loss 3113 before
+    (lambda d: flip_bytes(d / "train_state.pt", 1, seed=0, start=2000), "train_state.pt does not match the checksum"),
+    (lambda d: (d / "meta.json").write_text("\x00garbage{"), "meta.json is not valid JSON"),
+    (lambda d: (d / "model_config.json").write_text('{"d_model": "big"}'), "model_config.json holds an invalid model config \(d_model='big', expected int"),
+])
+def test_damaged_resume_checkpoints_are_one_clear_error(tmp_path, damage, fragment):
+    """The newest of two checkpoints is damaged: an error naming it, not a quiet resume from the older one."""
+    train(tiny_model(), StreamLoader(2), ce_loss, cfg(tmp_path, max_steps=4, save_every=2), OPT)
+    damage(tmp_path / "step_00000004")
+    with pytest.raises(UserError, match=fragment):
+        train(tiny_model(), StreamLoader(2), ce_loss, cfg(tmp_path, max_steps=5), OPT)
