@@ -16,7 +16,7 @@ import torch
 
 from model.config import ModelConfig
 from model.hf_common import (
-    FAMILIES, HF_ACT, TOP, Family, act_from_hf, common_from_hf_config, common_hf_config, refuse_partial_rotary,
+    FAMILIES, HF_ACT, TOP, Family, act_from_hf, common_from_hf_config, common_hf_config, refuse, refuse_partial_rotary,
     rename_layers, required, rope_source,
 )
 from model.hf_moe import experts_from_hf, experts_to_hf, training_from_hf, training_keys
@@ -94,6 +94,8 @@ def _dsv3_from_config(h: dict) -> ModelConfig:
             "first_k_dense": first_dense,
             **training_from_hf(h),
         }
+    if moe is not None and moe["n_shared_experts"] == 0:
+        refuse(fam, "n_shared_experts", 0, "makes transformers build a zero-width shared expert")
     bias = h.get("attention_bias", False)
     return ModelConfig(
         **common_from_hf_config(h, fam, DEFAULTS, gqa=False),

@@ -4,10 +4,10 @@ All three: RMSNorm weight applied as (1 + w), embeddings times sqrt(d_model), a 
 tanh-GELU (``hidden_act`` / ``hidden_activation``), tied embeddings, attention_bias on all four
 projections. Gemma-2 adds norms after attention and after the MLP, tanh soft-caps on attention
 and final logits, the scale query_pre_attn_scalar^-0.5 and a sliding window on every other
-layer. Gemma-3 drops the attention soft-cap (keys still honoured), adds per-head QK-RMSNorm,
-windows on five layers of six and a RoPE per layer type: local (sliding) layers turn at
-10k, global ones at 1M, optionally stretched (linear x8 in the 4B+ models). Bidirectional
-attention (``use_bidirectional_attention``, an encoder use) is refused.
+layer. Gemma-3 drops the attention soft-cap (transformers ignores the key, so a value is
+refused), adds per-head QK-RMSNorm, windows on five layers of six and a RoPE per layer type:
+local (sliding) layers turn at 10k, global ones at 1M, optionally stretched (linear x8 in the
+4B+ models). Bidirectional attention (``use_bidirectional_attention``, an encoder use) is refused.
 """
 from __future__ import annotations
 
@@ -62,7 +62,8 @@ def _config(cfg: ModelConfig, model_type: str, arch: str) -> dict:
     h.update({
         "hidden_activation": HF_ACT[cfg.activation],
         "query_pre_attn_scalar": _num(cfg.query_pre_attn_scalar or cfg.head_dim),
-        "sliding_window": cfg.sliding_window,
+        # transformers' Gemma-2/3 build a sliding mask even when no layer uses it, so never write null
+        "sliding_window": cfg.sliding_window or cfg.max_seq_len,
         "layer_types": layer_types(cfg),
         "attn_logit_softcapping": cfg.attn_logit_softcap,
         "final_logit_softcapping": cfg.final_logit_softcap,
@@ -119,6 +120,8 @@ def _gemma3_rope(h: dict) -> tuple[float, dict | None, float | None]:
     for params in (full, local):
         refuse_partial_rotary(params, h, fam)
     theta, scaling = rope_from_params(full, {**d, **h}, fam, d["rope_theta"])
+    if scaling is not None and scaling.get("truncate") is False:  # transformers reads it only from a flat dict
+        refuse(fam, "rope_parameters.full_attention.truncate", False, "is ignored by transformers' per-layer-type RoPE")
     local_theta, local_scaling = rope_from_params(local, {**d, **h}, fam, d["rope_local_base_freq"])
     if (local_theta, local_scaling) == (theta, scaling):
         return theta, scaling, None
@@ -130,6 +133,8 @@ def _gemma3_rope(h: dict) -> tuple[float, dict | None, float | None]:
 
 def _gemma3(h: dict) -> ModelConfig:
     fam = "gemma3_text"
+    reject_keys(h, fam, {"attn_logit_softcapping": (None, "soft-caps attention logits, which transformers' Gemma-3 "
+                                                           "attention does not apply")})
     n = h["num_hidden_layers"]
     k = h.get("sliding_window_pattern", DEFAULTS[fam]["sliding_window_pattern"])
     types = h.get("layer_types") or ["sliding_attention" if (i + 1) % k else "full_attention" for i in range(n)]
