@@ -227,7 +227,10 @@ def test_export_hf_loads_with_auto_model(tmp_path, name):
 
 @pytest.mark.parametrize("name", [*architectures.names(), "mistral"])
 def test_cached_greedy_matches_hf_generate(name):
-    """32 greedy tokens through our KV cache == HF generate (its own cache implementation)."""
+    """32 greedy tokens through our KV cache, and through the inference engine (paged cache,
+    continuous batching), == HF generate (its own cache implementation)."""
+    from inference.engine import LLMEngine
+    from inference.sampling_params import SamplingParams
     from tests.model.test_kv_cache import greedy_cached
 
     torch.manual_seed(3)
@@ -241,6 +244,9 @@ def test_cached_greedy_matches_hf_generate(name):
                                do_sample=False, pad_token_id=0, eos_token_id=None)[:, 6:]
         got = greedy_cached(ours, prompt, 32)
     assert torch.equal(got, want)
+    outs = LLMEngine(ours, block_size=4).generate(prompt.tolist(), SamplingParams(max_tokens=32, temperature=0.0,
+                                                                                  ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in outs] == want.tolist()
 
 
 def test_deepseek_without_rope_interleave():
