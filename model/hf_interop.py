@@ -118,7 +118,12 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
                         "'gemma3_text', e.g. google/gemma-3-1b-pt) is supported, the vision tower is not.")
     if model_type not in FAMILIES:
         raise UserError(f"HF model_type {model_type!r} is not supported; supported: {sorted(FAMILIES)}.")
-    return replace(FAMILIES[model_type].from_hf_config(hf_config), hf_family=model_type)
+    try:
+        cfg = FAMILIES[model_type].from_hf_config(hf_config)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:  # a hand-edited or truncated config.json
+        raise UserError(f"this {model_type} config.json cannot be read ({type(err).__name__}: {err}); a key is missing "
+                        "or holds a value of the wrong type.") from None
+    return replace(cfg, hf_family=model_type)
 
 
 def from_hf(hf_state: dict, hf_config: dict) -> tuple[dict, ModelConfig]:

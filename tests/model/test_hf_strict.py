@@ -82,6 +82,29 @@ def test_export_gpt2_without_biases_is_a_user_error():
         family_of(replace(FAMILY_CASES["gpt2"], qkv_bias=False))
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"rope_scaling": {"type": "su", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}}, "LongRoPE"),
+    ({"rope_parameters": {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}}, "LongRoPE"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "LongRoPE"),  # Phi-3's legacy yarn is LongRoPE too
+    ({"quantization_config": {"quant_method": "fp8"}}, "quantized"),
+    ({"num_hidden_layers": None}, "num_hidden_layers"),
+    ({"num_attention_heads": "eight"}, "cannot be read"),
+    ({"hidden_act": "quick_gelu"}, "activation"),
+])
+def test_import_refusals_speak_to_the_user(change, message):
+    from model.hf_interop import config_from_hf
+
+    with pytest.raises(UserError, match=message):
+        config_from_hf({**base_config("phi3"), **change})
+
+
+def test_import_names_the_gemma3_text_model():
+    from model.hf_interop import config_from_hf
+
+    with pytest.raises(UserError, match="gemma3_text"):
+        config_from_hf({"model_type": "gemma3", "text_config": base_config("gemma3_text")})
+
+
 # ----------------------------------------------------------------------------- export, field by field
 
 ROPE_SCALINGS = [None, {"type": "linear", "factor": 2.0},
