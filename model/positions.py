@@ -49,7 +49,7 @@ def _yarn_inv_freq(cfg: ModelConfig, factor: float, s: dict) -> tuple[torch.Tens
     # linear ramp between the dims that complete beta_fast and beta_slow turns in the old context.
     dim, base = cfg.rotary_dim, cfg.rope_theta
     old_len = s["original_max_seq_len"]
-    beta_fast, beta_slow = s.get("beta_fast", 32.0), s.get("beta_slow", 1.0)
+    beta_fast, beta_slow = s.get("beta_fast") or 32.0, s.get("beta_slow") or 1.0  # 0 means the default, as in HF
 
     def correction_dim(n_rot: float) -> float:
         return dim * math.log(old_len / (n_rot * 2 * math.pi)) / (2 * math.log(base))
@@ -71,7 +71,7 @@ def _yarn_inv_freq(cfg: ModelConfig, factor: float, s: dict) -> tuple[torch.Tens
 
     if "attention_factor" in s:
         att = s["attention_factor"]
-    elif "mscale" in s and "mscale_all_dim" in s:  # DeepSeek's variant
+    elif s.get("mscale") and s.get("mscale_all_dim"):  # DeepSeek's variant (a 0 switches it off, as in HF)
         att = mscale(factor, s["mscale"]) / mscale(factor, s["mscale_all_dim"])
     else:
         att = mscale(factor)

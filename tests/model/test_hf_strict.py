@@ -173,7 +173,8 @@ ROPE_PARAMETERS = [{"rope_type": "linear", "factor": 2.0},
                    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                     "original_max_position_embeddings": 16},
                    YARN, YARN_UNTRUNCATED, {**YARN, "attention_factor": 1.3, "beta_fast": 16, "beta_slow": 2},
-                   {**YARN, "mscale": 0.8, "mscale_all_dim": 0.7}, {"rope_type": "dynamic", "factor": 2.0}, "longrope",
+                   {**YARN, "mscale": 0.8, "mscale_all_dim": 0.7}, {**YARN, "mscale": 0.8, "mscale_all_dim": 0},
+                   {**YARN, "beta_fast": 0}, {"rope_type": "dynamic", "factor": 2.0}, "longrope",
                    {"rope_type": "default", "rope_theta": 5000.0}, {"rope_type": "default", "partial_rotary_factor": 0.5}]
 # Keys transformers reads (via getattr or its RoPE helpers) that a config class need not declare.
 EXTRA_KEYS = ("rope_scaling", "rope_theta", "partial_rotary_factor", "head_dim", "layer_types", "use_sliding_window",
