@@ -59,6 +59,8 @@ def forward_math(cfg: ModelConfig) -> dict:
             d[key] = None
     if cfg.norm == "rmsnorm":
         d["norm_bias"] = None  # only LayerNorm has a bias
+    else:
+        d["norm_unit_offset"] = None  # only RMSNorm has Gemma's (1 + w)
     if cfg.ffn == "moe" and cfg.moe["first_k_dense"] == 0:
         d["d_ff"] = None  # no dense layer uses it (shared experts have the experts' width)
     if cfg.mla is not None:

@@ -187,8 +187,8 @@ def _without_balance_bias(sd: dict, family: str) -> dict:
     for key in [k for k in sd if k.endswith("ffn.expert_bias")]:
         if sd[key].abs().max() > 0:
             raise UserError(f"this model selects experts with a learned balance bias ({key}, aux-free balancing), "
-                            f"which {family} cannot express; export it as a DeepSeek-V3-style model or retrain with "
-                            "moe.aux_free_bias_update_rate: 0.")
+                            f"which {family} cannot express (in HF only DeepSeek-V3's sigmoid routing has one); "
+                            "to export to HF, train with moe.aux_free_bias_update_rate: 0.")
     return {k: v for k, v in sd.items() if not k.endswith("ffn.expert_bias")}
 
 

@@ -252,3 +252,14 @@ def test_import_key_by_key(family):
             assert diff <= TOL, f"{family}: {key}={'(absent)' if value is _ABSENT else value!r} imported with logit diff {diff}"
             counts[outcome] += 1
     assert counts["mapped"] >= 10 and counts["refused"] >= 1, counts  # the sweep exercised both answers
+
+
+def test_export_refuses_a_learned_balance_bias_on_softmax_routing():
+    from model import Transformer
+    from model.hf_interop import to_hf
+
+    cfg = FAMILY_CASES["mixtral"]
+    model = Transformer(cfg)
+    model.layers[0].ffn.expert_bias[0] = 0.1  # what aux-free balancing leaves after training
+    with pytest.raises(UserError, match="balance bias"):
+        to_hf(model.state_dict(), cfg)
