@@ -12,6 +12,8 @@ published one, and nothing here trains it.
 
 Each entry names the HuggingFace family (``model_type``) that model/hf_interop.py exports
 it as; tests/model/test_hf_parity.py runs a parity test for every entry, shrunk to a tiny width.
+Phi-3's math is Mistral's (a window on every layer), so its values name ``hf_family`` to be
+exported in Phi-3's own layout.
 """
 from __future__ import annotations
 
@@ -111,6 +113,129 @@ ARCHITECTURES: dict[str, Architecture] = {
                       aux_free_bias_update_rate=0.001, seq_aux_loss_coef=0.0001)),
         hf_family="deepseek_v3",
         published_params=671.0e9,
+    ),
+    "gemma/gemma1_nano": Architecture(
+        "Gemma (1): (1+w) RMSNorm, sqrt(d) embedding scale, GeGLU (tanh GELU) 8x wide, MQA with head_dim 64 "
+        "decoupled from d_model, tied embeddings; no post-norms, soft-caps or windows (those came with Gemma-2).",
+        dict(vocab_size=NANO_VOCAB, d_model=256, n_layers=6, n_heads=4, n_kv_heads=1, head_dim=64, d_ff=2048,
+             max_seq_len=512, norm="rmsnorm", norm_eps=1e-6, norm_unit_offset=True, ffn="geglu",
+             activation="gelu_tanh", pos_emb="rope", rope_theta=10000.0, embed_scale=True, tie_embeddings=True),
+        hf_family="gemma",
+    ),
+    "gemma/gemma_2b": Architecture(
+        "Gemma-2B (config.json of google/gemma-2b): 2.51B parameters.",
+        dict(vocab_size=256000, d_model=2048, n_layers=18, n_heads=8, n_kv_heads=1, head_dim=256, d_ff=16384,
+             max_seq_len=8192, norm_eps=1e-6, norm_unit_offset=True, ffn="geglu", activation="gelu_tanh",
+             pos_emb="rope", rope_theta=10000.0, embed_scale=True, tie_embeddings=True),
+        hf_family="gemma",
+        published_params=2.506e9,
+    ),
+    "gemma/gemma3_nano": Architecture(
+        "Gemma-3 (text): Gemma-2's (1+w) norms, embedding scale and pre+post norms, per-head QK-norm instead of "
+        "the attention soft-cap, sliding window (128) on five layers of six, local RoPE base 10k and global 1M, MQA.",
+        dict(vocab_size=NANO_VOCAB, d_model=256, n_layers=6, n_heads=4, n_kv_heads=1, head_dim=64, d_ff=1536,
+             max_seq_len=512, norm="rmsnorm", norm_eps=1e-6, norm_unit_offset=True, ffn="geglu",
+             activation="gelu_tanh", pos_emb="rope", rope_theta=1000000.0, rope_local_theta=10000.0,
+             sliding_window=128, sliding_window_pattern=6, qk_norm=True, embed_scale=True, post_norms=True,
+             query_pre_attn_scalar=64, tie_embeddings=True),
+        hf_family="gemma3_text",
+    ),
+    "gemma/gemma3_1b": Architecture(
+        "Gemma-3-1B (config.json of google/gemma-3-1b-pt, text only): 1.0B parameters.",
+        dict(vocab_size=262144, d_model=1152, n_layers=26, n_heads=4, n_kv_heads=1, head_dim=256, d_ff=6912,
+             max_seq_len=32768, norm_eps=1e-6, norm_unit_offset=True, ffn="geglu", activation="gelu_tanh",
+             pos_emb="rope", rope_theta=1000000.0, rope_local_theta=10000.0, sliding_window=512,
+             sliding_window_pattern=6, qk_norm=True, embed_scale=True, post_norms=True, query_pre_attn_scalar=256,
+             tie_embeddings=True),
+        hf_family="gemma3_text",
+        published_params=1.0e9,
+    ),
+    "qwen/qwen2_moe_nano": Architecture(
+        "Qwen2-MoE (Qwen1.5-MoE): q/k/v biases, 16 fine-grained experts, top-4 by softmax without renormalising "
+        "(norm_topk_prob off), one always-on shared expert four experts wide, gated per token by sigmoid(w . x).",
+        dict(vocab_size=NANO_VOCAB, d_model=256, n_layers=6, n_heads=4, n_kv_heads=4, d_ff=256, max_seq_len=512,
+             norm="rmsnorm", norm_eps=1e-6, ffn="moe", activation="silu", pos_emb="rope", rope_theta=1000000.0,
+             qkv_bias=True, tie_embeddings=False,
+             moe=dict(n_routed_experts=16, n_shared_experts=4, shared_expert_gate=True, n_experts_per_tok=4,
+                      moe_d_ff=64, scoring="softmax", norm_topk_prob=False)),
+        hf_family="qwen2_moe",
+    ),
+    "qwen/qwen1_5_moe_a2_7b": Architecture(
+        "Qwen1.5-MoE-A2.7B (config.json of Qwen/Qwen1.5-MoE-A2.7B, model_type qwen2_moe): 14.3B parameters, "
+        "2.7B active.",
+        dict(vocab_size=151936, d_model=2048, n_layers=24, n_heads=16, n_kv_heads=16, d_ff=5632, max_seq_len=8192,
+             norm_eps=1e-6, ffn="moe", pos_emb="rope", rope_theta=1000000.0, qkv_bias=True, tie_embeddings=False,
+             moe=dict(n_routed_experts=60, n_shared_experts=4, shared_expert_gate=True, n_experts_per_tok=4,
+                      moe_d_ff=1408, scoring="softmax", norm_topk_prob=False)),
+        hf_family="qwen2_moe",
+        published_params=14.316e9,
+    ),
+    "qwen/qwen3_moe_nano": Architecture(
+        "Qwen3-MoE: Qwen3's QK-norm GQA attention, 32 fine-grained experts, top-4 by softmax renormalised, "
+        "no shared expert.",
+        dict(vocab_size=NANO_VOCAB, d_model=256, n_layers=6, n_heads=4, n_kv_heads=2, head_dim=64, d_ff=512,
+             max_seq_len=512, norm="rmsnorm", norm_eps=1e-6, ffn="moe", activation="silu", pos_emb="rope",
+             rope_theta=1000000.0, qk_norm=True, tie_embeddings=False,
+             moe=dict(n_routed_experts=32, n_experts_per_tok=4, moe_d_ff=64, scoring="softmax", norm_topk_prob=True)),
+        hf_family="qwen3_moe",
+    ),
+    "qwen/qwen3_30b_a3b": Architecture(
+        "Qwen3-30B-A3B (config.json of Qwen/Qwen3-30B-A3B): 30.5B parameters, 3.3B active.",
+        dict(vocab_size=151936, d_model=2048, n_layers=48, n_heads=32, n_kv_heads=4, head_dim=128, d_ff=6144,
+             max_seq_len=40960, norm_eps=1e-6, ffn="moe", pos_emb="rope", rope_theta=1000000.0, qk_norm=True,
+             tie_embeddings=False,
+             moe=dict(n_routed_experts=128, n_experts_per_tok=8, moe_d_ff=768, scoring="softmax", norm_topk_prob=True)),
+        hf_family="qwen3_moe",
+        published_params=30.53e9,
+    ),
+    "mixtral/mixtral_nano": Architecture(
+        "Mixtral: Mistral's GQA attention with 8 SwiGLU experts per layer, top-2 by softmax renormalised (the "
+        "weights of the two chosen sum to 1), no shared expert, RoPE theta 1M.",
+        dict(vocab_size=NANO_VOCAB, d_model=256, n_layers=6, n_heads=8, n_kv_heads=2, d_ff=256, max_seq_len=512,
+             norm="rmsnorm", norm_eps=1e-5, ffn="moe", activation="silu", pos_emb="rope", rope_theta=1000000.0,
+             tie_embeddings=False,
+             moe=dict(n_routed_experts=8, n_experts_per_tok=2, moe_d_ff=256, scoring="softmax", norm_topk_prob=True)),
+        hf_family="mixtral",
+    ),
+    "mixtral/mixtral_8x7b": Architecture(
+        "Mixtral-8x7B (config.json of mistralai/Mixtral-8x7B-v0.1): 46.7B parameters, 12.9B active.",
+        dict(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336, max_seq_len=32768,
+             norm_eps=1e-5, ffn="moe", pos_emb="rope", rope_theta=1000000.0, tie_embeddings=False,
+             moe=dict(n_routed_experts=8, n_experts_per_tok=2, moe_d_ff=14336, scoring="softmax", norm_topk_prob=True)),
+        hf_family="mixtral",
+        published_params=46.70e9,
+    ),
+    "phi/phi3_nano": Architecture(
+        "Phi-3: Llama-like MHA with a sliding window on every layer (half the context), SwiGLU; HF stores q|k|v and "
+        "gate|up fused (qkv_proj, gate_up_proj), which only the conversion sees.",
+        dict(vocab_size=NANO_VOCAB, d_model=256, n_layers=6, n_heads=8, n_kv_heads=8, d_ff=704, max_seq_len=512,
+             norm="rmsnorm", norm_eps=1e-5, ffn="swiglu", activation="silu", pos_emb="rope", rope_theta=10000.0,
+             sliding_window=256, tie_embeddings=False, hf_family="phi3"),
+        hf_family="phi3",
+    ),
+    "phi/phi3_mini": Architecture(
+        "Phi-3-mini-4k (config.json of microsoft/Phi-3-mini-4k-instruct): 3.82B parameters.",
+        dict(vocab_size=32064, d_model=3072, n_layers=32, n_heads=32, n_kv_heads=32, d_ff=8192, max_seq_len=4096,
+             norm_eps=1e-5, ffn="swiglu", pos_emb="rope", rope_theta=10000.0, sliding_window=2047,
+             tie_embeddings=False, hf_family="phi3"),
+        hf_family="phi3",
+        published_params=3.821e9,
+    ),
+    "olmo/olmo2_nano": Architecture(
+        "OLMo-2: no input norms; RMSNorm on the output of attention and of the MLP before each residual add, "
+        "q/k RMSNorm over the whole projection (not per head), RoPE theta 500k, untied head.",
+        dict(vocab_size=NANO_VOCAB, d_model=256, n_layers=6, n_heads=8, n_kv_heads=8, d_ff=704, max_seq_len=512,
+             norm="rmsnorm", norm_eps=1e-6, ffn="swiglu", activation="silu", pos_emb="rope", rope_theta=500000.0,
+             pre_norms=False, post_norms=True, qk_norm=True, qk_norm_scope="all", tie_embeddings=False),
+        hf_family="olmo2",
+    ),
+    "olmo/olmo2_7b": Architecture(
+        "OLMo-2-7B (config.json of allenai/OLMo-2-1124-7B): 7.30B parameters.",
+        dict(vocab_size=100352, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_ff=11008, max_seq_len=4096,
+             norm_eps=1e-6, ffn="swiglu", pos_emb="rope", rope_theta=500000.0, pre_norms=False, post_norms=True,
+             qk_norm=True, qk_norm_scope="all", tie_embeddings=False),
+        hf_family="olmo2",
+        published_params=7.30e9,
     ),
     "gpt2/gpt2_small": Architecture(
         "GPT-2: LayerNorm, learned absolute positions, GELU (tanh) MLP, biases everywhere, tied embeddings; "

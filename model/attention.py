@@ -1,5 +1,5 @@
 """Attention: one module covers MHA, GQA and MQA (through n_kv_heads), with optional
-QK-norm, biases, sliding window, ALiBi and logit soft-capping.
+QK-norm (per head or over the whole projection), biases, sliding window, ALiBi and logit soft-capping.
 
 MLA and linear attention live in their own files (model/mla.py, model/linear_attention.py)
 and follow the same call signature.
@@ -96,9 +96,13 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(q_dim, cfg.d_model, bias=cfg.attn_out_bias)
-        if cfg.qk_norm:  # per-head RMSNorm on q and k (Qwen3, Gemma-3)
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_unit_offset, fused=cfg.kernels)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_unit_offset, fused=cfg.kernels)
+        # RMSNorm on q and k: per head over head_dim (Qwen3, Gemma-3), or over the whole projection
+        # before it is split into heads (OLMo-2), which mixes the heads' scales.
+        self.qk_norm_all = cfg.qk_norm_scope == "all"
+        if cfg.qk_norm:
+            q_width, k_width = (q_dim, kv_dim) if self.qk_norm_all else (cfg.head_dim, cfg.head_dim)
+            self.q_norm = RMSNorm(q_width, cfg.norm_eps, cfg.norm_unit_offset, fused=cfg.kernels)
+            self.k_norm = RMSNorm(k_width, cfg.norm_eps, cfg.norm_unit_offset, fused=cfg.kernels)
         else:
             self.q_norm = self.k_norm = None
         if cfg.pos_emb == "alibi":
@@ -108,10 +112,13 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, mask: AttnMask, cache=None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = self.q_proj(x), self.k_proj(x)  # (B, T, H*D), (B, T, Hkv*D)
+        if self.q_norm is not None and self.qk_norm_all:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.qk_norm_all:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             cos, sin = rope

@@ -1,6 +1,7 @@
 """ModelConfig: the one description of an architecture.
 
-A named architecture (Llama-3, Qwen3, Mistral, Gemma, GPT-2, DeepSeek-V3) is a set of
+A named architecture (Llama-3, Qwen, Mistral/Mixtral, Phi-3, Gemma 1/2/3, OLMo-2, GPT-2,
+DeepSeek-V3) is a set of
 values for this dataclass, not a new class. Derived sizes (head_dim, d_ff, n_kv_heads)
 are computed in ``__post_init__`` so recipes name only what they choose.
 """
@@ -13,6 +14,7 @@ from typing import Any, Optional
 from utils.errors import UserError
 
 NORMS = ("rmsnorm", "layernorm")
+QK_NORM_SCOPES = ("head", "all")
 FFNS = ("swiglu", "geglu", "gelu_mlp", "moe")
 POSITIONS = ("rope", "learned", "alibi", "none")
 ATTENTIONS = ("standard", "mla", "linear")
@@ -30,6 +32,7 @@ MLA_DEFAULTS: dict[str, Any] = {
 MOE_DEFAULTS: dict[str, Any] = {
     "n_routed_experts": None,
     "n_shared_experts": 0,
+    "shared_expert_gate": False,  # Qwen2-MoE: the shared experts' output times sigmoid(w . x)
     "n_experts_per_tok": None,  # top-k
     "moe_d_ff": None,  # hidden width of one expert (and of one shared expert)
     "scoring": "softmax",  # "softmax" (DeepSeek-V2) | "sigmoid" (DeepSeek-V3)
@@ -77,17 +80,20 @@ class ModelConfig:
     pos_emb: str = "rope"
     rope_theta: float = 10000.0
     rope_scaling: Optional[dict] = None  # e.g. {"type": "yarn", "factor": 4.0, "original_max_seq_len": 512}
+    rope_local_theta: Optional[float] = None  # RoPE base of the sliding-window layers (Gemma-3: 10k, global 1M)
     partial_rotary: float = 1.0  # fraction of head_dim that is rotated
     sliding_window: Optional[int] = None  # tokens each query sees (incl. itself)
     sliding_window_pattern: int = 1  # every k-th layer is global (Gemma alternates); 1 -> all windowed
-    qk_norm: bool = False  # Qwen3 / Gemma-3: RMSNorm on q and k per head
+    qk_norm: bool = False  # Qwen3 / Gemma-3 / OLMo-2: RMSNorm on q and k
+    qk_norm_scope: str = "head"  # "head": over each head's head_dim (Qwen3, Gemma-3); "all": whole projection (OLMo-2)
     qkv_bias: bool = False  # Qwen2 / GPT-2
     attn_out_bias: bool = False
     mlp_bias: bool = False
     norm_bias: bool = True  # only used by LayerNorm
     tie_embeddings: bool = False
     embed_scale: bool = False  # Gemma: multiply embeddings by sqrt(d_model)
-    post_norms: bool = False  # Gemma-2/3: extra norm after attention and after FFN
+    pre_norms: bool = True  # norm on each sublayer's input; False (OLMo-2): only the post_norms
+    post_norms: bool = False  # Gemma-2/3, OLMo-2: norm on each sublayer's output, before the residual add
     attn_logit_softcap: Optional[float] = None
     final_logit_softcap: Optional[float] = None
     query_pre_attn_scalar: Optional[float] = None  # attention scale = this ** -0.5 when set
@@ -98,6 +104,9 @@ class ModelConfig:
     moe: Optional[dict] = None
     # MLA (DeepSeek-V2/V3)
     mla: Optional[dict] = None
+    # The HuggingFace model_type to export as (an import sets it, so Phi-3 goes back out as Phi-3, not
+    # as the Mistral that holds the same math); None: the first family that holds this config exactly.
+    hf_family: Optional[str] = None
     extra: dict = field(default_factory=dict)  # free-form notes (e.g. source of published dims)
 
     def __post_init__(self) -> None:
@@ -145,6 +154,7 @@ class ModelConfig:
             ("pos_emb", self.pos_emb, POSITIONS),
             ("attention", self.attention, ATTENTIONS),
             ("activation", self.activation, ACTIVATIONS),
+            ("qk_norm_scope", self.qk_norm_scope, QK_NORM_SCOPES),
         ):
             if value not in allowed:
                 bad(f"{name}={value!r} is not one of {', '.join(allowed)}.")
@@ -162,6 +172,17 @@ class ModelConfig:
             bad(f"sliding_window must be positive or null, got {self.sliding_window}.")
         if self.sliding_window_pattern < 1:
             bad(f"sliding_window_pattern must be >= 1 (1: every layer windowed), got {self.sliding_window_pattern}.")
+        if not (self.pre_norms or self.post_norms):
+            bad("pre_norms and post_norms are both off: a block needs a norm on the input or the output of its sublayers.")
+        if self.qk_norm_scope != "head" and not self.qk_norm:
+            bad(f"qk_norm_scope={self.qk_norm_scope!r} says how q/k are normalised, but qk_norm is off; set qk_norm: true.")
+        if self.rope_local_theta is not None:
+            if self.pos_emb != "rope" or self.attention != "standard":
+                bad("rope_local_theta is the RoPE base of the windowed layers; it needs pos_emb='rope' and standard attention.")
+            if self.sliding_window is None:
+                bad("rope_local_theta applies to the sliding-window layers, but sliding_window is not set.")
+            if not self.rope_local_theta > 0:
+                bad(f"rope_local_theta must be positive, got {self.rope_local_theta}.")
         if self.mla is not None and self.attention != "mla":
             bad(f"an 'mla' block is set but attention={self.attention!r}; set attention: mla or remove the block.")
         if self.moe is not None and self.ffn != "moe":
@@ -173,6 +194,7 @@ class ModelConfig:
                 ("pos_emb='alibi'", self.pos_emb == "alibi"),
                 ("sliding_window", self.sliding_window is not None),
                 ("attn_logit_softcap", self.attn_logit_softcap is not None),
+                ("qk_norm_scope='all'", self.qk_norm_scope == "all"),
             ):
                 if on:
                     bad(f"attention='linear' has no attention matrix to apply {what} to; remove one of them.")
@@ -222,6 +244,8 @@ class ModelConfig:
             bad(f"moe: top-k={k} experts cannot be chosen from topk_group={tg} groups of {n_exp // g} experts.")
         if not (0 <= m["first_k_dense"] <= self.n_layers):
             bad(f"moe.first_k_dense={m['first_k_dense']} must be between 0 and n_layers={self.n_layers}.")
+        if m["shared_expert_gate"] and not m["n_shared_experts"]:
+            bad("moe.shared_expert_gate gates the shared experts, but n_shared_experts is 0.")
         if m["aux_free_bias_update_rate"] < 0 or m["seq_aux_loss_coef"] < 0:
             bad("moe.aux_free_bias_update_rate and moe.seq_aux_loss_coef must be >= 0.")
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 from utils.errors import UserError
 
 Targets = Union[str, list[str]]
-ALL_LINEAR_EXCLUDES = ("lm_head", "router")  # see match_linears
+ALL_LINEAR_EXCLUDES = ("lm_head", "router", "shared_gate")  # see match_linears
 
 
 def is_4bit(layer: nn.Module) -> bool:
@@ -31,8 +31,9 @@ def match_linears(model: nn.Module, targets: Targets) -> list[str]:
     """Names of the linear layers that ``targets`` selects, in module order.
 
     ``"all-linear"``: every linear layer except ``lm_head`` (the output head is usually tied
-    or too large to be worth adapting) and MoE ``router``s (routing stays exact, in fp32,
-    as PEFT/Unsloth recipes leave the gate alone). Otherwise a list of fnmatch patterns; a pattern
+    or too large to be worth adapting), MoE ``router``s (routing stays exact, in fp32,
+    as PEFT/Unsloth recipes leave the gate alone) and the one-output ``shared_gate`` of Qwen2-MoE
+    (no rank above 1 fits it). Otherwise a list of fnmatch patterns; a pattern
     matches a full module name (``layers.*.attn.q_proj``) or its trailing part (``q_proj``,
     ``attn.*``). A pattern that matches no linear layer is a UserError.
     """

@@ -2,6 +2,8 @@
 
     y = sum_{s} Shared_s(x) + sum_{i in TopK(x)} g_i(x) * Expert_i(x)
 
+(Qwen2-MoE gates the shared part per token: sigmoid(w . x) * sum_s Shared_s(x).)
+
 Routing (DeepSeek-V2/V3):
   scores s = softmax(W_r x) or sigmoid(W_r x)           (float32, per token)
   selection uses s + b, b a per-expert bias that is NOT trained by gradients
@@ -134,6 +136,8 @@ class MoE(nn.Module):
         n_shared = m["n_shared_experts"]
         # n shared experts of width moe_d_ff are one gated MLP of width n * moe_d_ff.
         self.shared_experts = GatedMLP(cfg, d_ff=m["moe_d_ff"] * n_shared) if n_shared else None
+        # Qwen2-MoE scales the shared experts per token by sigmoid(w . x).
+        self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if m["shared_expert_gate"] else None
         # Persistent: a resumed or exported model keeps its balance (HF: e_score_correction_bias).
         self.register_buffer("expert_bias", torch.zeros(self.n_experts))
         self.register_buffer("load_since_update", torch.zeros(self.n_experts), persistent=False)
@@ -162,7 +166,10 @@ class MoE(nn.Module):
             self.aux_loss = sequence_aux_loss(scores, experts, B, self.aux_coef) if self.aux_coef > 0 else None
         y = y.view(B, T, d)
         if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
+            shared = self.shared_experts(x)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(x)) * shared
+            y = y + shared
         return y
 
     @torch.no_grad()

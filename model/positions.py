@@ -10,15 +10,17 @@ import torch.nn as nn
 from model.config import ModelConfig
 
 
-def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> tuple[torch.Tensor, float]:
     """Inverse frequencies theta_i = base^(-2i/d) for the rotated dims, after scaling.
 
     Returns (inv_freq (rotary_dim/2,), attention_scaling) where attention_scaling multiplies
-    cos and sin (YaRN's mscale; 1.0 otherwise).
+    cos and sin (YaRN's mscale; 1.0 otherwise). ``local``: the sliding-window layers' RoPE,
+    plain at base ``rope_local_theta`` (Gemma-3 stretches only its global layers).
     """
     dim = cfg.rotary_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = cfg.rope_scaling
+    base = cfg.rope_local_theta if local else cfg.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = None if local else cfg.rope_scaling
     if scaling is None:
         return inv_freq, 1.0
     kind, factor = scaling["type"], float(scaling["factor"])
@@ -47,13 +49,15 @@ def _yarn_inv_freq(cfg: ModelConfig, factor: float, s: dict) -> tuple[torch.Tens
     # linear ramp between the dims that complete beta_fast and beta_slow turns in the old context.
     dim, base = cfg.rotary_dim, cfg.rope_theta
     old_len = s["original_max_seq_len"]
-    beta_fast, beta_slow = s.get("beta_fast", 32.0), s.get("beta_slow", 1.0)
+    beta_fast, beta_slow = s.get("beta_fast") or 32.0, s.get("beta_slow") or 1.0  # 0 means the default, as in HF
 
     def correction_dim(n_rot: float) -> float:
         return dim * math.log(old_len / (n_rot * 2 * math.pi)) / (2 * math.log(base))
 
-    low = max(math.floor(correction_dim(beta_fast)), 0)
-    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if s.get("truncate", True):  # the paper rounds the ramp's ends to whole dims; gpt-oss does not
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
@@ -67,7 +71,7 @@ def _yarn_inv_freq(cfg: ModelConfig, factor: float, s: dict) -> tuple[torch.Tens
 
     if "attention_factor" in s:
         att = s["attention_factor"]
-    elif "mscale" in s and "mscale_all_dim" in s:  # DeepSeek's variant
+    elif s.get("mscale") and s.get("mscale_all_dim"):  # DeepSeek's variant (a 0 switches it off, as in HF)
         att = mscale(factor, s["mscale"]) / mscale(factor, s["mscale_all_dim"])
     else:
         att = mscale(factor)
@@ -77,9 +81,9 @@ def _yarn_inv_freq(cfg: ModelConfig, factor: float, s: dict) -> tuple[torch.Tens
 class Rotary(nn.Module):
     """Computes cos/sin for given positions on the fly (exact for any position, no table)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, local: bool = False):
         super().__init__()
-        inv_freq, self.attention_scaling = rope_inv_freq(cfg)
+        inv_freq, self.attention_scaling = rope_inv_freq(cfg, local)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

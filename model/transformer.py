@@ -43,13 +43,14 @@ def make_ffn(cfg: ModelConfig, layer: int) -> nn.Module:
 
 class Block(nn.Module):
     """Pre-norm residual block; with ``post_norms`` (Gemma-2/3) each sublayer's output is
-    normalised again before it joins the residual stream."""
+    normalised again before it joins the residual stream; without ``pre_norms`` (OLMo-2) only
+    that output norm remains: x + norm(attn(x))."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.attn_norm = make_norm(cfg)
+        self.attn_norm = make_norm(cfg) if cfg.pre_norms else nn.Identity()
         self.attn = make_attention(cfg, layer)
-        self.ffn_norm = make_norm(cfg)
+        self.ffn_norm = make_norm(cfg) if cfg.pre_norms else nn.Identity()
         self.ffn = make_ffn(cfg, layer)
         if cfg.post_norms:
             self.attn_post_norm, self.ffn_post_norm = make_norm(cfg), make_norm(cfg)
@@ -75,6 +76,9 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos_emb == "learned" else None
         self.rotary = Rotary(cfg) if cfg.pos_emb == "rope" or cfg.attention == "mla" else None
+        # Gemma-3: the sliding-window layers turn at their own RoPE base.
+        self.rotary_local = Rotary(cfg, local=True) if cfg.rope_local_theta is not None else None
+        self.local_layers = {i for i in range(cfg.n_layers) if cfg.layer_window(i) is not None}
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg)
@@ -126,8 +130,9 @@ class Transformer(nn.Module):
             x = x + self.pos_embed(positions)
         x = self.drop(x)
         rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
-        for block in self.layers:
-            x = block(x, rope, mask, cache)
+        rope_local = self.rotary_local(positions, x.dtype) if self.rotary_local is not None else rope
+        for i, block in enumerate(self.layers):
+            x = block(x, rope_local if i in self.local_layers else rope, mask, cache)
         if cache is not None:
             cache.advance(T)
         x = self.norm(x)

@@ -93,7 +93,7 @@ def train_section(key: str, stage: str, max_steps: int, batch_size: int, seq_len
 
 def pretrain(key: str, model: dict) -> dict:
     # ~2M tokens: 500 steps x 4096 tokens; MoE/MLA and Gemma's extra norms like a slightly lower LR.
-    lr = 3.0e-3 if key.split("/")[0] in ("llama", "qwen", "gpt2") else 2.0e-3
+    lr = 2.0e-3 if model.get("ffn") == "moe" or model.get("attention") == "mla" or model.get("post_norms") else 3.0e-3
     return dict(
         model=model,
         data=dict(train_bin="data/bins/pretrain/train.bin", val_bin="data/bins/pretrain/val.bin", tokenizer=TOKENIZER),

@@ -32,7 +32,9 @@ def test_generator_is_deterministic():
 
 
 def test_every_family_has_every_stage():
-    assert set(NANO) == {"deepseek/v3_nano", "llama/llama3_nano", "gemma/gemma_nano", "qwen/qwen3_nano", "gpt2/gpt2_small"}
+    assert set(NANO) == {"deepseek/v3_nano", "llama/llama3_nano", "gemma/gemma_nano", "qwen/qwen3_nano", "gpt2/gpt2_small",
+                         "gemma/gemma1_nano", "gemma/gemma3_nano", "qwen/qwen2_moe_nano", "qwen/qwen3_moe_nano",
+                         "mixtral/mixtral_nano", "phi/phi3_nano", "olmo/olmo2_nano"}
     for key in NANO:
         assert {f"{key}/{name}" for name in STAGES} <= set(FILES)
 
