@@ -1,7 +1,9 @@
 """The OpenAI wire format: request and response models for the server.
 
 Requests are validated strictly (a string where a number belongs is a 400, not a silent
-coercion) and unknown fields are ignored, as the OpenAI API does for forward compatibility.
+coercion); a field this server does not support is a 400 naming it, never silently dropped
+(a few that change nothing about the reply, like ``user`` or ``metadata``, are accepted). A field
+sent as ``null`` means its default, as the OpenAI API allows.
 Responses are plain pydantic models dumped to JSON; streaming chunks reuse the same shapes.
 Only the fields this server understands are declared; everything here is data, no logic
 beyond range checks.
@@ -14,14 +16,25 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # ----------------------------------------------------------------------------- requests
 
 
+# Fields a client may send that change nothing about the reply: accepted and ignored.
+IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
+
+
 class _Strict(BaseModel):
     # strict: "0.5" is not a float, true is not an int; NaN/inf are not sampling values.
-    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_mean_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None and k not in IGNORED}
+        return data
 
 
 class TextPart(_Strict):
@@ -29,10 +42,23 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as the API sends it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called functions
+    tool_call_id: str | None = None  # a tool turn: which call this is the result of
 
     def text(self) -> str:
         """The message text; a list of text parts is joined (images etc. are rejected earlier)."""
@@ -41,6 +67,51 @@ class ChatMessage(_Strict):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def as_dict(self) -> dict:
+        """The message for the chat template: role, text, and the function-calling fields it has."""
+        role = "system" if self.role == "developer" else self.role
+        out: dict = {"role": role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+class FunctionSpec(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict | None = None  # a JSON Schema object
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class StreamOptions(_Strict):
@@ -64,7 +135,7 @@ class _SamplingFields(_Strict):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)  # extension (vLLM / HF)
     ignore_eos: bool = False  # extension: benchmarks want a fixed number of tokens
-    user: str | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as text) -> [-100, 100]
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -76,6 +147,9 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)  # newer name of max_tokens
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -124,7 +198,8 @@ class ChoiceLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[dict] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -146,6 +221,7 @@ class ChatCompletion(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict] | None = None  # each with its "index" in the reply's calls
 
 
 class ChatChunkChoice(BaseModel):
@@ -216,6 +292,8 @@ def describe_validation_error(err: ValidationError) -> tuple[str, str | None]:
     loc = [p for p in loc if p not in ("str", "int", "float", "bool", "TextPart")]
     where = ".".join(loc)
     msg = first.get("msg", "invalid value")
+    if first.get("type") == "extra_forbidden":
+        msg = "this server does not support this field; remove it (see the server's README section for what it accepts)"
     return (f"{where}: {msg}" if where else msg), (loc[0] if loc else None)
 
 

@@ -14,6 +14,7 @@ while one thread drives ``step``; they are queued and applied at the start of a 
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import uuid
 from collections import deque
@@ -101,6 +102,7 @@ class LLMEngine:
         self._lock = threading.Lock()
         self._early: list[RequestOutput] = []  # outputs decided outside a forward (errors, aborts)
         self._seq_ids = itertools.count()
+        self._grammars: dict[str, object] = {}  # compiled grammars by spec (inference/grammar.py)
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "steps": 0, "spec_proposed": 0, "spec_accepted": 0}
 
     def _derive_num_blocks(self, max_num_seqs: int, kv_cache_memory: Optional[int]) -> int:
@@ -160,6 +162,7 @@ class LLMEngine:
         self._pending_ids.add(request_id)
         seq = Sequence(next(self._seq_ids), request_id, prompt_ids, params, index=0, seed=params.seed)
         seq.pending_forks = params.n - 1
+        seq.matcher = self._grammar(params).matcher() if params.grammar is not None else None
         if self.tokenizer is not None:
             seq.detok = IncrementalDetokenizer(self.tokenizer, params.stop)
         self._pending.append(("add", seq))
@@ -172,6 +175,19 @@ class LLMEngine:
         bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < V]
         if bad:
             raise UserError(f"prompt token ids must be integers in [0, {V}); got {bad[:5]}.")
+        if any(t >= V for t in params.logit_bias):
+            raise UserError(f"logit_bias names token ids beyond the vocabulary ({V}): {[t for t in params.logit_bias if t >= V][:5]}.")
+
+    def _grammar(self, params: SamplingParams):
+        """The compiled grammar of a constrained request (cached: requests repeat their schemas)."""
+        from inference.grammar import compile_grammar
+
+        key = json.dumps(params.grammar, sort_keys=True)
+        if key not in self._grammars:
+            if len(self._grammars) >= 64:
+                self._grammars.pop(next(iter(self._grammars)))
+            self._grammars[key] = compile_grammar(self.tokenizer, params.grammar)
+        return self._grammars[key]
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its blocks are freed (now, or at the start of the next step if a step
@@ -220,7 +236,8 @@ class LLMEngine:
             if batch is None:
                 return outputs
             self.stats["steps"] += 1
-            if batch.is_prefill or self.draft_runner is None:
+            constrained = any(s.matcher is not None or s.params.logit_bias for s in batch.seqs)
+            if batch.is_prefill or self.draft_runner is None or constrained:  # drafts would ignore the constraint
                 outputs += self._run_plain(batch)
             else:
                 outputs += self._run_speculative(batch)
@@ -250,8 +267,9 @@ class LLMEngine:
         if rows:
             seqs = [s for s, _ in rows]
             row_logits = logits[torch.tensor([i for _, i in rows], device=logits.device)]
+            sample_logits = self._constrain(row_logits, seqs)
             tokens = sampler.sample(
-                row_logits,
+                sample_logits,
                 [s.params for s in seqs],
                 [s.prompt_ids for s in seqs],
                 [s.output_ids for s in seqs],
@@ -283,6 +301,20 @@ class LLMEngine:
                 self.bm.commit(s, min(s.num_computed, s.num_draft_computed))
         return outputs
 
+    def _constrain(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Rows of constrained sequences with their logit_bias added and the tokens their grammar
+        forbids at -inf (a copy; logprobs are still reported from the model's raw logits)."""
+        if not any(s.matcher is not None or s.params.logit_bias for s in seqs):
+            return logits
+        out = logits.clone()
+        V = out.shape[-1]
+        for row, s in enumerate(seqs):
+            for token, bias in s.params.logit_bias.items():
+                out[row, token] += bias
+            if s.matcher is not None:
+                out[row, ~s.matcher.allowed(V).to(out.device)] = float("-inf")
+        return out
+
     def _fork(self, leader: Sequence) -> list[Sequence]:
         """n > 1: the prompt is computed once; siblings share its blocks and sample their own
         first token from the same logits."""
@@ -292,6 +324,8 @@ class LLMEngine:
             child = Sequence(next(self._seq_ids), leader.request_id, leader.prompt_ids, leader.params, index=i, seed=seed)
             if self.tokenizer is not None:
                 child.detok = IncrementalDetokenizer(self.tokenizer, leader.params.stop)
+            if leader.params.grammar is not None:
+                child.matcher = self._grammar(leader.params).matcher()
             self.bm.fork(leader, child)
             self.runner.fork_state(leader.seq_id, child.seq_id)
             self.scheduler.add_running(child)
@@ -324,6 +358,8 @@ class LLMEngine:
                     seq.detok.flush(seq.output_ids[:-1])
                 self._finish(seq, "stop")
                 return
+            if seq.matcher is not None and self._grammar_done(seq, tok):
+                return
             if seq.detok is not None and seq.detok.update(seq.output_ids) is not None:
                 self._finish(seq, "stop")
                 return
@@ -333,8 +369,21 @@ class LLMEngine:
                 self._finish(seq, "length")
                 return
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
-        seq.finish(reason)
+    def _grammar_done(self, seq: Sequence, tok: int) -> bool:
+        """Advance a constrained sequence's grammar; True when that finished the sequence (the
+        grammar is complete: "stop"; it refused the token, which the mask makes a bug: "error")."""
+        if not seq.matcher.accept(tok):
+            self._finish(seq, "error", f"the output left its grammar ({seq.matcher.error}); this is a bug, please report it.")
+            return True
+        if seq.matcher.done:
+            if seq.detok is not None:
+                seq.detok.flush(seq.output_ids)
+            self._finish(seq, "stop")
+            return True
+        return False
+
+    def _finish(self, seq: Sequence, reason: str, error: Optional[str] = None) -> None:
+        seq.finish(reason, error)
         self.scheduler.remove(seq)
         self.runner.drop_state(seq.seq_id)
         live = self.requests.get(seq.request_id, [])

@@ -6,6 +6,8 @@ from typing import Optional
 
 from utils.errors import UserError
 
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
+
 
 @dataclass
 class SamplingParams:
@@ -17,6 +19,8 @@ class SamplingParams:
     and the tokenizer's EOS stops generation unless ``ignore_eos``.
     ``logprobs`` returns the chosen token's log-probability under the model (raw logits,
     before temperature and filters) plus the ``top_logprobs`` most likely alternatives.
+    ``logit_bias`` adds a value in [-100, 100] to a token's logit before sampling (OpenAI's);
+    ``grammar`` constrains the output (inference/grammar.py: json_schema, json_object, regex, lark).
     """
 
     max_tokens: int = 64
@@ -33,6 +37,8 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    grammar: Optional[dict] = None
 
     @property
     def greedy(self) -> bool:
@@ -71,6 +77,13 @@ class SamplingParams:
             bad(f"n must be an integer >= 1, got {self.n!r}.")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad(f"stop must be a list of non-empty strings, got {self.stop!r}.")
+        # Each stop string is searched in every new piece of text: bound the work a request can cause.
+        if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            bad(f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters, got "
+                f"{len(self.stop)} (longest {max(map(len, self.stop), default=0)}).")
+        for t, b in self.logit_bias.items():
+            if not isinstance(t, int) or t < 0 or not isinstance(b, (int, float)) or not -100 <= b <= 100:
+                bad(f"logit_bias maps token ids (>= 0) to values in [-100, 100], got {t!r}: {b!r}.")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             bad(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}.")
         if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= 20:

@@ -51,6 +51,7 @@ class Sequence:
         self.num_emitted = 0  # output tokens already reported by the engine
         self.text = ""  # detokenized output (only when the engine has a tokenizer)
         self.detok = None  # incremental detokenizer state (inference/detokenizer.py)
+        self.matcher = None  # grammar position when the output is constrained (inference/grammar.py)
         # A generator per sequence makes a seeded request reproducible whatever else is in the batch.
         self.generator = torch.Generator()
         if seed is not None:

@@ -165,7 +165,41 @@ async def get_model(name: str, request: Request) -> dict:
     return P.ModelCard(id=name, created=P.now(), max_model_len=srv.settings.max_model_len).model_dump()
 
 
+def chat_setup(req: P.ChatCompletionRequest, tok: Any) -> tuple[list[dict], list | None, dict | None]:
+    """(messages for the template, tools to offer, grammar) of a chat request: function calling and
+    structured output mapped onto the tokenizer's chat format and constrained decoding."""
+    from inference.grammar import schema_of
+    from inference.tool_calls import check_tools, for_template, forced_call_grammar
+
+    messages = [m.as_dict() for m in req.messages]
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    choice = req.tool_choice.model_dump() if isinstance(req.tool_choice, P.NamedToolChoice) else req.tool_choice
+    if choice not in (None, "none", "auto") and not tools:
+        raise ApiError(400, "tool_choice needs tools to choose from.", param="tool_choice")
+    grammar = None
+    fmt = req.response_format.model_dump(by_alias=True, exclude_none=True) if req.response_format else None
+    if fmt and fmt["type"] != "text":
+        try:
+            grammar = schema_of(fmt)
+        except UserError as err:
+            raise ApiError(400, str(err), param="response_format") from None
+    if tools:
+        try:
+            forced = check_tools(tools, choice)
+        except UserError as err:
+            raise ApiError(400, str(err), param="tools") from None
+        if choice == "none":
+            tools = None
+        elif choice == "required" or forced is not None:
+            if grammar is not None:
+                raise ApiError(400, "response_format and a required tool call cannot both constrain the reply.", param="response_format")
+            grammar = forced_call_grammar(tools, forced)
+    return for_template(messages), tools, grammar
+
+
 async def chat_completions(request: Request) -> Any:
+    from inference.tool_calls import CallSplitter, parse_tool_calls
+
     srv = server_of(request)
     check_auth(request, srv.settings)
     req = parse(P.ChatCompletionRequest, await read_json(request, srv.settings.max_body_bytes))
@@ -174,16 +208,17 @@ async def chat_completions(request: Request) -> Any:
         raise ApiError(400, "top_logprobs needs logprobs=true.", param="top_logprobs")
     render_chat, chat_stop_ids = chat_format()
     tok, name = srv.tokenizer, srv.settings.model_name
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    messages, tools, grammar = chat_setup(req, tok)
     try:
-        prompt_ids, _ = render_chat(tok, messages, add_generation_prompt=True)
+        prompt_ids, _ = render_chat(tok, messages, add_generation_prompt=True, tools=tools)
     except UserError as err:
         raise ApiError(400, str(err), param="messages") from None
     stop_ids = [] if req.ignore_eos else list(chat_stop_ids(tok))
     params = sampling_params(req, len(prompt_ids), srv.settings, stop_ids, req.logprobs, req.top_logprobs or 0,
-                             req.max_completion_tokens or req.max_tokens, "messages")
+                             req.max_completion_tokens or req.max_tokens, "messages", grammar)
     gen = srv.start([list(prompt_ids)], params)
     rid, created = P.new_id("chatcmpl"), P.now()
+    splitters = [CallSplitter() for _ in range(gen.num_choices)] if tools else None
 
     def chunk(choices: list[P.ChatChunkChoice], usage: P.Usage | None = None) -> str:
         return P.sse(P.ChatCompletionChunk(id=rid, created=created, model=name, choices=choices, usage=usage))
@@ -192,19 +227,32 @@ async def chat_completions(request: Request) -> Any:
         return P.ChoiceLogprobs(content=P.token_logprobs(tok, entries)) if req.logprobs else None
 
     def event_chunk(ev: ChoiceEvent) -> Optional[str]:
-        if not (ev.text or ev.finish_reason or (req.logprobs and ev.logprobs)):
+        text, calls, reason = ev.text, [], ev.finish_reason
+        if splitters is not None:  # hold back what may be a tool call until the reply is complete
+            text = splitters[ev.index].feed(ev.text)
+            if ev.finish_reason is not None:
+                rest, calls = splitters[ev.index].finish()
+                text += rest
+                reason = "tool_calls" if calls else reason
+        if not (text or calls or reason or (req.logprobs and ev.logprobs)):
             return None
-        delta = P.Delta(content=ev.text) if ev.text else P.Delta()
-        return chunk([P.ChatChunkChoice(index=ev.index, delta=delta, finish_reason=ev.finish_reason, logprobs=lp(ev.logprobs or []))])
+        delta = P.Delta(content=text or None, tool_calls=[{"index": i, **c} for i, c in enumerate(calls)] or None)
+        return chunk([P.ChatChunkChoice(index=ev.index, delta=delta, finish_reason=reason, logprobs=lp(ev.logprobs or []))])
 
     def body() -> AsyncIterator[str]:
         opening = [chunk([P.ChatChunkChoice(index=i, delta=P.Delta(role="assistant", content=""))]) for i in range(gen.num_choices)]
         usage = (lambda u: chunk([], u)) if req.stream_options is not None and req.stream_options.include_usage else None
         return sse_events(gen, opening, event_chunk, usage)
 
+    def message(text: str, reason: str | None) -> tuple[P.AssistantMessage, str | None]:
+        content, calls = parse_tool_calls(text) if tools else (text, [])
+        return P.AssistantMessage(content=content, tool_calls=calls or None), ("tool_calls" if calls else reason)
+
     def whole(texts: list[str], reasons: list, logprobs: list[list], usage: P.Usage) -> dict:
-        choices = [P.ChatChoice(index=i, message=P.AssistantMessage(content=t), finish_reason=r, logprobs=lp(logprobs[i]))
-                   for i, (t, r) in enumerate(zip(texts, reasons))]
+        choices = []
+        for i, (t, r) in enumerate(zip(texts, reasons)):
+            msg, reason = message(t, r)
+            choices.append(P.ChatChoice(index=i, message=msg, finish_reason=reason, logprobs=lp(logprobs[i])))
         return P.ChatCompletion(id=rid, created=created, model=name, choices=choices, usage=usage).model_dump()
 
     return await respond(request, gen, req.stream, body, whole)

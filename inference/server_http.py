@@ -21,6 +21,8 @@ from inference.async_engine import Generation
 from inference.sampling_params import SamplingParams
 from utils.errors import UserError
 
+MAX_STOP = 4  # stop strings per request, as the OpenAI API allows
+
 
 @dataclass
 class ServerSettings:
@@ -86,7 +88,8 @@ def parse(model: type[BaseModel], body: dict) -> Any:
 
 
 def sampling_params(req: P._SamplingFields, prompt_len: int, settings: ServerSettings, stop_ids: list[int],
-                    logprobs: bool, top_logprobs: int, max_tokens: int | None, prompt_param: str) -> SamplingParams:
+                    logprobs: bool, top_logprobs: int, max_tokens: int | None, prompt_param: str,
+                    grammar: dict | None = None) -> SamplingParams:
     """Map an OpenAI request onto SamplingParams, enforcing the caps and the context length."""
     room = settings.max_model_len - prompt_len
     if room < 1:
@@ -99,16 +102,29 @@ def sampling_params(req: P._SamplingFields, prompt_len: int, settings: ServerSet
         raise ApiError(400, f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the context of {settings.max_model_len} tokens; lower max_tokens.", param="max_tokens", code="context_length_exceeded")
     if req.n > settings.n_cap:
         raise ApiError(400, f"n={req.n} is over this server's cap of {settings.n_cap}.", param="n")
+    if len(req.stop_list()) > MAX_STOP:
+        raise ApiError(400, f"stop holds {len(req.stop_list())} strings; at most {MAX_STOP} (as the OpenAI API).", param="stop")
     params = SamplingParams(
         max_tokens=max_tokens, temperature=req.temperature, top_k=max(req.top_k, 0), top_p=req.top_p,
         repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty, seed=req.seed, stop=req.stop_list(), stop_token_ids=list(stop_ids),
         n=req.n, logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=req.ignore_eos,
+        logit_bias=logit_bias(req.logit_bias), grammar=grammar,
     )
     try:
         return params.validate(settings.max_model_len)
     except UserError as err:
         raise ApiError(400, str(err)) from None
+
+
+def logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's logit_bias ({"token id": bias}) with integer keys; a key that is not a token id is a 400."""
+    out = {}
+    for key, value in (bias or {}).items():
+        if not key.isdigit():
+            raise ApiError(400, f"logit_bias keys are token ids, got {key!r}.", param="logit_bias")
+        out[int(key)] = value
+    return out
 
 
 async def until_disconnect(request: Request, work: Any) -> Any:

@@ -19,9 +19,15 @@ the same ids for content that does not start with whitespace; tested).
 """
 from __future__ import annotations
 
+import json
+
 from utils.errors import UserError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+# The project format's function calling, in text (the tokenizer's ids 0..4 are fixed, so no new special
+# tokens): the assistant writes each call as TOOL_OPEN {"name": ..., "arguments": {...}} TOOL_CLOSE, and
+# a result comes back as a "tool" turn. Hermes/Qwen-style models use the same markers.
+TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 
 HF_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -71,6 +77,46 @@ def render_chat(tok, messages: list[dict], add_generation_prompt: bool = False,
 def chat_stop_ids(tok) -> list[int]:
     """Ids that end an assistant reply during generation (the tokenizer's end-of-turn and EOS ids)."""
     return list(tok.chat_stop_ids)
+
+
+def tools_prompt(tools: list[dict]) -> str:
+    """The system text that offers functions to the model, in the project's format."""
+    lines = [json.dumps(t.get("function", t), ensure_ascii=False, sort_keys=True) for t in tools]
+    return ("You can call these functions. To call one, write " + TOOL_OPEN
+            + '{"name": <function name>, "arguments": <an object of its parameters>}' + TOOL_CLOSE
+            + " for each call and nothing else.\nFunctions:\n" + "\n".join(lines))
+
+
+def call_text(call: dict) -> str:
+    """One OpenAI tool call ({"function": {"name", "arguments": JSON text or object}}) as the model writes it."""
+    fn = call.get("function", call)
+    args = fn.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError:
+            raise UserError(f"tool call {fn.get('name')!r} has arguments that are not JSON: {args[:80]!r}") from None
+    return TOOL_OPEN + json.dumps({"name": fn.get("name"), "arguments": args}, ensure_ascii=False) + TOOL_CLOSE
+
+
+def with_tools(messages: list[dict], tools: list | None) -> list[dict]:
+    """Messages with OpenAI function calling folded into plain turns of the project's format:
+    the tools into the system turn, an assistant's tool_calls into its text, tool results as "tool" turns."""
+    out = []
+    for m in messages:
+        if isinstance(m, dict) and m.get("role") == "assistant" and m.get("tool_calls"):
+            text = (m.get("content") or "") + "".join(call_text(c) for c in m["tool_calls"])
+            m = {"role": "assistant", "content": text}
+        elif isinstance(m, dict):
+            m = {"role": m.get("role"), "content": m.get("content")}
+        out.append(m)
+    if tools:
+        offer = tools_prompt(tools)
+        if out and out[0].get("role") == "system" and isinstance(out[0].get("content"), str):
+            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + offer}
+        else:
+            out.insert(0, {"role": "system", "content": offer})
+    return out
 
 
 def render_project_chat(tok, messages: list[dict],

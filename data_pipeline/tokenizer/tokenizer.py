@@ -93,11 +93,9 @@ class Tokenizer:
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = False,
                     tools: list | None = None) -> tuple[list[int], list[int]]:
         """(ids, assistant mask) in the project's own chat format (chat_template.render_project_chat)."""
-        from data_pipeline.tokenizer.chat_template import render_project_chat
+        from data_pipeline.tokenizer.chat_template import render_project_chat, with_tools
 
-        if tools:
-            raise UserError("the project's chat format has no tools section yet; send the request without tools.")
-        return render_project_chat(self, messages, add_generation_prompt)
+        return render_project_chat(self, with_tools(messages, tools), add_generation_prompt)
 
     def save_hf(self, out: str | os.PathLike) -> None:
         """tokenizer.json, tokenizer_config.json (special tokens, the chat format as a Jinja template),
