@@ -84,13 +84,18 @@ class RolloutPhase:
                  sampling: Any, group_size: int, prompts_per_rollout: int, stop_ids: Sequence[int], tokenizer: Any,
                  engine_kwargs: dict, rl: Any, chunk: int, seed: int, device: torch.device,
                  autocast: Callable[[], Any] = contextlib.nullcontext, rank: int = 0, world_size: int = 1,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, on_policy: bool = False):
         self.algorithm, self.policy, self.reference, self.critic = algorithm, policy, reference, critic
         self.score_fn, self.prompts, self.answers = score_fn, list(prompts), list(answers)
         self.sampling, self.G, self.P = sampling, group_size, prompts_per_rollout
         self.stop_ids, self.tokenizer, self.engine_kwargs = list(stop_ids), tokenizer, engine_kwargs
         self.rl, self.chunk, self.seed, self.device, self.autocast = rl, chunk, seed, device, autocast
         self.rank, self.world_size, self.log = rank, world_size, log
+        # on_policy: each buffer feeds exactly one optimizer step, taken right after the rollout
+        # (rl.epochs 1, the whole buffer in one step), so the policy the GRPO/GSPO loss runs IS
+        # the one that sampled: its detached log-probs are pi_old, and the forward over the
+        # buffer that would compute them here is skipped (as TRL does when num_iterations=1).
+        self.skip_old_logp = on_policy and algorithm in ("grpo", "gspo")
 
     def prompt_indices(self, r: int) -> list[int]:
         """Prompts of rollout r on this rank: consecutive slices of a seeded shuffle,
@@ -117,14 +122,14 @@ class RolloutPhase:
 
         tokens = ro.tokens.to(self.device)
         mask = ro.response_mask[:, 1:].to(self.device)  # (N, L-1) shifted grid
+        on_mask = lambda x: torch.where(mask, x.float(), torch.zeros_like(x, dtype=torch.float32))  # noqa: E731
         with self.autocast():
             T = self.sampling.temperature
             every = lambda t: torch.ones_like(t[:, 1:], dtype=torch.bool)  # noqa: E731
-            old_logp = _chunked(lambda t: token_logps(self.policy, t, every(t), T), tokens, self.chunk)
-            ref_logp = _chunked(lambda t: token_logps(self.reference, t, every(t), T), tokens, self.chunk)
+            old_logp = None if self.skip_old_logp else on_mask(
+                _chunked(lambda t: token_logps(self.policy, t, every(t), T), tokens, self.chunk))
+            ref_logp = on_mask(_chunked(lambda t: token_logps(self.reference, t, every(t), T), tokens, self.chunk))
             values = _chunked(lambda t: self.critic(t[:, :-1]), tokens, self.chunk) if self.critic is not None else None
-        old_logp = torch.where(mask, old_logp.float(), torch.zeros_like(old_logp, dtype=torch.float32))
-        ref_logp = torch.where(mask, ref_logp.float(), torch.zeros_like(ref_logp, dtype=torch.float32))
         self.policy.train(was_training)
 
         stats = {
@@ -134,9 +139,11 @@ class RolloutPhase:
             "accuracy": correct.mean().item(),
             "response_len": ro.response_lengths.float().mean().item(),
             "truncated": ro.truncated.float().mean().item(),
-            "kl_ref": masked_mean(old_logp - ref_logp, mask).item(),  # k1 estimate of KL(pi || ref)
         }
-        buffer = {"tokens": tokens, "mask": mask, "old_logp": old_logp}
+        buffer = {"tokens": tokens, "mask": mask}
+        if old_logp is not None:  # else the loss reports kl_ref from its own log-probs
+            stats["kl_ref"] = masked_mean(old_logp - ref_logp, mask).item()  # k1 estimate of KL(pi || ref)
+            buffer["old_logp"] = old_logp
         if self.algorithm in ("grpo", "gspo"):
             buffer["advantages"] = group_advantages(rewards, self.G, scale=self.rl.scale_rewards).to(self.device)
             if self.algorithm == "grpo":
@@ -240,17 +247,27 @@ def make_rl_loss(algorithm: str, *, clip_eps: float, clip_eps_high: Optional[flo
         return {"loss_weight": max(float(weight), 1.0), "n_tokens": int(batch["tokens"].numel()),
                 "response_tokens": mask.sum(dim=1).float().mean(), **batch["stats"]}
 
+    def old_logp(batch: dict, logp: Tensor, mask: Tensor) -> tuple[Tensor, dict]:
+        """pi_old: the rollout's log-probs, or (an on-policy buffer, see RolloutPhase) the
+        loss's own, detached; then the k1 KL to the reference is logged from them."""
+        if "old_logp" in batch:
+            return batch["old_logp"], {}
+        old = logp.detach()
+        return old, ({"kl_ref": masked_mean(old - batch["ref_logp"], mask)} if "ref_logp" in batch else {})
+
     def grpo(model, batch):
         mask = batch["mask"]
         logp = token_logps(model, batch["tokens"], mask, temperature)
-        loss, m = losses.grpo_loss(logp, batch["old_logp"], batch["ref_logp"], batch["advantages"], mask,
+        old, kl_ref = old_logp(batch, logp, mask)
+        loss, m = losses.grpo_loss(logp, old, batch["ref_logp"], batch["advantages"], mask,
                                    clip_eps, kl_beta, aggregation, clip_eps_high)
-        return loss, {**m, **common(batch, mask, aggregation == "sequence")}
+        return loss, {**m, **kl_ref, **common(batch, mask, aggregation == "sequence")}
 
     def gspo(model, batch):
         mask = batch["mask"]
         logp = token_logps(model, batch["tokens"], mask, temperature)
-        loss, m = losses.gspo_loss(logp, batch["old_logp"], batch["advantages"], mask, clip_eps, clip_eps_high)
+        old, _ = old_logp(batch, logp, mask)
+        loss, m = losses.gspo_loss(logp, old, batch["advantages"], mask, clip_eps, clip_eps_high)
         return loss, {**m, **common(batch, mask, True)}
 
     def ppo(model, batch):

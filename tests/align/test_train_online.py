@@ -48,6 +48,26 @@ def test_grpo_raises_toy_reward_and_never_touches_the_reference(tmp_path):
     assert res.history[-1]["kl"] > 0  # the policy moved away from the frozen reference
 
 
+def test_on_policy_grpo_skips_the_old_logp_pass_and_takes_the_same_steps(tmp_path):
+    # One optimizer step per rollout: the policy that sampled is the one the loss runs, so pi_old
+    # is the loss's own detached log-probs. Skipping the rollout-phase forward changes nothing.
+    runs = {}
+    for on_policy in (False, True):
+        policy = tiny_policy(0)
+        phase = make_phase("grpo", policy, frozen_copy(policy), toy_prompts(8), G=4, P=4, rl=RLConfig(kl_beta=0.04),
+                           on_policy=on_policy)
+        buffer, _ = phase(0)
+        assert ("old_logp" in buffer) != on_policy
+        res = train(policy, RolloutBatches(phase, 8, 1, seed=0), make_rl_loss("grpo", clip_eps=0.2, kl_beta=0.04),
+                    train_cfg(tmp_path / str(on_policy), 3, 8, global_batch_size=16), OPTIM)
+        runs[on_policy] = (params_snapshot(policy), res.history)
+    (w_old, h_old), (w_new, h_new) = runs[False], runs[True]
+    assert max((w_old[k] - w_new[k]).abs().max().item() for k in w_old) < 1e-6
+    for a, b in zip(h_old, h_new):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["kl_ref"] == pytest.approx(b["kl_ref"], abs=1e-6)
+    assert h_new[-1]["kl_ref"] != 0.0  # after two updates the policy has left the reference
+
+
 def test_ppo_runs_end_to_end_and_value_loss_falls(tmp_path):
     policy = tiny_policy(1)
     critic = ScalarHeadModel(tiny_policy(1))
