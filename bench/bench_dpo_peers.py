@@ -63,7 +63,7 @@ def ours_worker(job: dict) -> dict:
     from align import train_offline
     from align.recipe import OfflineLossConfig, OfflineRecipe, PolicyConfig, PreferenceDataConfig
 
-    window = peers.PeakWindow()
+    window, clock = peers.PeakWindow(), peers.ours_step_clock()
     with tempfile.TemporaryDirectory() as out:
         recipe = OfflineRecipe(algorithm="dpo", model=PolicyConfig(init_from=job["base"]), train=train_config(out, job),
                                data=PreferenceDataConfig(bin_dir=job["pref_bins"], max_train_pairs=job["n_pairs"],
@@ -73,7 +73,7 @@ def ours_worker(job: dict) -> dict:
         train_offline.run(recipe)
         mem = window.stop()
         history = peers.ours_history(out)
-    return {"stamps": [h["time"] for h in history], "loss": [h["loss"] for h in history], **mem}
+    return {"stamps": clock, "loss": [h["loss"] for h in history], **mem}
 
 
 def trl_worker(job: dict, precompute: bool) -> dict:
@@ -135,19 +135,20 @@ def report(res: dict, args, sides: list[str]) -> bool:
     ours = res["ours"]
     print(f"\nload average at end {peers.load_avg()}; steps/s from the median step of all rounds; peak RSS over the "
           "reference pass and training (model and libraries included)\n")
-    print("| side | steps/s | ours vs side (per-round spread) | peak RSS | ours/side | step-1 loss |")
-    print("|---|---|---|---|---|---|")
+    print("| side | steps/s wall | steps/s CPU | ours vs side, wall (per-round spread) | CPU | peak RSS | ours/side | step-1 loss |")
+    print("|---|---|---|---|---|---|---|---|")
     ok = True
     for s in sides:
         r = res[s]
-        sps = 1 / statistics.median(peers.pooled(r))
-        ratios = peers.ratio_rounds(ours, r)
+        sps, sps_cpu = (1 / statistics.median(peers.pooled(r, k)) for k in ("step_s", "step_cpu_s"))
+        ratios, cpu_ratios = peers.ratio_rounds(ours, r), peers.ratio_rounds(ours, r, "step_cpu_s")
         peak = max(x["train_peak_bytes"] for x in r)
         ours_peak = max(x["train_peak_bytes"] for x in ours)
         first = r[0]["loss"][0]
         ok &= abs(first - math.log(2)) <= 1e-4
-        vs = "1.00x" if s == "ours" else f"**{statistics.median(ratios):.2f}x** ({peers.spread(ratios)})"
-        print(f"| {s} | {sps:.3f} | {vs} | {peers.gib(peak)} | {ours_peak / peak:.2f}x | {first:.6f} |")
+        vs = ("1.00x | 1.00x" if s == "ours" else f"**{statistics.median(ratios):.2f}x** ({peers.spread(ratios)}) | "
+              f"**{statistics.median(cpu_ratios):.2f}x** ({peers.spread(cpu_ratios)})")
+        print(f"| {s} | {sps:.3f} | {sps_cpu:.3f} | {vs} | {peers.gib(peak)} | {ours_peak / peak:.2f}x | {first:.6f} |")
     print()
     for s in sides[1:]:
         a, b = ours[0]["loss"][: args.loss_steps], res[s][0]["loss"][: args.loss_steps]

@@ -46,14 +46,21 @@ SIDES = ("ours", "trl")
 
 
 class RolloutClock:
-    """Seconds and completion tokens of every rollout (engine set-up + generation)."""
+    """Wall and CPU seconds and completion tokens of every rollout (engine set-up + generation)."""
 
     def __init__(self) -> None:
-        self.seconds: list[float] = []
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
         self.tokens: list[int] = []
 
+    def add(self, start: tuple[float, float], tokens: int) -> None:
+        now = peers.stamp()
+        self.wall.append(now[0] - start[0])
+        self.cpu.append(now[1] - start[1])
+        self.tokens.append(tokens)
+
     def summary(self) -> dict:
-        return {"rollout_s": self.seconds, "rollout_tokens": self.tokens}
+        return {"rollout_s": self.wall, "rollout_cpu_s": self.cpu, "rollout_tokens": self.tokens}
 
 
 # ----------------------------------------------------------------------------- the sides
@@ -67,21 +74,20 @@ def ours_worker(job: dict) -> dict:
     from utils.train_config import TrainConfig
 
     # Time each rollout as align/online.py runs it: from building the engine to the last sample.
-    clock, make_engine, generate = RolloutClock(), online.make_engine, online.generate_rollouts
+    rollouts, make_engine, generate = RolloutClock(), online.make_engine, online.generate_rollouts
     start = {}
 
     def timed_engine(*a, **k):
-        start["t"] = time.perf_counter()
+        start["t"] = peers.stamp()
         return make_engine(*a, **k)
 
     def timed_generate(*a, **k):
         ro = generate(*a, **k)
-        clock.seconds.append(time.perf_counter() - start["t"])
-        clock.tokens.append(int(ro.response_lengths.sum()))
+        rollouts.add(start["t"], int(ro.response_lengths.sum()))
         return ro
 
     online.make_engine, online.generate_rollouts = timed_engine, timed_generate
-    window = peers.PeakWindow()
+    window, clock = peers.PeakWindow(), peers.ours_step_clock()
     with tempfile.TemporaryDirectory() as out:
         rows = job["group_size"] * job["prompts_per_step"]
         recipe = OnlineRecipe(
@@ -100,8 +106,8 @@ def ours_worker(job: dict) -> dict:
         train_online.run(recipe)
         mem = window.stop()
         history = peers.ours_history(out)
-    return {"stamps": [h["time"] for h in history], "reward": [h["reward_mean"] for h in history],
-            "loss": [h["loss"] for h in history], **clock.summary(), **mem}
+    return {"stamps": clock, "reward": [h["reward_mean"] for h in history],
+            "loss": [h["loss"] for h in history], **rollouts.summary(), **mem}
 
 
 def trl_worker(job: dict) -> dict:
@@ -112,7 +118,7 @@ def trl_worker(job: dict) -> dict:
     from align.rewards import get_reward_fn
 
     prompt_ids = {r["question"]: r["prompt_ids"] for r in job["rows"]}
-    clock = RolloutClock()
+    rollouts = RolloutClock()
 
     class SameIdsGRPO(GRPOTrainer):
         """GRPOTrainer fed our chat-rendered prompt ids (looked up by question), its rollouts timed."""
@@ -121,10 +127,9 @@ def trl_worker(job: dict) -> dict:
             return [prompt_ids[p] for p in prompts], None, {}
 
         def _generate_single_turn(self, *args, **kwargs):
-            t = time.perf_counter()
+            t = peers.stamp()
             completion_ids, logprobs = super()._generate_single_turn(*args, **kwargs)
-            clock.seconds.append(time.perf_counter() - t)
-            clock.tokens.append(sum(len(c) for c in completion_ids))
+            rollouts.add(t, sum(len(c) for c in completion_ids))
             return completion_ids, logprobs
 
     rule = get_reward_fn(job["reward"])
@@ -155,7 +160,7 @@ def trl_worker(job: dict) -> dict:
                               processing_class=peers.hf_tokenizer(Path(job["tokenizer"])), callbacks=[stamps])
         trainer.train()
     return {"stamps": stamps.stamps, "reward": [r["reward"] for r in stamps.logs], "loss": [r["loss"] for r in stamps.logs],
-            **clock.summary(), **window.stop()}
+            **rollouts.summary(), **window.stop()}
 
 
 def run_side(side: str, job: dict) -> dict:
@@ -184,18 +189,22 @@ def report(res: dict, args) -> None:
     ratios = peers.ratio_rounds(o, t)
     print(f"\nload average at end {peers.load_avg()}; step = one rollout of {args.prompts_per_step}x{args.group_size} samples + "
           "one optimizer step; medians over all rounds; rollout tokens/s = completion tokens / rollout seconds\n")
-    print("| side | s/step | ours vs side (per-round spread) | rollout tok/s | rollout share of step | peak RSS | ours/side |")
-    print("|---|---|---|---|---|---|---|")
+    cpu_ratios = peers.ratio_rounds(o, t, "step_cpu_s")
+    print("| side | s/step wall | s/step CPU | ours vs side, wall (per-round spread) | CPU | rollout tok/s wall | CPU | "
+          "rollout share of step (CPU) | peak RSS | ours/side |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     ours_peak = max(x["train_peak_bytes"] for x in o)
     for s, r in (("ours", o), ("trl", t)):
-        step = statistics.median(peers.pooled(r))
-        roll = [sec for x in r for sec in x["rollout_s"][1:]]  # the first rollout is warm-up
-        toks = [n for x in r for n in x["rollout_tokens"][1:]]
-        rate = sum(toks) / sum(roll)
-        vs = "1.00x" if s == "ours" else f"**{statistics.median(ratios):.2f}x** ({peers.spread(ratios)})"
+        step, step_cpu = statistics.median(peers.pooled(r)), statistics.median(peers.pooled(r, "step_cpu_s"))
+        # The first rollout is warm-up (and comes before the first step-end stamp).
+        toks = sum(n for x in r for n in x["rollout_tokens"][1:])
+        wall, cpu = (sum(sec for x in r for sec in x[k][1:]) for k in ("rollout_s", "rollout_cpu_s"))
+        roll_cpu = statistics.median(sec for x in r for sec in x["rollout_cpu_s"][1:])
+        vs = ("1.00x | 1.00x" if s == "ours" else f"**{statistics.median(ratios):.2f}x** ({peers.spread(ratios)}) | "
+              f"**{statistics.median(cpu_ratios):.2f}x** ({peers.spread(cpu_ratios)})")
         peak = max(x["train_peak_bytes"] for x in r)
-        print(f"| {s} | {step:.2f} | {vs} | {rate:,.0f} | {statistics.median(roll) / step:.0%} | {peers.gib(peak)} | "
-              f"{ours_peak / peak:.2f}x |")
+        print(f"| {s} | {step:.2f} | {step_cpu:.2f} | {vs} | {toks / wall:,.0f} | {toks / cpu:,.0f} | {roll_cpu / step_cpu:.0%} | "
+              f"{peers.gib(peak)} | {ours_peak / peak:.2f}x |")
     print()
     for s, r in (("ours", o), ("trl", t)):
         for i, x in enumerate(r):

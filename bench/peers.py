@@ -34,7 +34,7 @@ class Base:
 
     ours: Path
     hf: Path
-    tokenizer: Path
+    tokenizer: Optional[Path]
     params: int
 
 
@@ -62,7 +62,7 @@ def make_base(out: Path, arch: str = "llama/llama3_nano", tokenizer: Optional[Pa
         model = Transformer(cfg)
     ours = save_checkpoint(out / "ours", model, tokenizer_path=tokenizer)
     hf = export_hf(model, out / "hf")
-    return Base(ours, hf, Path(tokenizer), model.num_params())
+    return Base(ours, hf, Path(tokenizer) if tokenizer else None, model.num_params())
 
 
 def hf_tokenizer(tokenizer_json: Path):
@@ -139,7 +139,7 @@ def worker_main(side: str, job_path: str, run_side: Callable[[str, dict], dict])
     set_threads(job["threads"])
     torch.manual_seed(job["seed"])
     out = run_side(side, job)
-    out["step_s"] = step_seconds(out.pop("stamps"), job["warmup"])
+    out["step_s"], out["step_cpu_s"] = step_seconds(out.pop("stamps"), job["warmup"])
     print(json.dumps({**out, **memory(), "side": side}))
 
 
@@ -166,34 +166,58 @@ def alternate(sides: Sequence[str], rounds: int, run_one: Callable[[str], dict],
         for side in order:
             res = run_one(side)
             results[side].append(res)
-            log(f"  round {r + 1}/{rounds} {side}: median step {1000 * median_step(res):.0f} ms "
-                f"(load {load_avg()})", flush=True)
+            log(f"  round {r + 1}/{rounds} {side}: median step {1000 * median_step(res):.0f} ms wall, "
+                f"{1000 * median_step(res, 'step_cpu_s'):.0f} ms CPU (load {load_avg()})", flush=True)
     return results
 
 
 # ----------------------------------------------------------------------------- figures
 
 
-def step_seconds(stamps: Sequence[float], warmup: int) -> list[float]:
-    """Seconds of each step from step-end wall-clock stamps (stamp i = end of step i+1): the
+def stamp() -> tuple[float, float]:
+    """(wall-clock, this process's CPU) seconds now. With one torch thread per side, CPU time is
+    the work a step did, whatever else the shared machine was running; wall time is what a user waits."""
+    return time.time(), time.process_time()
+
+
+def step_seconds(stamps: Sequence[Sequence[float]], warmup: int) -> tuple[list[float], list[float]]:
+    """(wall, CPU) seconds of each step from step-end stamps (stamp i = end of step i+1): the
     difference of consecutive stamps covers one whole step of that side's loop (data, forward,
     backward, optimizer, its own logging). The first ``warmup`` steps are dropped (the first
     has no start stamp; later warm-up steps pay one-off allocations)."""
-    diffs = [b - a for a, b in zip(stamps, stamps[1:])]
-    return diffs[max(0, warmup - 1):]
+    wall = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])][max(0, warmup - 1):]
+    cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])][max(0, warmup - 1):]
+    return wall, cpu
 
 
-def median_step(result: dict) -> float:
-    return statistics.median(result["step_s"])
+def ours_step_clock() -> list[tuple[float, float]]:
+    """Stamps at the end of each of our loop's steps: ``utils.train_loop.train`` logs one record
+    per optimizer step through ``MetricsLogger.log``, wrapped here (bench only) to stamp it."""
+    from utils.logging import MetricsLogger
+
+    stamps: list[tuple[float, float]] = []
+    log = MetricsLogger.log
+
+    def stamped(self, record: dict) -> None:
+        if "loss" in record:  # step records; eval-only records carry no loss
+            stamps.append(stamp())
+        log(self, record)
+
+    MetricsLogger.log = stamped
+    return stamps
+
+
+def median_step(result: dict, key: str = "step_s") -> float:
+    return statistics.median(result[key])
 
 
 def pooled(results: list[dict], key: str = "step_s") -> list[float]:
     return [x for r in results for x in r[key]]
 
 
-def ratio_rounds(ours: list[dict], peer: list[dict]) -> list[float]:
-    """Per round: peer median step time / ours (> 1: ours is faster)."""
-    return [median_step(p) / median_step(o) for o, p in zip(ours, peer)]
+def ratio_rounds(ours: list[dict], peer: list[dict], key: str = "step_s") -> list[float]:
+    """Per round: peer median step time / ours (> 1: ours is faster); key step_s (wall) or step_cpu_s."""
+    return [median_step(p, key) / median_step(o, key) for o, p in zip(ours, peer)]
 
 
 def spread(values: Sequence[float]) -> str:
@@ -254,7 +278,7 @@ def read_job(path: str) -> dict:
 
 
 def ours_history(out_dir: str | Path) -> list[dict]:
-    """Our loop's per-step records (metrics.jsonl: loss, metrics and a wall-clock ``time`` each)."""
+    """Our loop's per-step records (metrics.jsonl: loss and the loss function's metrics)."""
     rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = {}
     for r in rows:
@@ -278,7 +302,7 @@ def hf_callback():
             self.window.start()
 
         def on_step_end(self, args, state, control, **kw):
-            self.stamps.append(time.time())
+            self.stamps.append(stamp())
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
