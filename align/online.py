@@ -28,7 +28,7 @@ from torch import Tensor
 from align import losses
 from align.advantages import gae, group_advantages, whiten
 from model.heads import ScalarHeadModel
-from align.logprobs import masked_mean, sequence_logprobs
+from align.logprobs import masked_mean, sequence_logprobs, target_logprobs
 from align.rewards import gsm8k_exact
 from align.rollout import Rollout, generate_rollouts, make_engine, rule_rewards
 
@@ -54,15 +54,6 @@ class ActorCritic(nn.Module):
 @torch.no_grad()
 def _chunked(fn: Callable[[Tensor], Tensor], tokens: Tensor, chunk: int) -> Tensor:
     return torch.cat([fn(tokens[i : i + chunk]) for i in range(0, tokens.shape[0], chunk)])
-
-
-def token_logps(model: nn.Module, tokens: Tensor, mask: Tensor, temperature: float = 1.0) -> Tensor:
-    """(B, T-1) log pi_T(tokens[:, j+1] | tokens[:, :j+1]) on the shifted grid, 0 off ``mask``.
-
-    pi_T = softmax(logits / T) is the policy the engine sampled from at temperature T, so
-    ratios and KL are those of the behaviour policy (on-policy even when T != 1)."""
-    logits = model(tokens[:, :-1])
-    return sequence_logprobs(logits / temperature if temperature != 1.0 else logits, tokens[:, 1:], mask)
 
 
 def _last_token(mask: Tensor) -> Tensor:
@@ -122,14 +113,13 @@ class RolloutPhase:
 
         tokens = ro.tokens.to(self.device)
         mask = ro.response_mask[:, 1:].to(self.device)  # (N, L-1) shifted grid
-        on_mask = lambda x: torch.where(mask, x.float(), torch.zeros_like(x, dtype=torch.float32))  # noqa: E731
+        c, T = self.chunk, self.sampling.temperature
+        logps = lambda m: torch.cat([target_logprobs(m, tokens[i : i + c], mask[i : i + c], T).float()  # noqa: E731
+                                     for i in range(0, tokens.shape[0], c)])
         with self.autocast():
-            T = self.sampling.temperature
-            every = lambda t: torch.ones_like(t[:, 1:], dtype=torch.bool)  # noqa: E731
-            old_logp = None if self.skip_old_logp else on_mask(
-                _chunked(lambda t: token_logps(self.policy, t, every(t), T), tokens, self.chunk))
-            ref_logp = on_mask(_chunked(lambda t: token_logps(self.reference, t, every(t), T), tokens, self.chunk))
-            values = _chunked(lambda t: self.critic(t[:, :-1]), tokens, self.chunk) if self.critic is not None else None
+            old_logp = None if self.skip_old_logp else logps(self.policy)
+            ref_logp = logps(self.reference)
+            values = _chunked(lambda t: self.critic(t[:, :-1]), tokens, c) if self.critic is not None else None
         self.policy.train(was_training)
 
         stats = {
@@ -257,7 +247,7 @@ def make_rl_loss(algorithm: str, *, clip_eps: float, clip_eps_high: Optional[flo
 
     def grpo(model, batch):
         mask = batch["mask"]
-        logp = token_logps(model, batch["tokens"], mask, temperature)
+        logp = target_logprobs(model, batch["tokens"], mask, temperature)
         old, kl_ref = old_logp(batch, logp, mask)
         loss, m = losses.grpo_loss(logp, old, batch["ref_logp"], batch["advantages"], mask,
                                    clip_eps, kl_beta, aggregation, clip_eps_high)
@@ -265,7 +255,7 @@ def make_rl_loss(algorithm: str, *, clip_eps: float, clip_eps_high: Optional[flo
 
     def gspo(model, batch):
         mask = batch["mask"]
-        logp = token_logps(model, batch["tokens"], mask, temperature)
+        logp = target_logprobs(model, batch["tokens"], mask, temperature)
         old, _ = old_logp(batch, logp, mask)
         loss, m = losses.gspo_loss(logp, old, batch["advantages"], mask, clip_eps, clip_eps_high)
         return loss, {**m, **common(batch, mask, True)}
@@ -283,7 +273,7 @@ def make_rl_loss(algorithm: str, *, clip_eps: float, clip_eps_high: Optional[flo
 
     def rft(model, batch):
         mask = batch["mask"]
-        nll = -masked_mean(token_logps(model, batch["tokens"], mask), mask)
+        nll = -masked_mean(target_logprobs(model, batch["tokens"], mask), mask)
         return nll, {"nll": nll.detach(), **common(batch, mask, False)}
 
     fns = {"grpo": grpo, "gspo": gspo, "ppo": ppo, "rft": rft}

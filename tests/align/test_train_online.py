@@ -164,6 +164,20 @@ def test_bad_recipes_fail_before_training():
     assert _recipe(algorithm="ppo", rollout={"group_size": 1}).buffer_rows == 8
 
 
+def test_target_logprobs_scores_only_the_masked_positions_as_the_full_logits_would():
+    from align.logprobs import target_logprobs
+
+    policy = tiny_policy(3)
+    tokens = torch.randint(0, 16, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(3, 8, dtype=torch.bool)
+    mask[0, 4:], mask[1, 2:6], mask[2, 7] = True, True, True
+    got = target_logprobs(policy, tokens, mask, temperature=0.7)
+    full = (policy(tokens[:, :-1]) / 0.7).log_softmax(-1).gather(2, tokens[:, 1:, None])[..., 0]
+    assert torch.allclose(got[mask], full[mask], atol=1e-6) and torch.all(got[~mask] == 0)
+    got.sum().backward()  # the head's gradient flows through the gathered rows
+    assert policy.lm_head.weight.grad is not None and policy.lm_head.weight.grad.abs().sum() > 0
+
+
 def test_log_probs_are_those_of_the_sampling_temperature():
     policy = tiny_policy(5)
     phase = make_phase("grpo", policy, frozen_copy(policy), toy_prompts(8), G=4, P=4)
