@@ -114,8 +114,18 @@ class RolloutPhase:
         tokens = ro.tokens.to(self.device)
         mask = ro.response_mask[:, 1:].to(self.device)  # (N, L-1) shifted grid
         c, T = self.chunk, self.sampling.temperature
-        logps = lambda m: torch.cat([target_logprobs(m, tokens[i : i + c], mask[i : i + c], T).float()  # noqa: E731
-                                     for i in range(0, tokens.shape[0], c)])
+        # Rows in length order, each chunk cut to its longest row: the buffer is padded to the
+        # longest row of the whole rollout, and the padding would cost a full forward otherwise.
+        order = _last_token(mask).argsort(stable=True)
+        chunks = [order[i : i + c] for i in range(0, len(order), c)]
+
+        def logps(model: nn.Module) -> Tensor:
+            out = torch.zeros(mask.shape, device=mask.device)
+            for rows in chunks:
+                w = int(_last_token(mask[rows]).max()) + 1  # shifted-grid columns these rows need
+                out[rows, :w] = target_logprobs(model, tokens[rows, : w + 1], mask[rows, :w], T).float()
+            return out
+
         with self.autocast():
             old_logp = None if self.skip_old_logp else logps(self.policy)
             ref_logp = logps(self.reference)
@@ -172,10 +182,16 @@ class RolloutBatches:
     Each buffer is served ``epochs`` times, each pass in a fresh seeded order, in
     micro-batches of ``rows_per_micro`` rows, trimmed to their longest row. Every micro-batch
     also carries the phase's ``stats`` (0-d tensors) so the loss can log them.
+
+    ``one_step=True`` (the whole buffer is one optimizer step, epochs 1): the micro-batches
+    then only split a sum, so they are cut from rows in length order (least padding), not
+    shuffled; the step's gradient is the same.
     """
 
-    def __init__(self, phase: Callable[[int], tuple[dict, dict]], rows_per_micro: int, epochs: int, seed: int):
+    def __init__(self, phase: Callable[[int], tuple[dict, dict]], rows_per_micro: int, epochs: int, seed: int,
+                 one_step: bool = False):
         self.phase, self.rows, self.epochs, self.seed = phase, rows_per_micro, epochs, seed
+        self.one_step = one_step and epochs == 1
         self.rollout, self.pos = 0, 0
         self.buffer: Optional[dict[str, Tensor]] = None
         self.stats: dict[str, float] = {}
@@ -186,7 +202,7 @@ class RolloutBatches:
         plan = []
         for e in range(self.epochs):
             g = torch.Generator().manual_seed(self.seed + 1000 * (self.rollout - 1) + e)
-            perm = torch.randperm(n, generator=g)
+            perm = _last_token(self.buffer["mask"]).argsort(stable=True) if self.one_step else torch.randperm(n, generator=g)
             plan += [perm[i : i + self.rows] for i in range(0, n, self.rows)]
         return plan
 
