@@ -135,7 +135,8 @@ def report(res: dict, args, sides: list[str]) -> bool:
     ours = res["ours"]
     print(f"\nload average at end {peers.load_avg()}; steps/s from the median step of all rounds; peak RSS over the "
           "reference pass and training (model and libraries included)\n")
-    print("| side | steps/s wall | steps/s CPU | ours vs side, wall (per-round spread) | CPU | peak RSS | ours/side | step-1 loss |")
+    print("| side | steps/s wall | steps/s CPU | ours vs side, wall (per-round spread) | CPU | peak RSS | ours/side | "
+          "step-1 loss |")
     print("|---|---|---|---|---|---|---|---|")
     ok = True
     for s in sides:

@@ -33,7 +33,6 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -203,7 +202,8 @@ def report(res: dict, args) -> None:
         vs = ("1.00x | 1.00x" if s == "ours" else f"**{statistics.median(ratios):.2f}x** ({peers.spread(ratios)}) | "
               f"**{statistics.median(cpu_ratios):.2f}x** ({peers.spread(cpu_ratios)})")
         peak = max(x["train_peak_bytes"] for x in r)
-        print(f"| {s} | {step:.2f} | {step_cpu:.2f} | {vs} | {toks / wall:,.0f} | {toks / cpu:,.0f} | {roll_cpu / step_cpu:.0%} | "
+        print(f"| {s} | {step:.2f} | {step_cpu:.2f} | {vs} | {toks / wall:,.0f} | {toks / cpu:,.0f} | "
+              f"{roll_cpu / step_cpu:.0%} | "
               f"{peers.gib(peak)} | {ours_peak / peak:.2f}x |")
     print()
     for s, r in (("ours", o), ("trl", t)):
@@ -244,10 +244,12 @@ def main() -> None:
         base = peers.make_base(tmp, args.arch, Path(args.tokenizer) if not args.init_from else None, args.init_from,
                                args.seed, json.loads(args.shrink or "{}"))
         rows = ordered_prompts(args.prompts, base.tokenizer, args.steps, args.prompts_per_step, args.seed)
-        print(f"policy: {args.init_from or args.arch} ({base.params / 1e6:.2f}M params), fp32 | {args.prompts_per_step} prompts x "
+        print(f"policy: {args.init_from or args.arch} ({base.params / 1e6:.2f}M params), fp32 | "
+              f"{args.prompts_per_step} prompts x "
               f"group {args.group_size}, {args.max_new_tokens} new tokens max, T={args.temperature}, reward {args.reward}, "
               f"KL beta {args.kl_beta}, lr {args.lr} | {args.steps} steps per run | {args.rounds} rounds")
-        job = {"base": str(base.ours), "hf": str(base.hf), "tokenizer": str(base.tokenizer), "prompts": str(Path(args.prompts).resolve()),
+        job = {"base": str(base.ours), "hf": str(base.hf), "tokenizer": str(base.tokenizer),
+               "prompts": str(Path(args.prompts).resolve()),
                "rows": rows, "stop_ids": chat_stop_ids(Tokenizer.from_file(base.tokenizer)), "steps": args.steps,
                "warmup": args.warmup, "prompts_per_step": args.prompts_per_step, "group_size": args.group_size,
                "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "micro_batch": args.micro_batch,

@@ -193,8 +193,9 @@ def report_mode(mode: str, res: dict, args, tokens_per_step: int) -> tuple[list[
     mem = {s: (max(r["train_peak_bytes"] for r in res[s]), max(r["process_peak_bytes"] for r in res[s])) for s in SIDES}
     worst, ok = loss_check(o[0]["loss"], h[0]["loss"], args.loss_steps, args.loss_tol)
     same_runs = all(r["loss"] == o[0]["loss"] for r in o[1:])
-    lines = [f"| {mode} | {tps['ours']:,.0f} | {tps['hf']:,.0f} | **{statistics.median(ratios):.2f}x** ({peers.spread(ratios)}) | "
-             f"{tps_cpu['ours']:,.0f} | {tps_cpu['hf']:,.0f} | **{statistics.median(cpu_ratios):.2f}x** ({peers.spread(cpu_ratios)}) | "
+    lines = [f"| {mode} | {tps['ours']:,.0f} | {tps['hf']:,.0f} | "
+             f"**{statistics.median(ratios):.2f}x** ({peers.spread(ratios)}) | {tps_cpu['ours']:,.0f} | {tps_cpu['hf']:,.0f} | "
+             f"**{statistics.median(cpu_ratios):.2f}x** ({peers.spread(cpu_ratios)}) | "
              f"{peers.gib(mem['ours'][0])} | {peers.gib(mem['hf'][0])} | {mem['ours'][0] / mem['hf'][0]:.2f}x | "
              f"{peers.gib(mem['ours'][1])} | {peers.gib(mem['hf'][1])} | {worst:.1e} {'ok' if ok else 'FAIL'} |"]
     curve = " ".join(f"{a:.4f}/{b:.4f}" for a, b in zip(o[0]["loss"][: args.loss_steps], h[0]["loss"][: args.loss_steps]))
