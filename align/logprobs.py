@@ -69,13 +69,17 @@ def target_logprobs(model: nn.Module, tokens: Tensor, mask: Tensor, temperature:
     softmax(logits / T): an RL rollout sampled at temperature T scores its tokens under the
     distribution it drew them from. The LM head and the log-softmax run only on the masked
     positions (responses; prompt logits are never needed, and on short answers they are
-    most of the row). ``model`` may be wrapped (DDP, compile).
+    most of the row). ``model`` may be wrapped (DDP, compile; an FSDP-sharded head goes through
+    the full logits).
     """
-    from utils.distributed import unwrap
+    from utils.distributed import is_dtensor, unwrap
 
-    hidden = model(tokens[:, :-1], return_hidden=True)  # (B, T-1, d_model)
     scored = mask.bool().nonzero(as_tuple=True)  # (rows, columns) of the N scored positions
-    logits = unwrap(model).logits(hidden[scored])  # (N, V)
+    if is_dtensor(unwrap(model).lm_head.weight):  # FSDP-sharded head: only the model's own forward gathers it
+        logits = model(tokens[:, :-1])[scored]  # (N, V)
+    else:
+        hidden = model(tokens[:, :-1], return_hidden=True)  # (B, T-1, d_model)
+        logits = unwrap(model).logits(hidden[scored])  # (N, V)
     if temperature != 1.0:
         logits = logits / temperature
     picked = sequence_logprobs(logits[None], tokens[:, 1:][scored][None])[0]  # (N,)
