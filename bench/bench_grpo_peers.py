@@ -15,7 +15,8 @@ constant LR, grad clip 1.0, fp32. The prompts are our trainer's seeded choice, i
 TRL gets the same token ids (its tokenization and shuffling are skipped) and stops on the same
 ids (<|im_end|>, <|endoftext|>). TRL's ``gradient_checkpointing`` is off, as ours does not recompute.
 
-- ours: ``align/train_online.py``'s ``run`` (rollouts through ``inference.engine.LLMEngine``);
+- ours: ``align/train_online.py``'s ``run`` (rollouts through ``inference.engine.LLMEngine``, its batch
+  as wide as the rollout: ``rollout.max_num_seqs`` = prompts x group);
 - trl: ``GRPOTrainer`` without vLLM, i.e. ``model.generate`` on the whole batch (left-padded).
 
 Printed: median wall time per optimizer step (rollout, scoring, reference and old log-probs,

@@ -9,7 +9,8 @@ change in machine load hits both alike.
     results = alternate(["ours", "hf"], rounds, lambda side: run_worker(__file__, side, job, threads))
 
 A worker is the bench script itself run with ``--worker SIDE --job job.json``; it prints one
-JSON line: its step-end wall-clock stamps, losses and memory (``memory()``).
+JSON line: its step times (wall and CPU, from stamps at the end of each of its loop's steps),
+losses and peak memory.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ def make_base(out: Path, arch: str = "llama/llama3_nano", tokenizer: Optional[Pa
     import torch
 
     from model import architectures
+    from model.config import ModelConfig
     from model.hf_interop import export_hf
     from model.load import load_model
     from model.load import tokenizer_path as checkpoint_tokenizer
@@ -55,9 +57,8 @@ def make_base(out: Path, arch: str = "llama/llama3_nano", tokenizer: Optional[Pa
         model = load_model(init_from)
         tokenizer = Path(checkpoint_tokenizer(init_from, str(tokenizer) if tokenizer else None))
     else:
-        cfg = architectures.get(arch)
-        for key, value in (shrink or {}).items():
-            setattr(cfg, key, value)
+        # From the named values, so sizes derived from them (head_dim) follow the overrides.
+        cfg = ModelConfig(**{**architectures.architecture(arch).values, **(shrink or {})})
         torch.manual_seed(seed)
         model = Transformer(cfg)
     ours = save_checkpoint(out / "ours", model, tokenizer_path=tokenizer)
