@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn as nn
 from torch import Tensor
 
 # Upper bound on elements of one float32 (B, chunk, V) slab: 2**25 floats = 128 MiB.
@@ -59,6 +60,30 @@ def sequence_logprobs(
         pieces.append(picked - torch.logsumexp(chunk, dim=-1))
     logp = torch.cat(pieces, dim=1)  # (B, T)
     return torch.where(mask, logp, torch.zeros_like(logp))
+
+
+def target_logprobs(model: nn.Module, tokens: Tensor, mask: Tensor, temperature: float = 1.0) -> Tensor:
+    """(B, T-1) log pi_T(tokens[:, j+1] | tokens[:, :j+1]) of a language model, 0 off ``mask``.
+
+    tokens (B, T) ids; mask (B, T-1) on the shifted grid (column j scores token j+1). pi_T =
+    softmax(logits / T): an RL rollout sampled at temperature T scores its tokens under the
+    distribution it drew them from. The LM head and the log-softmax run only on the masked
+    positions (responses; prompt logits are never needed, and on short answers they are
+    most of the row). ``model`` may be wrapped (DDP, compile; an FSDP-sharded head goes through
+    the full logits).
+    """
+    from utils.distributed import is_dtensor, unwrap
+
+    scored = mask.bool().nonzero(as_tuple=True)  # (rows, columns) of the N scored positions
+    if is_dtensor(unwrap(model).lm_head.weight):  # FSDP-sharded head: only the model's own forward gathers it
+        logits = model(tokens[:, :-1])[scored]  # (N, V)
+    else:
+        hidden = model(tokens[:, :-1], return_hidden=True)  # (B, T-1, d_model)
+        logits = unwrap(model).logits(hidden[scored])  # (N, V)
+    if temperature != 1.0:
+        logits = logits / temperature
+    picked = sequence_logprobs(logits[None], tokens[:, 1:][scored][None])[0]  # (N,)
+    return torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).index_put(scored, picked)
 
 
 def masked_sum(x: Tensor, mask: Tensor, dim: Optional[int] = None) -> Tensor:

@@ -28,7 +28,7 @@ from torch import Tensor
 from align import losses
 from align.advantages import gae, group_advantages, whiten
 from model.heads import ScalarHeadModel
-from align.logprobs import masked_mean, sequence_logprobs
+from align.logprobs import masked_mean, sequence_logprobs, target_logprobs
 from align.rewards import gsm8k_exact
 from align.rollout import Rollout, generate_rollouts, make_engine, rule_rewards
 
@@ -56,15 +56,6 @@ def _chunked(fn: Callable[[Tensor], Tensor], tokens: Tensor, chunk: int) -> Tens
     return torch.cat([fn(tokens[i : i + chunk]) for i in range(0, tokens.shape[0], chunk)])
 
 
-def token_logps(model: nn.Module, tokens: Tensor, mask: Tensor, temperature: float = 1.0) -> Tensor:
-    """(B, T-1) log pi_T(tokens[:, j+1] | tokens[:, :j+1]) on the shifted grid, 0 off ``mask``.
-
-    pi_T = softmax(logits / T) is the policy the engine sampled from at temperature T, so
-    ratios and KL are those of the behaviour policy (on-policy even when T != 1)."""
-    logits = model(tokens[:, :-1])
-    return sequence_logprobs(logits / temperature if temperature != 1.0 else logits, tokens[:, 1:], mask)
-
-
 def _last_token(mask: Tensor) -> Tensor:
     """(B,) index of the last set column of each row (0 for an empty row)."""
     cols = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
@@ -84,13 +75,18 @@ class RolloutPhase:
                  sampling: Any, group_size: int, prompts_per_rollout: int, stop_ids: Sequence[int], tokenizer: Any,
                  engine_kwargs: dict, rl: Any, chunk: int, seed: int, device: torch.device,
                  autocast: Callable[[], Any] = contextlib.nullcontext, rank: int = 0, world_size: int = 1,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, on_policy: bool = False):
         self.algorithm, self.policy, self.reference, self.critic = algorithm, policy, reference, critic
         self.score_fn, self.prompts, self.answers = score_fn, list(prompts), list(answers)
         self.sampling, self.G, self.P = sampling, group_size, prompts_per_rollout
         self.stop_ids, self.tokenizer, self.engine_kwargs = list(stop_ids), tokenizer, engine_kwargs
         self.rl, self.chunk, self.seed, self.device, self.autocast = rl, chunk, seed, device, autocast
         self.rank, self.world_size, self.log = rank, world_size, log
+        # on_policy: each buffer feeds exactly one optimizer step, taken right after the rollout
+        # (rl.epochs 1, the whole buffer in one step), so the policy the GRPO/GSPO loss runs IS
+        # the one that sampled: its detached log-probs are pi_old, and the forward over the
+        # buffer that would compute them here is skipped (as TRL does when num_iterations=1).
+        self.skip_old_logp = on_policy and algorithm in ("grpo", "gspo")
 
     def prompt_indices(self, r: int) -> list[int]:
         """Prompts of rollout r on this rank: consecutive slices of a seeded shuffle,
@@ -117,14 +113,23 @@ class RolloutPhase:
 
         tokens = ro.tokens.to(self.device)
         mask = ro.response_mask[:, 1:].to(self.device)  # (N, L-1) shifted grid
+        c, T = self.chunk, self.sampling.temperature
+        # Rows in length order, each chunk cut to its longest row: the buffer is padded to the
+        # longest row of the whole rollout, and the padding would cost a full forward otherwise.
+        order = _last_token(mask).argsort(stable=True)
+        chunks = [order[i : i + c] for i in range(0, len(order), c)]
+
+        def logps(model: nn.Module) -> Tensor:
+            out = torch.zeros(mask.shape, device=mask.device)
+            for rows in chunks:
+                w = int(_last_token(mask[rows]).max()) + 1  # shifted-grid columns these rows need
+                out[rows, :w] = target_logprobs(model, tokens[rows, : w + 1], mask[rows, :w], T).float()
+            return out
+
         with self.autocast():
-            T = self.sampling.temperature
-            every = lambda t: torch.ones_like(t[:, 1:], dtype=torch.bool)  # noqa: E731
-            old_logp = _chunked(lambda t: token_logps(self.policy, t, every(t), T), tokens, self.chunk)
-            ref_logp = _chunked(lambda t: token_logps(self.reference, t, every(t), T), tokens, self.chunk)
-            values = _chunked(lambda t: self.critic(t[:, :-1]), tokens, self.chunk) if self.critic is not None else None
-        old_logp = torch.where(mask, old_logp.float(), torch.zeros_like(old_logp, dtype=torch.float32))
-        ref_logp = torch.where(mask, ref_logp.float(), torch.zeros_like(ref_logp, dtype=torch.float32))
+            old_logp = None if self.skip_old_logp else logps(self.policy)
+            ref_logp = logps(self.reference)
+            values = _chunked(lambda t: self.critic(t[:, :-1]), tokens, c) if self.critic is not None else None
         self.policy.train(was_training)
 
         stats = {
@@ -134,9 +139,11 @@ class RolloutPhase:
             "accuracy": correct.mean().item(),
             "response_len": ro.response_lengths.float().mean().item(),
             "truncated": ro.truncated.float().mean().item(),
-            "kl_ref": masked_mean(old_logp - ref_logp, mask).item(),  # k1 estimate of KL(pi || ref)
         }
-        buffer = {"tokens": tokens, "mask": mask, "old_logp": old_logp}
+        buffer = {"tokens": tokens, "mask": mask}
+        if old_logp is not None:  # else the loss reports kl_ref from its own log-probs
+            stats["kl_ref"] = masked_mean(old_logp - ref_logp, mask).item()  # k1 estimate of KL(pi || ref)
+            buffer["old_logp"] = old_logp
         if self.algorithm in ("grpo", "gspo"):
             buffer["advantages"] = group_advantages(rewards, self.G, scale=self.rl.scale_rewards).to(self.device)
             if self.algorithm == "grpo":
@@ -175,10 +182,16 @@ class RolloutBatches:
     Each buffer is served ``epochs`` times, each pass in a fresh seeded order, in
     micro-batches of ``rows_per_micro`` rows, trimmed to their longest row. Every micro-batch
     also carries the phase's ``stats`` (0-d tensors) so the loss can log them.
+
+    ``one_step=True`` (the whole buffer is one optimizer step, epochs 1): the micro-batches
+    then only split a sum, so they are cut from rows in length order (least padding), not
+    shuffled; the step's gradient is the same.
     """
 
-    def __init__(self, phase: Callable[[int], tuple[dict, dict]], rows_per_micro: int, epochs: int, seed: int):
+    def __init__(self, phase: Callable[[int], tuple[dict, dict]], rows_per_micro: int, epochs: int, seed: int,
+                 one_step: bool = False):
         self.phase, self.rows, self.epochs, self.seed = phase, rows_per_micro, epochs, seed
+        self.one_step = one_step and epochs == 1
         self.rollout, self.pos = 0, 0
         self.buffer: Optional[dict[str, Tensor]] = None
         self.stats: dict[str, float] = {}
@@ -189,7 +202,7 @@ class RolloutBatches:
         plan = []
         for e in range(self.epochs):
             g = torch.Generator().manual_seed(self.seed + 1000 * (self.rollout - 1) + e)
-            perm = torch.randperm(n, generator=g)
+            perm = _last_token(self.buffer["mask"]).argsort(stable=True) if self.one_step else torch.randperm(n, generator=g)
             plan += [perm[i : i + self.rows] for i in range(0, n, self.rows)]
         return plan
 
@@ -240,17 +253,27 @@ def make_rl_loss(algorithm: str, *, clip_eps: float, clip_eps_high: Optional[flo
         return {"loss_weight": max(float(weight), 1.0), "n_tokens": int(batch["tokens"].numel()),
                 "response_tokens": mask.sum(dim=1).float().mean(), **batch["stats"]}
 
+    def old_logp(batch: dict, logp: Tensor, mask: Tensor) -> tuple[Tensor, dict]:
+        """pi_old: the rollout's log-probs, or (an on-policy buffer, see RolloutPhase) the
+        loss's own, detached; then the k1 KL to the reference is logged from them."""
+        if "old_logp" in batch:
+            return batch["old_logp"], {}
+        old = logp.detach()
+        return old, ({"kl_ref": masked_mean(old - batch["ref_logp"], mask)} if "ref_logp" in batch else {})
+
     def grpo(model, batch):
         mask = batch["mask"]
-        logp = token_logps(model, batch["tokens"], mask, temperature)
-        loss, m = losses.grpo_loss(logp, batch["old_logp"], batch["ref_logp"], batch["advantages"], mask,
+        logp = target_logprobs(model, batch["tokens"], mask, temperature)
+        old, kl_ref = old_logp(batch, logp, mask)
+        loss, m = losses.grpo_loss(logp, old, batch["ref_logp"], batch["advantages"], mask,
                                    clip_eps, kl_beta, aggregation, clip_eps_high)
-        return loss, {**m, **common(batch, mask, aggregation == "sequence")}
+        return loss, {**m, **kl_ref, **common(batch, mask, aggregation == "sequence")}
 
     def gspo(model, batch):
         mask = batch["mask"]
-        logp = token_logps(model, batch["tokens"], mask, temperature)
-        loss, m = losses.gspo_loss(logp, batch["old_logp"], batch["advantages"], mask, clip_eps, clip_eps_high)
+        logp = target_logprobs(model, batch["tokens"], mask, temperature)
+        old, _ = old_logp(batch, logp, mask)
+        loss, m = losses.gspo_loss(logp, old, batch["advantages"], mask, clip_eps, clip_eps_high)
         return loss, {**m, **common(batch, mask, True)}
 
     def ppo(model, batch):
@@ -266,7 +289,7 @@ def make_rl_loss(algorithm: str, *, clip_eps: float, clip_eps_high: Optional[flo
 
     def rft(model, batch):
         mask = batch["mask"]
-        nll = -masked_mean(token_logps(model, batch["tokens"], mask), mask)
+        nll = -masked_mean(target_logprobs(model, batch["tokens"], mask), mask)
         return nll, {"nll": nll.detach(), **common(batch, mask, False)}
 
     fns = {"grpo": grpo, "gspo": gspo, "ppo": ppo, "rft": rft}

@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from align import losses
-from align.logprobs import masked_sum, sequence_logprobs
+from align.logprobs import masked_sum, target_logprobs
 
 
 @dataclass
@@ -118,9 +118,8 @@ def response_logps(model: nn.Module, ids: Tensor, mask: Tensor) -> tuple[Tensor,
     ids, mask (B, T). Position t of the logits predicts token t+1, so the last input
     position is never needed. Returns (logps (B,) float32, lengths (B,) float32).
     """
-    logits = model(ids[:, :-1])  # (B, T-1, V)
     target_mask = mask[:, 1:]
-    logp = sequence_logprobs(logits, ids[:, 1:], target_mask)  # (B, T-1), 0 off the response
+    logp = target_logprobs(model, ids, target_mask)  # (B, T-1), 0 off the response (head run only there)
     return masked_sum(logp, target_mask, dim=1), target_mask.sum(dim=1).float()
 
 

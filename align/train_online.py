@@ -125,8 +125,8 @@ def run(cfg: OnlineRecipe) -> dict:
         sampling=sampling, group_size=ro_cfg.group_size, prompts_per_rollout=ro_cfg.prompts_per_rollout,
         stop_ids=chat_stop_ids(tokenizer), tokenizer=tokenizer, engine_kwargs=engine_kwargs, rl=rl, chunk=chunk,
         seed=cfg.train.seed, device=env.device, autocast=autocast, rank=env.rank, world_size=env.world_size,
-        log=(print if env.is_main else (lambda s: None)))
-    batches = RolloutBatches(phase, cfg.train.batch_size, rl.epochs, seed=cfg.train.seed)
+        log=(print if env.is_main else (lambda s: None)), on_policy=steps_per_rollout == 1)
+    batches = RolloutBatches(phase, cfg.train.batch_size, rl.epochs, seed=cfg.train.seed, one_step=steps_per_rollout == 1)
     clip, clip_high = rl.clip(cfg.algorithm)
     loss_fn = make_rl_loss(cfg.algorithm, clip_eps=clip, clip_eps_high=clip_high, kl_beta=rl.kl_beta,
                            aggregation=rl.aggregation, vf_coef=rl.vf_coef, vf_clip=rl.vf_clip,

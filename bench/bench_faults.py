@@ -260,7 +260,7 @@ def cases(work: Path) -> list[dict]:
            f"--out_dir={work / 'ppl'}"]
     tried = [
         ("seq_len > max_seq_len", pre + ["train.seq_len=512", f"train.out_dir={work / 'r1'}"], work / "r1"),
-        ("sft: prompts longer than seq_len", sft + ["train.seq_len=16", f"base_checkpoint={good / 'final'}",
+        ("sft: prompts longer than seq_len", sft + ["train.seq_len=16", f"model.init_from={good / 'final'}",
                                                     f"train.out_dir={work / 'sft_short'}"], work / "sft_short" / "final"),
         ("eval_batches=0", pre + ["train.eval_batches=0", f"train.out_dir={work / 'r2'}"], work / "r2"),
         ("out_dir is a file", pre + [f"train.out_dir={a_file}"], None),
@@ -276,9 +276,9 @@ def cases(work: Path) -> list[dict]:
           for n, d in damaged.items()],
         ("control: eval, intact", ppl + [f"--checkpoint={good / 'final'}"], None),
         *[(f"eval: damaged {n}", ppl + [f"--checkpoint={d / 'final'}"], None) for n, d in damaged.items()],
-        ("control: sft, intact base", sft + [f"base_checkpoint={good / 'final'}", f"train.out_dir={work / 'sft_ok'}"],
+        ("control: sft, intact base", sft + [f"model.init_from={good / 'final'}", f"train.out_dir={work / 'sft_ok'}"],
          None),
-        *[(f"sft: damaged base {n}", sft + [f"base_checkpoint={d / 'final'}", f"train.out_dir={work / ('sft_' + n)}"],
+        *[(f"sft: damaged base {n}", sft + [f"model.init_from={d / 'final'}", f"train.out_dir={work / ('sft_' + n)}"],
            work / f"sft_{n}") for n, d in damaged.items()],
         ("download: fake .parquet", [sys.executable, "data_pipeline/download/download_tinystories.py", "--source", "local",
                                      "--local_path", str(work / "fake.parquet"), "--parts", "stories",

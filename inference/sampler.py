@@ -112,9 +112,13 @@ def probs_from_logits(processed: torch.Tensor, params: Seq[SamplingParams]) -> t
 
 
 def exponential_noise(generators: Seq[torch.Generator], V: int, device: torch.device) -> torch.Tensor:
-    """(B, V) Exp(1) noise, row b drawn from generators[b] (on CPU, so CPU generators work)."""
-    rows = [torch.empty(V).exponential_(generator=g) for g in generators]
-    return torch.stack(rows).to(device)
+    """(B, V) Exp(1) noise, row b drawn from generators[b] (on CPU, so CPU generators work).
+
+    E = -log(1 - U) with U ~ Uniform[0, 1): one generator call per row is what a decode step
+    of a large sampled batch pays for, and torch.rand is ~3x faster per row than exponential_
+    on CPU (128 rows x 2048: 1.9 vs 6.5 ms), the log then runs once over the whole batch."""
+    uniform = torch.stack([torch.rand(V, generator=g) for g in generators])
+    return (-torch.log1p(-uniform)).to(device)
 
 
 def sample_from_probs(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -22,9 +22,14 @@ def lm_loss(model: nn.Module, x: torch.Tensor, targets: torch.Tensor,
     modules_to_save) or an FSDP-sharded one goes through the module."""
     head = unwrap(model).lm_head
     if type(head) is nn.Linear and not is_dtensor(head.weight):
-        hidden = model(x, positions=positions, return_hidden=True)  # (B, T, d_model)
-        return linear_cross_entropy(hidden.flatten(0, 1), head.weight, targets.flatten(),
-                                    softcap=unwrap(model).cfg.final_logit_softcap)
+        hidden = model(x, positions=positions, return_hidden=True).flatten(0, 1)  # (B*T, d_model)
+        targets = targets.flatten()
+        counted = targets != -100
+        if not bool(counted.all()) and bool(counted.any()):
+            # SFT: prompt and padding rows do not count, so the head never runs on them (on chat
+            # data most of a row is prompt); the mean over counted targets is unchanged.
+            hidden, targets = hidden[counted], targets[counted]
+        return linear_cross_entropy(hidden, head.weight, targets, softcap=unwrap(model).cfg.final_logit_softcap)
     logits = model(x, positions=positions)
     n = (targets != -100).sum().clamp(min=1)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum") / n

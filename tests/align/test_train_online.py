@@ -40,6 +40,48 @@ def test_grpo_raises_toy_reward_and_never_touches_the_reference(tmp_path):
     assert res.history[-1]["kl"] > 0  # the policy moved away from the frozen reference
 
 
+def test_on_policy_grpo_skips_the_old_logp_pass_and_takes_the_same_steps(tmp_path):
+    # One optimizer step per rollout: the policy that sampled is the one the loss runs, so pi_old
+    # is the loss's own detached log-probs. Skipping the rollout-phase forward changes nothing.
+    runs = {}
+    for on_policy in (False, True):
+        policy = tiny_policy(0)
+        phase = make_phase("grpo", policy, frozen_copy(policy), toy_prompts(8), G=4, P=4, rl=RLConfig(kl_beta=0.04),
+                           on_policy=on_policy)
+        buffer, _ = phase(0)
+        assert ("old_logp" in buffer) != on_policy
+        res = train(policy, RolloutBatches(phase, 8, 1, seed=0), make_rl_loss("grpo", clip_eps=0.2, kl_beta=0.04),
+                    train_cfg(tmp_path / str(on_policy), 3, 8, global_batch_size=16), OPTIM)
+        runs[on_policy] = (params_snapshot(policy), res.history)
+    (w_old, h_old), (w_new, h_new) = runs[False], runs[True]
+    assert max((w_old[k] - w_new[k]).abs().max().item() for k in w_old) < 1e-6
+    for a, b in zip(h_old, h_new):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["kl_ref"] == pytest.approx(b["kl_ref"], abs=1e-6)
+    assert h_new[-1]["kl_ref"] != 0.0  # after two updates the policy has left the reference
+
+
+def test_one_step_buffer_in_length_order_gives_the_same_gradient():
+    # When the whole buffer is one optimizer step, micro-batches only split a token-weighted sum:
+    # cutting them from length-sorted rows (less padding) instead of a shuffle gives the same
+    # gradient, up to the order of float32 additions.
+    grads = {}
+    for one_step in (False, True):
+        policy = tiny_policy(0)
+        phase = make_phase("grpo", policy, frozen_copy(policy), toy_prompts(8), G=4, P=4, on_policy=True)
+        batches, loss_fn, total = RolloutBatches(phase, 4, 1, seed=0, one_step=one_step), make_rl_loss("grpo", clip_eps=0.2), 0.0
+        widths = []
+        for _ in range(4):  # 16 rows, 4 per micro-batch
+            batch = next(batches)
+            widths.append(batch["mask"].shape[1])
+            loss, m = loss_fn(policy, batch)
+            (loss * m["loss_weight"]).backward()
+            total += m["loss_weight"]
+        grads[one_step] = ({n: p.grad / total for n, p in policy.named_parameters()}, sum(widths))
+    (shuffled, w_shuffled), (ordered, w_ordered) = grads[False], grads[True]
+    assert all(torch.allclose(shuffled[n], ordered[n], rtol=1e-5, atol=1e-8) for n in shuffled)
+    assert w_ordered <= w_shuffled  # no more padded columns than the shuffle
+
+
 def test_ppo_runs_end_to_end_and_value_loss_falls(tmp_path):
     policy = tiny_policy(1)
     critic = ScalarHeadModel(tiny_policy(1))
@@ -134,6 +176,20 @@ def test_bad_recipes_fail_before_training():
         _recipe(rl={"clip_epsilon": 0.1})
     assert _recipe(algorithm="gspo").rl.clip("gspo") == (3e-4, 4e-4)
     assert _recipe(algorithm="ppo", rollout={"group_size": 1}).buffer_rows == 8
+
+
+def test_target_logprobs_scores_only_the_masked_positions_as_the_full_logits_would():
+    from align.logprobs import target_logprobs
+
+    policy = tiny_policy(3)
+    tokens = torch.randint(0, 16, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(3, 8, dtype=torch.bool)
+    mask[0, 4:], mask[1, 2:6], mask[2, 7] = True, True, True
+    got = target_logprobs(policy, tokens, mask, temperature=0.7)
+    full = (policy(tokens[:, :-1]) / 0.7).log_softmax(-1).gather(2, tokens[:, 1:, None])[..., 0]
+    assert torch.allclose(got[mask], full[mask], atol=1e-6) and torch.all(got[~mask] == 0)
+    got.sum().backward()  # the head's gradient flows through the gathered rows
+    assert policy.lm_head.weight.grad is not None and policy.lm_head.weight.grad.abs().sum() > 0
 
 
 def test_log_probs_are_those_of_the_sampling_temperature():

@@ -68,13 +68,13 @@ def target_fraction(ro, answers) -> torch.Tensor:
     return torch.tensor(out)
 
 
-def make_phase(algorithm, policy, reference, prompts, *, critic=None, G=4, P=4, max_new=8, rl=None, seed=0):
+def make_phase(algorithm, policy, reference, prompts, *, critic=None, G=4, P=4, max_new=8, rl=None, seed=0, on_policy=False):
     return RolloutPhase(
         algorithm=algorithm, policy=policy, reference=reference, critic=critic, score_fn=target_fraction,
         prompts=prompts, answers=[""] * len(prompts), sampling=SamplingParams(max_tokens=max_new, temperature=1.0),
         group_size=G, prompts_per_rollout=P, stop_ids=[STOP], tokenizer=CharTok(),
         engine_kwargs={"block_size": 8, "max_num_seqs": 64, "max_model_len": 16 + max_new}, rl=rl or RLConfig(),
-        chunk=16, seed=seed, device=torch.device("cpu"), log=lambda s: None)
+        chunk=16, seed=seed, device=torch.device("cpu"), log=lambda s: None, on_policy=on_policy)
 
 
 def train_cfg(out_dir, max_steps: int, batch_size: int, **kw) -> TrainConfig:

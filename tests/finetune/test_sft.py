@@ -80,6 +80,11 @@ def test_loss_counts_assistant_tokens_only():
     assert metrics["loss_weight"] == mask.sum().item()
     y2 = y.masked_fill(~mask, 0)  # changing prompt targets changes nothing
     assert sft_loss(model, (x, y2, mask))[0].item() == loss.item()
+    loss.backward()  # the head runs on the counted rows only; the gradients are the full-logits loss's
+    ours = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ref.backward()
+    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(ours, model.parameters()))
 
 
 @pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
