@@ -139,6 +139,9 @@ class LLMEngine:
         n = len(prompt_ids)
         if n == 0:
             return "the prompt is empty; send at least one token."
+        if params.n > self.scheduler.max_num_seqs:  # its n sequences run together: it would wait forever
+            return (f"n={params.n} exceeds the {self.scheduler.max_num_seqs} sequences this engine decodes at once "
+                    "(max_num_seqs); lower n or start the engine with a larger max_num_seqs.")
         if n + params.max_tokens > self.max_model_len:
             return (
                 f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = {n + params.max_tokens} exceeds the "

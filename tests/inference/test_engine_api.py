@@ -138,3 +138,20 @@ def test_prefix_cache_skips_the_shared_prompt():
     assert outs[0].num_cached_tokens == 32 and engine.stats["prompt_tokens"] - computed_before == len(b) - 32
     assert sum((o.new_token_ids for o in outs), []) == greedy_reference(model, b, 4)
     assert first.token_ids == greedy_reference(model, a, 4)
+
+
+def test_n_above_max_num_seqs_is_an_error_not_a_stall():
+    """Found under test: n > max_num_seqs was never scheduled and blocked every later request
+    while the engine spun (1.24M empty steps in 5 s)."""
+    cfg = CONFIGS["llama3"]
+    engine = LLMEngine(tiny_model(cfg), block_size=4, max_num_seqs=2)
+    engine.add_request([1, 2, 3], SamplingParams(max_tokens=4, n=3), request_id="wide")
+    engine.add_request([1, 2, 3], SamplingParams(max_tokens=4, temperature=0.0), request_id="after")
+    reasons, steps = {}, 0
+    while engine.has_unfinished() and steps < 50:
+        for out in engine.step():
+            if out.finished:
+                reasons[out.request_id] = (out.finish_reason, out.error)
+        steps += 1
+    assert reasons["after"][0] == "length" and steps < 50
+    assert reasons["wide"][0] == "error" and "max_num_seqs" in reasons["wide"][1]
