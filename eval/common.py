@@ -33,6 +33,8 @@ class EngineSettings:
     max_model_len: Optional[int] = None
     block_size: int = 16
     enable_prefix_caching: bool = True  # few-shot prompts share their prefix: computed once
+    draft_checkpoint: Optional[str] = None  # speculative decoding: a small model with the same tokenizer
+    num_speculative_tokens: int = 4
 
 
 @dataclass
@@ -141,10 +143,16 @@ def make_engine(model: torch.nn.Module, tok, recipe: EvalRecipe):
     from inference.engine import LLMEngine
 
     e = recipe.engine
-    return LLMEngine(model, tokenizer=tok, device=next(model.parameters()).device,
-                     max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
-                     max_model_len=e.max_model_len, block_size=e.block_size,
-                     enable_prefix_caching=e.enable_prefix_caching)
+    device = next(model.parameters()).device
+    draft = None
+    if e.draft_checkpoint:
+        from inference.speculative import load_draft
+
+        draft = load_draft(e.draft_checkpoint, model, tok, device, recipe.dtype)
+    return LLMEngine(model, tokenizer=tok, device=device, max_num_seqs=e.max_num_seqs,
+                     max_num_batched_tokens=e.max_num_batched_tokens, max_model_len=e.max_model_len,
+                     block_size=e.block_size, enable_prefix_caching=e.enable_prefix_caching, draft_model=draft,
+                     num_speculative_tokens=e.num_speculative_tokens)
 
 
 def context_length(model: torch.nn.Module, recipe: EvalRecipe) -> int:
@@ -156,3 +164,9 @@ def summary_header(name: str, recipe: EvalRecipe, started: float) -> dict:
     """The part of every summary that says what ran: eval, checkpoint, source, time, full recipe."""
     return {"eval": name, "checkpoint": str(recipe.checkpoint), "source": recipe.source,
             "seconds": round(time.time() - started, 2), "recipe": to_dict(recipe)}
+
+
+def engine_summary(generate) -> dict:
+    """What a summary records of the engine a ``generate`` ran on (speculative decoding's acceptance rate)."""
+    rate = getattr(getattr(generate, "engine", None), "acceptance_rate", None)
+    return {} if rate is None else {"speculative_acceptance_rate": round(rate, 4)}

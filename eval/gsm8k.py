@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 
 from data_pipeline.answer import ends_with_answer_line, extract_gsm8k_answer, extract_hash_answer
 from data_pipeline.download.eval_files import gsm8k_problems, read_records
-from eval.common import REPO_ROOT, EvalRecipe, load_tokenizer, out_dir, parse_eval_args, summary_header
+from eval.common import REPO_ROOT, EvalRecipe, load_tokenizer, out_dir, parse_eval_args, summary_header, engine_summary
 from eval.data import DOWNLOAD_CMD, _hf_stream, load_gsm8k
 from eval.report import write_results
 from utils.cli import main_guard
@@ -127,6 +127,7 @@ def engine_generate(recipe: EvalRecipe, tok) -> tuple[Generate, int]:
                  "n_generated": len(c.outputs[0].token_ids), **({"error": c.outputs[0].error} if c.outputs[0].error else {})}
                 for c in completions]
 
+    generate.engine = engine  # the summary reports its speculative acceptance rate
     return generate, ctx
 
 
@@ -156,7 +157,7 @@ def run(recipe: EvalRecipe, generate: Optional[Generate] = None, context: Option
     summary = {**summary_header(NAME, recipe, started), **metrics, "n_shot": n_shot,
                "mean_shots_used": sum(used) / len(used), "prompts_with_fewer_shots": sum(k < n_shot for k in used),
                "errors": sum(1 for r in records if r.get("finish_reason") == "error"),
-               "generation_seconds": round(gen_seconds, 2)}
+               "generation_seconds": round(gen_seconds, 2), **engine_summary(generate)}
     summary_path, _ = write_results(out_dir(recipe, NAME), NAME, summary, records)
     print(f"gsm8k: accuracy {metrics['accuracy']:.1%} ({metrics['n_correct']}/{metrics['n']}), "
           f"format {metrics['format_rate']:.1%}, {n_shot}-shot ({summary['mean_shots_used']:.1f} used), "

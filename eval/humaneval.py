@@ -22,7 +22,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # repo roo
 import time
 from typing import Callable, Optional, Sequence
 
-from eval.common import EvalRecipe, load_tokenizer, out_dir, parse_eval_args, summary_header
+from eval.common import EvalRecipe, load_tokenizer, out_dir, parse_eval_args, summary_header, engine_summary
 from eval.data import load_humaneval
 from eval.humaneval_exec import evaluate_completions
 from eval.report import write_results
@@ -66,6 +66,7 @@ def engine_generate(recipe: EvalRecipe, tok) -> Generate:
         return [[{"text": o.text or "", **({"error": o.error} if o.error else {})} for o in c.outputs]
                 for c in completions]
 
+    generate.engine = engine  # the summary reports its speculative acceptance rate
     return generate
 
 
@@ -98,7 +99,7 @@ def run(recipe: EvalRecipe, generate: Optional[Generate] = None) -> dict:
     skipped = [k for k in recipe.k_list if f"pass@{k}" not in metrics]
     summary = {**summary_header(NAME, recipe, started), **metrics, "n_samples_per_task": recipe.n_samples,
                "temperature": recipe.temperature, "k_skipped": skipped, "errors": len(errors),
-               "generation_seconds": round(gen_seconds, 2)}
+               "generation_seconds": round(gen_seconds, 2), **engine_summary(generate)}
     summary_path, _ = write_results(out_dir(recipe, NAME), NAME, summary, records)
     if errors:
         first = next(iter(errors.items()))

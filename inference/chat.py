@@ -99,7 +99,9 @@ def chat_loop(engine: Any, tok: Any, args: ChatRecipe, stdin: TextIO, out: TextI
         messages.append({"role": "assistant", "content": answer})
         if args.stats:
             dt = time.perf_counter() - t0
-            err.write(f"[{len(prompt_ids)} prompt tokens, {n_tokens} generated, {n_tokens / max(dt, 1e-9):.1f} tok/s]\n")
+            rate = engine.acceptance_rate
+            spec = f", draft acceptance {rate:.0%}" if rate is not None else ""
+            err.write(f"[{len(prompt_ids)} prompt tokens, {n_tokens} generated, {n_tokens / max(dt, 1e-9):.1f} tok/s{spec}]\n")
             err.flush()
 
 

@@ -120,6 +120,12 @@ class LLMEngine:
             return want
         return max(1, min(want, budget // (per_token * self.block_size)))
 
+    @property
+    def acceptance_rate(self) -> Optional[float]:
+        """Share of draft tokens the target accepted (speculative decoding), None without a draft."""
+        proposed = self.stats["spec_proposed"]
+        return self.stats["spec_accepted"] / proposed if proposed else None
+
     @classmethod
     def from_checkpoint(cls, path: str, **kw) -> "LLMEngine":
         """Engine over a checkpoint directory (full model or adapter) and its tokenizer, loaded

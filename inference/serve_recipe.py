@@ -35,12 +35,17 @@ class ServingModel:
     dtype: DType = field(default="fp32", metadata=_help("fp32 | bf16 | fp16 | auto (bf16 on a GPU that has it)"))
     max_num_seqs: int = field(default=32, metadata=_help("sequences decoded together per step"))
     max_model_len: Optional[int] = field(default=None, metadata=_help("context length (default: the model's max_seq_len)"))
+    draft_checkpoint: Optional[str] = field(default=None, metadata=_help("a small model with the same tokenizer: "
+                                                                          "speculative decoding (same output, fewer target steps)"))
+    num_speculative_tokens: int = field(default=4, metadata=_help("tokens the draft proposes per step"))
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise UserError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}.")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise UserError(f"max_model_len must be >= 1 (or null for the model's context), got {self.max_model_len}.")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise UserError(f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens}.")
 
 
 @dataclass
@@ -110,6 +115,13 @@ def load_serving(recipe: ServingModel) -> tuple[Any, Any]:
 
     model, tokenizer = load(recipe.checkpoint, tokenizer=recipe.tokenizer, base=recipe.base_checkpoint,
                             device=recipe.device, dtype=recipe.dtype, expect="lm")
-    engine = LLMEngine(model, tokenizer=tokenizer, device=next(model.parameters()).device,
-                       max_num_seqs=recipe.max_num_seqs, max_model_len=recipe.max_model_len)
+    device = next(model.parameters()).device
+    draft = None
+    if recipe.draft_checkpoint:
+        from inference.speculative import load_draft
+
+        draft = load_draft(recipe.draft_checkpoint, model, tokenizer, device, recipe.dtype)
+    engine = LLMEngine(model, tokenizer=tokenizer, device=device, max_num_seqs=recipe.max_num_seqs,
+                       max_model_len=recipe.max_model_len, draft_model=draft,
+                       num_speculative_tokens=recipe.num_speculative_tokens)
     return engine, tokenizer

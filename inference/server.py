@@ -147,8 +147,11 @@ async def respond(request: Request, gen: Generation, stream: bool, body: Callabl
 async def health(request: Request) -> JSONResponse:
     engine = server_of(request).engine
     ok = engine.healthy
-    return JSONResponse({"status": "ok" if ok else "engine stopped", "in_flight": engine.num_in_flight},
-                        status_code=200 if ok else 503)
+    body = {"status": "ok" if ok else "engine stopped", "in_flight": engine.num_in_flight}
+    rate = getattr(engine.engine, "acceptance_rate", None)
+    if rate is not None:
+        body["speculative_acceptance_rate"] = round(rate, 4)
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
 async def list_models(request: Request) -> dict:
@@ -370,7 +373,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     )
     app = build_app(AsyncEngine(engine, max_concurrent=recipe.max_concurrent), tokenizer, settings,
                     shutdown_timeout=recipe.shutdown_timeout)
-    print(f"serving {settings.model_name!r} ({engine.max_model_len}-token context, {engine.num_blocks} KV blocks) "
+    spec = f", speculative decoding: {recipe.draft_checkpoint} drafts {engine.k} tokens" if engine.draft_model else ""
+    print(f"serving {settings.model_name!r} ({engine.max_model_len}-token context, {engine.num_blocks} KV blocks{spec}) "
           f"on http://{recipe.host}:{recipe.port}  (chat page at /, API at /v1)", flush=True)
     uvicorn.run(app, host=recipe.host, port=recipe.port, log_level=recipe.log_level,
                 timeout_graceful_shutdown=recipe.shutdown_timeout)

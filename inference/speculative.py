@@ -154,3 +154,22 @@ def speculative_decode(
             s.num_draft_computed = s.num_tokens + min(a, ks[b] - 1)
         results.append((new, logits[b, : a + 1], ks[b]))
     return results
+
+
+def load_draft(path: str, target: torch.nn.Module, tokenizer, device, dtype=None) -> torch.nn.Module:
+    """The draft model of ``path`` (through model/load.py) for ``target``: refused with a clear
+    error unless it speaks the same tokenizer (same vocabulary size and, when the draft carries its
+    tokenizer, the same tokenizer.json)."""
+    from model.load import load_model, tokenizer_path
+    from utils.errors import UserError
+    from utils.fs import file_hash
+
+    draft = load_model(path, device=device, dtype=dtype, expect="lm")
+    if draft.cfg.vocab_size != target.cfg.vocab_size:
+        raise UserError(f"draft {path} has vocab_size {draft.cfg.vocab_size}, the target {target.cfg.vocab_size}; "
+                        "speculative decoding needs a draft trained with the same tokenizer.")
+    own = tokenizer_path(path, required=False)
+    if own is not None and tokenizer is not None and file_hash(own) != tokenizer.hash:
+        raise UserError(f"draft {path} carries another tokenizer than the target ({own}); speculative decoding "
+                        "needs the same tokenizer.")
+    return draft
