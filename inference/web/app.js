@@ -1,10 +1,17 @@
 // Chat page: keeps the conversation in memory, sends it to /v1/chat/completions with
 // stream=true and appends the streamed deltas (Server-Sent Events read via fetch) as they come.
+// When the conversation outgrows the model's context, the oldest turns are dropped (as the
+// terminal chat does) and the page says so; a failed turn shows its error inline and leaves the
+// history as it was, so the next message goes on from there.
 "use strict";
+
+const MIN_REPLY = 16;        // tokens a reply should have room for before old turns are dropped
 
 const $ = (id) => document.getElementById(id);
 const history = [];          // [{role, content}] sent with every request
 let modelName = null;
+let maxModelLen = null;      // the model's context in tokens (GET /v1/models)
+let lastUsage = null;        // token counts of the last reply
 let controller = null;       // AbortController of the request in flight
 
 const keyBox = $("api-key");
@@ -26,14 +33,21 @@ function addMessage(role, text) {
   return div;
 }
 
-async function errorText(resp) {
-  try { return (await resp.json()).error.message; } catch (e) { return resp.status + " " + resp.statusText; }
+async function errorOf(resp) {
+  try {
+    const e = (await resp.json()).error;
+    return Object.assign(new Error(e.message), { code: e.code });
+  } catch (e) {
+    return new Error(resp.status + " " + resp.statusText);
+  }
 }
 
 async function loadModel() {
   const resp = await fetch("/v1/models", { headers: headers() });
-  if (!resp.ok) { addMessage("error", "Could not list models: " + (await errorText(resp))); return; }
-  modelName = (await resp.json()).data[0].id;
+  if (!resp.ok) { addMessage("error", "Could not list models: " + (await errorOf(resp)).message); return; }
+  const card = (await resp.json()).data[0];
+  modelName = card.id;
+  maxModelLen = card.max_model_len || null;
   $("model").textContent = modelName;
 }
 
@@ -61,15 +75,47 @@ async function* sseEvents(body) {
 }
 
 function requestBody() {
-  const body = { model: modelName, messages: history, stream: true, temperature: Number($("temperature").value) };
+  const body = { model: modelName, messages: history, stream: true, temperature: Number($("temperature").value),
+                 stream_options: { include_usage: true } };
   const maxTokens = $("max-tokens").value;
   if (maxTokens) body.max_tokens = Number(maxTokens);  // empty: as much as the context allows
   return body;
 }
 
+// One streamed reply into `bubble`; returns its text. Throws the server's error (with its code).
+async function stream(bubble) {
+  const resp = await fetch("/v1/chat/completions", {
+    method: "POST",
+    headers: headers(),
+    signal: controller.signal,
+    body: JSON.stringify(requestBody()),
+  });
+  if (!resp.ok) throw await errorOf(resp);
+  let reply = "";
+  for await (const chunk of sseEvents(resp.body)) {
+    if (chunk.error) throw Object.assign(new Error(chunk.error.message), { code: chunk.error.code });
+    if (chunk.usage) lastUsage = chunk.usage;
+    const choice = chunk.choices && chunk.choices[0];
+    if (choice && choice.delta && choice.delta.content) {
+      reply += choice.delta.content;
+      bubble.textContent = reply;
+      bubble.scrollIntoView({ block: "end" });
+    }
+    if (choice && choice.finish_reason) bubble.dataset.finishReason = choice.finish_reason;
+  }
+  return reply;
+}
+
+function dropOld(why) {
+  if (!dropOldestTurn(history)) return false;
+  addMessage("notice", why);
+  return true;
+}
+
 async function send(text) {
   if (!modelName) await loadModel();
   if (!modelName) return;
+  if (nearlyFull(lastUsage, maxModelLen, MIN_REPLY)) dropOld("(older turns dropped to leave the reply room in the context)");
   history.push({ role: "user", content: text });
   addMessage("user", text);
   const bubble = addMessage("assistant", "");
@@ -77,29 +123,27 @@ async function send(text) {
   controller = new AbortController();
   $("send").disabled = true;
   $("stop").hidden = false;
-  let reply = "";
+  let reply = null;
   try {
-    const resp = await fetch("/v1/chat/completions", {
-      method: "POST",
-      headers: headers(),
-      signal: controller.signal,
-      body: JSON.stringify(requestBody()),
-    });
-    if (!resp.ok) throw new Error(await errorText(resp));
-    for await (const chunk of sseEvents(resp.body)) {
-      if (chunk.error) throw new Error(chunk.error.message);
-      const choice = chunk.choices && chunk.choices[0];
-      if (choice && choice.delta && choice.delta.content) {
-        reply += choice.delta.content;
-        bubble.textContent = reply;
-        bubble.scrollIntoView({ block: "end" });
+    for (;;) {
+      try {
+        reply = await stream(bubble);
+        break;
+      } catch (err) {
+        if (err.code !== "context_length_exceeded" || !dropOld("(older turns dropped to fit the context)")) throw err;
       }
-      if (choice && choice.finish_reason) bubble.dataset.finishReason = choice.finish_reason;
     }
   } catch (err) {
-    if (err.name !== "AbortError") addMessage("error", String(err.message || err));
+    if (err.name !== "AbortError") {
+      bubble.remove();  // no empty reply left behind
+      addMessage("error", String(err.message || err));
+    }
   } finally {
-    history.push({ role: "assistant", content: reply });
+    if (reply === null && history.length && history[history.length - 1].role === "user") {
+      history.pop();  // the failed turn leaves the conversation as it was
+    } else if (reply !== null) {
+      history.push({ role: "assistant", content: reply });
+    }
     bubble.dataset.state = "done";
     controller = null;
     $("send").disabled = false;
@@ -121,6 +165,7 @@ $("stop").addEventListener("click", () => controller && controller.abort());
 $("reset").addEventListener("click", () => {
   if (controller) controller.abort();
   history.length = 0;
+  lastUsage = null;
   $("messages").replaceChildren();
 });
 loadModel();

@@ -85,3 +85,27 @@ def test_message_streams_into_the_page(live, browser):
     assert bubble.get_attribute("textContent") == expected
     assert browser.find_elements(By.CSS_SELECTOR, ".msg.user")[-1].text == message
     assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
+
+
+def test_a_long_conversation_drops_old_turns_and_goes_on(live, browser):
+    """Found under test: on a 256-token model every turn after the fifth failed ("the prompt is 265
+    tokens but the context is 256") until "New chat", and the empty failed reply stayed."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(live + "/")
+    wait_for(lambda: browser.find_element(By.ID, "model").text == MODEL)
+    browser.find_element(By.ID, "reset").click()
+    for field, value in (("temperature", "0"), ("max-tokens", "40")):
+        box = browser.find_element(By.ID, field)
+        box.clear()
+        box.send_keys(value)
+    for turn in range(8):
+        browser.find_element(By.ID, "input").send_keys(f"Turn {turn}: once upon a time there was a little robot who loved to count.")
+        browser.find_element(By.ID, "send").click()
+        wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == turn + 1
+                 and browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1].get_attribute("data-state") == "done"
+                 and browser.find_element(By.ID, "send").is_enabled(), timeout=60)
+    assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
+    assert browser.find_elements(By.CSS_SELECTOR, ".msg.notice"), "old turns should have been dropped, and said so"
+    replies = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")
+    assert all(r.get_attribute("textContent") for r in replies)
