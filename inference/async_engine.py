@@ -129,13 +129,22 @@ class AsyncEngine:
         self._wake.set()
         return stream
 
-    async def shutdown(self, timeout: float = 30.0) -> None:
-        """Refuse new requests, let the ones in flight finish (up to ``timeout`` s), then stop."""
+    async def drain(self, timeout: float) -> None:
+        """Refuse new requests and let the ones in flight finish for up to ``timeout`` s; then
+        end the rest with an error their clients see (streams close with an in-band error and
+        [DONE], whole replies get a 503) instead of being cut off mid-stream."""
         self._closing = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while self._streams and loop.time() < deadline:
             await asyncio.sleep(0.05)
+        for stream in list(self._streams.values()):
+            stream.queue.put_nowait(EngineDead("the server is shutting down; the request was stopped before it finished"))
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Refuse new requests, let the ones in flight finish (up to ``timeout`` s), then stop."""
+        await self.drain(timeout)
+        await asyncio.sleep(0.1)  # let the streams deliver their closing error
         for stream in list(self._streams.values()):
             stream.close()
         self._stop = True

@@ -24,12 +24,14 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # repo root
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -324,11 +326,15 @@ def add_error_handlers(app: FastAPI) -> None:
     async def overloaded(request: Request, err: EngineOverloaded) -> JSONResponse:
         return ApiError(503, f"server overloaded: {err}; retry later.", "server_error", code="overloaded").response()
 
+    async def engine_stopped(request: Request, err: EngineDead) -> JSONResponse:
+        return ApiError(503, f"{err}; retry later.", "server_error", code="unavailable").response()
+
     async def bug(request: Request, err: Exception) -> JSONResponse:
         return ApiError(500, f"internal server error ({type(err).__name__}); this is a bug, please report it.", "server_error").response()
 
     for kind, handler in ((ApiError, api_error), (StarletteHTTPException, http_error), (RequestValidationError, validation_error),
-                          (UserError, user_error), (EngineOverloaded, overloaded), (Exception, bug)):
+                          (UserError, user_error), (EngineOverloaded, overloaded), (EngineDead, engine_stopped),
+                          (Exception, bug)):
         app.add_exception_handler(kind, handler)
 
 
@@ -363,21 +369,35 @@ def parse_serve_args(argv: Optional[Sequence[str]] = None) -> ServeRecipe:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    import uvicorn
-
     recipe = parse_serve_args(argv)
     engine, tokenizer = load_serving(recipe)
     settings = ServerSettings(
         model_name=recipe.model_name or Path(recipe.checkpoint).resolve().name, max_model_len=engine.max_model_len,
         api_key=recipe.api_key, max_tokens_cap=recipe.max_tokens_cap, n_cap=recipe.n_cap, max_body_bytes=recipe.max_body_bytes,
     )
-    app = build_app(AsyncEngine(engine, max_concurrent=recipe.max_concurrent), tokenizer, settings,
-                    shutdown_timeout=recipe.shutdown_timeout)
+    async_engine = AsyncEngine(engine, max_concurrent=recipe.max_concurrent)
+    app = build_app(async_engine, tokenizer, settings, shutdown_timeout=recipe.shutdown_timeout)
     spec = f", speculative decoding: {recipe.draft_checkpoint} drafts {engine.k} tokens" if engine.draft_model else ""
     print(f"serving {settings.model_name!r} ({engine.max_model_len}-token context, {engine.num_blocks} KV blocks{spec}) "
           f"on http://{recipe.host}:{recipe.port}  (chat page at /, API at /v1)", flush=True)
-    uvicorn.run(app, host=recipe.host, port=recipe.port, log_level=recipe.log_level,
-                timeout_graceful_shutdown=recipe.shutdown_timeout)
+    config = uvicorn.Config(app, host=recipe.host, port=recipe.port, log_level=recipe.log_level,
+                            timeout_graceful_shutdown=recipe.shutdown_timeout + 5)
+    DrainingServer(config, async_engine, recipe.shutdown_timeout).run()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, with SIGTERM/Ctrl-C starting the engine's drain at once: requests in flight
+    get ``shutdown_timeout`` s to finish, then end with an in-band error and [DONE], before uvicorn's
+    own grace period (5 s longer) would cut their connections."""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, timeout: float):
+        super().__init__(config)
+        self.engine, self.drain_timeout = engine, timeout
+
+    def handle_exit(self, sig: int, frame: Any) -> None:  # uvicorn's signal hook
+        if not self.should_exit:
+            asyncio.get_event_loop().create_task(self.engine.drain(self.drain_timeout))
+        super().handle_exit(sig, frame)
 
 
 if __name__ == "__main__":

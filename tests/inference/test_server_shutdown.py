@@ -91,3 +91,60 @@ def test_sigterm_finishes_in_flight_requests(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def start_server(ckpt: Path, port: int, *extra: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, str(REPO / "inference/server.py"), "--checkpoint", str(ckpt), "--port", str(port),
+                             "--log-level", "warning", *extra], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while True:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.1)
+
+
+def stream_until_end(url: str, record: dict) -> None:
+    body = {"model": "ckpt", "prompt": "Once upon a time", "max_tokens": MAX_TOKENS, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                record["error"] = chunk.get("error") or record.get("error")
+                record["chunks"] = record.get("chunks", 0) + 1
+            elif line == "data: [DONE]":
+                record["done"] = True
+
+
+@pytest.mark.slow
+def test_a_short_shutdown_timeout_ends_streams_in_band(tmp_path):
+    """Found under test: SIGTERM with --shutdown-timeout 0.5 cut streams without an error or [DONE]
+    and logged a CancelledError traceback."""
+    ckpt = H.tiny_checkpoint(tmp_path / "ckpt", H.train_tokenizer(tmp_path / "tokenizer.json"), max_seq_len=1024)
+    port = H.free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(ckpt, port, "--max-num-seqs", "1", "--shutdown-timeout", "0.5")
+    try:
+        records = [{} for _ in range(2)]
+        threads = [threading.Thread(target=stream_until_end, args=(url, rec)) for rec in records]
+        for t in threads:
+            t.start()
+        t_start = time.time()
+        while httpx.get(url + "/health", timeout=5).json()["in_flight"] < 2 or not records[0].get("chunks"):
+            assert time.time() - t_start < 30, records
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(timeout=60)
+        out, err = proc.communicate(timeout=60)
+        for rec in records:
+            assert rec.get("done") and rec.get("error") and "shutting down" in rec["error"]["message"], rec
+        assert "Traceback" not in err and "CancelledError" not in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
