@@ -14,6 +14,10 @@ loads it with ``AutoModelForCausalLM.from_pretrained`` (fp32, its KV cache, gree
 2. throughput: 32 prompts of mixed length through one ``generate`` call (continuous batching)
    vs HF ``generate`` on each prompt in turn.
 3. prefix cache: requests sharing a long system prompt, with the cache warm vs disabled.
+4. prompt log-probabilities (lm-eval's loglikelihood requests: a shared few-shot prefix + one
+   question + one answer letter each), scored with ``prompt_logprobs`` and ``max_tokens=0``,
+   which compute every prompt position (no prefix-cache hit), against the same prompts
+   generating one token with the prefix cache warm, and with it off.
 
 Greedy outputs of ours and HF are checked to agree.
 """
@@ -151,6 +155,31 @@ def bench_prefix(args, ours, rand) -> None:
           f"cache off {t_cold * 1e3:7.1f} ms   speedup {t_cold / t_warm:.2f}x   (prompt tokens from cache: {hit:.0%})")
 
 
+def bench_prompt_logprobs(args, ours, rand) -> None:
+    """lm-eval's MMLU requests: 4 questions x 4 answer letters, each prompt a 384-token shared
+    few-shot prefix + a 48-token question + the letter. Fresh questions every run, so only the
+    shared prefix (and, with the cache, a question's earlier letters) can be reused."""
+    from inference.engine import LLMEngine
+    from inference.sampling_params import SamplingParams
+
+    shots = rand(384)
+
+    def requests() -> list[list[int]]:
+        return [q + [letter] for q in (shots + rand(48) for _ in range(4)) for letter in (30, 31, 32, 33)]
+
+    warm = LLMEngine(ours, max_model_len=args.max_seq_len, enable_prefix_caching=True)
+    cold = LLMEngine(ours, max_model_len=args.max_seq_len, enable_prefix_caching=False)
+    warm.generate([shots + rand(3)], greedy(1))  # caches the shared prefix
+    scored = SamplingParams(max_tokens=0, prompt_logprobs=1)
+    t = interleaved_medians({
+        "scored": lambda: warm.generate(requests(), scored), "warm": lambda: warm.generate(requests(), greedy(1)),
+        "cold": lambda: cold.generate(requests(), greedy(1)),
+    }, max(3, args.repeats))
+    print(f"[4] prompt logprobs (16 prompts of 433 tokens, 384 shared): scored {t['scored'] * 1e3:7.1f} ms   "
+          f"1 token with the cache {t['warm'] * 1e3:7.1f} ms (scored {t['scored'] / t['warm']:.2f}x)   "
+          f"1 token, cache off {t['cold'] * 1e3:7.1f} ms (scored {t['scored'] / t['cold']:.2f}x)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--d_model", type=int, default=256)
@@ -162,7 +191,7 @@ def main() -> None:
     p.add_argument("--system_prompt", type=int, default=512, help="tokens shared by the prefix-cache requests")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both sides (0: torch default)")
-    p.add_argument("--sections", default="123", help="which measurements to run, e.g. 13")
+    p.add_argument("--sections", default="1234", help="which measurements to run, e.g. 13")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -181,6 +210,8 @@ def main() -> None:
         bench_throughput(args, ours, hf, rand, g)
     if "3" in args.sections:
         bench_prefix(args, ours, rand)
+    if "4" in args.sections:
+        bench_prompt_logprobs(args, ours, rand)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ tasks eval/lm_eval_tasks.py writes from the project's synthetic MMLU- and GSM8K-
 ``local-completions`` loglikelihood gives eval/mmlu.py's letter scores and accuracy for the same
 prompts; ``local-chat-completions`` greedy generation gives eval/gsm8k.py's outputs, item by item.
 lm-eval finds the server's tokenizer through /tokenizer_info and /tokenize (no hub, no local
-tokenizer). lm-eval is a test-only dependency (requirements-dev.txt)."""
+tokenizer), passing the server's API key. lm-eval is a test-only dependency (requirements-dev.txt)."""
 import json
 import os
 import subprocess
@@ -27,6 +27,7 @@ from tests.inference import test_server_helpers as H
 pytest.importorskip("lm_eval")
 
 CTX, MMLU_SHOTS, GEN_TOKENS = 512, 2, 24
+KEY = "sk-local-test"  # the server requires it, as `--api-key` does
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -39,7 +40,7 @@ def world(tmp_path_factory):
     shots, _, problems = synthetic_math(seed=0, n_train=1, n_rl_test=0, n_gsm8k=4)
     write_tasks(root / "tasks", (dev, test), (problems, shots), MMLU_SHOTS, GEN_TOKENS)
     engine = LLMEngine.from_checkpoint(str(ckpt), max_model_len=CTX)
-    settings = server.ServerSettings(model_name="tiny", max_model_len=CTX, clamp_max_tokens=True)
+    settings = server.ServerSettings(model_name="tiny", max_model_len=CTX, clamp_max_tokens=True, api_key=KEY)
     with H.LiveServer(server.build_app(AsyncEngine(engine), engine.tokenizer, settings)) as url:
         yield {"root": root, "ckpt": ckpt, "url": url, "model": engine.model, "tok": engine.tokenizer,
                "mmlu": (dev, test), "gsm8k": (problems, shots)}
@@ -48,7 +49,8 @@ def world(tmp_path_factory):
 def lm_eval(world, name: str, *args: str) -> dict:
     """Run the lm_eval command as a user does; returns {task: [samples, by doc_id]} and the results."""
     out = world["root"] / f"out_{name}"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(world["root"] / "hf_datasets"), OMP_NUM_THREADS="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(world["root"] / "hf_datasets"), OMP_NUM_THREADS="1",
+               OPENAI_API_KEY=KEY)  # what lm-eval's local-* models send as the bearer token
     cmd = [sys.executable, "-m", "lm_eval", "--include_path", str(world["root"] / "tasks"), "--output_path", str(out),
            "--log_samples", *args]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -66,7 +68,7 @@ def lm_eval(world, name: str, *args: str) -> dict:
 def test_lm_eval_multiple_choice_equals_eval_mmlu(world):
     url, model, tok = world["url"], world["model"], world["tok"]
     samples, results = lm_eval(world, "mmlu", "--model", "local-completions", "--tasks", "local_mmlu",
-                               "--model_args", f"model=tiny,base_url={url}/v1/completions,max_length={CTX}")
+                               "--model_args", f"model=tiny,base_url={url}/v1/completions,max_length={CTX},auth_token={KEY}")
     dev, test = world["mmlu"]
     dev_by_subject, letters = group_by_subject(dev), letter_token_ids(tok)
     n_correct = n = 0
