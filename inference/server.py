@@ -104,7 +104,6 @@ class Server:
             raise
         return Generation(streams, [len(ids) for ids in prompts])
 
-
     @functools.cached_property
     def reply_header(self) -> list[int]:
         """The chat format's assistant header (what add_generation_prompt appends), [] if none."""

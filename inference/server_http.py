@@ -24,6 +24,7 @@ from utils.errors import UserError
 
 log = logging.getLogger("inference.server")
 
+
 @dataclass
 class ServerSettings:
     """What the routes enforce (from the ServeRecipe and the loaded engine)."""
