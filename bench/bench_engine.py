@@ -1,6 +1,7 @@
 """Engine speed against HuggingFace ``generate()`` on the same weights, in one run.
 
-    python bench/bench_engine.py [--d_model 256] [--n_layers 4] [--new_tokens 64] [--threads 1] [--sections 123]
+    python bench/bench_engine.py [--d_model 256] [--n_layers 4] [--new_tokens 64] [--threads 1] [--sections 1234]
+                                 [--baseline /path/to/another/checkout]
 
 Both sides run with the same torch thread count (default 1: on a small shared CPU, the
 OpenMP barriers of multi-threaded attention kernels dominate and make timings noise).
@@ -14,6 +15,13 @@ loads it with ``AutoModelForCausalLM.from_pretrained`` (fp32, its KV cache, gree
 2. throughput: 32 prompts of mixed length through one ``generate`` call (continuous batching)
    vs HF ``generate`` on each prompt in turn.
 3. prefix cache: requests sharing a long system prompt, with the cache warm vs disabled.
+4. prompt log-probabilities (lm-eval's loglikelihood requests: a shared few-shot prefix + one
+   question + one answer letter each), scored with ``prompt_logprobs`` and ``max_tokens=0``,
+   which compute every prompt position (no prefix-cache hit), against the same prompts
+   generating one token with the prefix cache warm, and with it off.
+5. with ``--baseline DIR`` (another checkout, e.g. ``git worktree add /tmp/base main``): this
+   engine against that checkout's ``inference/`` on the same weights in the same process, taking
+   turns (batch-1 decode and the 32-prompt batch): a change's effect on the decode path.
 
 Greedy outputs of ours and HF are checked to agree.
 """
@@ -42,12 +50,13 @@ def best_time(fn, repeats: int) -> float:
 
 
 def interleaved_medians(fns: dict, repeats: int) -> dict:
-    """Median time of each function, the functions taking turns."""
+    """Median time of each function, the functions taking turns (in reverse order every other
+    round, so none always runs right after the same neighbour)."""
     times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
+    for r in range(repeats):
+        for k in list(fns)[:: 1 if r % 2 == 0 else -1]:
             t = time.perf_counter()
-            fn()
+            fns[k]()
             times[k].append(time.perf_counter() - t)
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
@@ -151,6 +160,77 @@ def bench_prefix(args, ours, rand) -> None:
           f"cache off {t_cold * 1e3:7.1f} ms   speedup {t_cold / t_warm:.2f}x   (prompt tokens from cache: {hit:.0%})")
 
 
+def bench_prompt_logprobs(args, ours, rand) -> None:
+    """lm-eval's MMLU requests: 4 questions x 4 answer letters, each prompt a 384-token shared
+    few-shot prefix + a 48-token question + the letter. Fresh questions every run, so only the
+    shared prefix (and, with the cache, a question's earlier letters) can be reused."""
+    from inference.engine import LLMEngine
+    from inference.sampling_params import SamplingParams
+
+    shots = rand(384)
+
+    def requests() -> list[list[int]]:
+        return [q + [letter] for q in (shots + rand(48) for _ in range(4)) for letter in (30, 31, 32, 33)]
+
+    warm = LLMEngine(ours, max_model_len=args.max_seq_len, enable_prefix_caching=True)
+    cold = LLMEngine(ours, max_model_len=args.max_seq_len, enable_prefix_caching=False)
+    warm.generate([shots + rand(3)], greedy(1))  # caches the shared prefix
+    scored = SamplingParams(max_tokens=0, prompt_logprobs=1)
+    t = interleaved_medians({
+        "scored": lambda: warm.generate(requests(), scored), "warm": lambda: warm.generate(requests(), greedy(1)),
+        "cold": lambda: cold.generate(requests(), greedy(1)),
+    }, max(3, args.repeats))
+    print(f"[4] prompt logprobs (16 prompts of 433 tokens, 384 shared): scored {t['scored'] * 1e3:7.1f} ms   "
+          f"1 token with the cache {t['warm'] * 1e3:7.1f} ms (scored {t['scored'] / t['warm']:.2f}x)   "
+          f"1 token, cache off {t['cold'] * 1e3:7.1f} ms (scored {t['scored'] / t['cold']:.2f}x)")
+
+
+def baseline_engine_class(path: str):
+    """LLMEngine of another checkout's ``inference/`` package, imported beside ours (over this
+    checkout's model/ and utils/), so both engines run in one process on the same weights."""
+    import importlib
+
+    def ours_modules() -> dict:
+        return {k: m for k, m in sys.modules.items() if k == "inference" or k.startswith("inference.")}
+
+    saved = ours_modules()
+    for name in saved:
+        del sys.modules[name]
+    sys.path.insert(0, str(pathlib.Path(path).resolve()))
+    try:
+        return importlib.import_module("inference.engine").LLMEngine
+    finally:
+        sys.path.pop(0)
+        for name in ours_modules():
+            del sys.modules[name]
+        sys.modules.update(saved)
+
+
+def bench_baseline(args, ours, rand, g) -> None:
+    from inference.engine import LLMEngine
+
+    Baseline = baseline_engine_class(args.baseline)
+    N = args.new_tokens
+    prompt = rand(32)
+    prompts = [rand(int(n)) for n in torch.randint(16, 129, (args.num_prompts,), generator=g)]
+    engines = {"ours": LLMEngine(ours, max_num_seqs=args.num_prompts, max_model_len=args.max_seq_len),
+               "base": Baseline(ours, max_num_seqs=args.num_prompts, max_model_len=args.max_seq_len)}
+
+    def run(name: str, batch: list[list[int]], n: int):
+        engines[name].bm.reset_prefix_cache()  # the same work every repeat
+        return [c.outputs[0].token_ids for c in engines[name].generate(batch, greedy(n))]
+
+    same = run("ours", prompts, N) == run("base", prompts, N)
+    fns = {f"{k}_{n}": (lambda k=k, n=n: run(k, [prompt], n)) for k in engines for n in (1, N)}
+    fns.update({f"{k}_batch": (lambda k=k: run(k, prompts, N)) for k in engines})
+    t = interleaved_medians(fns, max(5, 3 * args.repeats))
+    tok = {k: (N - 1) / (t[f"{k}_{N}"] - t[f"{k}_1"]) for k in engines}
+    batch = {k: N * len(prompts) / t[f"{k}_batch"] for k in engines}
+    print(f"[5] vs {args.baseline}: batch-1 decode ours {tok['ours']:7.1f} tok/s  baseline {tok['base']:7.1f} tok/s  "
+          f"ratio {tok['ours'] / tok['base']:.3f}x   {len(prompts)} prompts ours {batch['ours']:7.1f} tok/s  "
+          f"baseline {batch['base']:7.1f} tok/s  ratio {batch['ours'] / batch['base']:.3f}x   (outputs equal: {same})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--d_model", type=int, default=256)
@@ -162,7 +242,8 @@ def main() -> None:
     p.add_argument("--system_prompt", type=int, default=512, help="tokens shared by the prefix-cache requests")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both sides (0: torch default)")
-    p.add_argument("--sections", default="123", help="which measurements to run, e.g. 13")
+    p.add_argument("--sections", default="1234", help="which measurements to run, e.g. 13")
+    p.add_argument("--baseline", help="another checkout of this repository: time its engine against ours ([5])")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -181,6 +262,10 @@ def main() -> None:
         bench_throughput(args, ours, hf, rand, g)
     if "3" in args.sections:
         bench_prefix(args, ours, rand)
+    if "4" in args.sections:
+        bench_prompt_logprobs(args, ours, rand)
+    if args.baseline:
+        bench_baseline(args, ours, rand, g)
 
 
 if __name__ == "__main__":

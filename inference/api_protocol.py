@@ -14,7 +14,7 @@ import functools
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -136,6 +136,7 @@ class _SamplingFields(_Strict):
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)  # extension (vLLM / HF)
     ignore_eos: bool = False  # extension: benchmarks want a fixed number of tokens
     logit_bias: dict[str, float] | None = None  # token id (as text) -> [-100, 100]
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None  # extension (vLLM): stop at these ids too
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -155,10 +156,26 @@ class ChatCompletionRequest(_SamplingFields):
 class CompletionRequest(_SamplingFields):
     # A string, a batch of strings, a token-id list, or a batch of token-id lists.
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)  # the OpenAI default for completions
+    max_tokens: int | None = Field(16, ge=0)  # the OpenAI default for completions; 0 with echo scores the prompt
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
+    echo: bool = False  # the prompt comes back before the completion (with its logprobs when logprobs is set)
     suffix: str | None = None
+
+
+class TokenizeRequest(_Strict):
+    """POST /tokenize (vLLM's shape): a text prompt, or chat messages rendered as the chat endpoint does."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True  # messages only
+    add_special_tokens: bool = False  # prompt only: prepend the document prefix (BOS; EOS for our tokenizers)
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
 
 
 # ----------------------------------------------------------------------------- responses
@@ -242,8 +259,8 @@ class ChatCompletionChunk(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = []
-    token_logprobs: list[float | None] = []
-    top_logprobs: list[dict[str, float]] | None = None
+    token_logprobs: list[float | None] = []  # None for an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None] | None = None
     text_offset: list[int] = []
 
 
@@ -261,6 +278,17 @@ class Completion(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ModelCard(BaseModel):
@@ -337,12 +365,18 @@ def token_logprobs(tok: Any, entries: Any) -> list[TokenLogprob]:
 
 
 def completion_logprobs(tok: Any, entries: list) -> CompletionLogprobs:
-    chat = token_logprobs(tok, entries)
-    offsets, pos = [], 0
-    for t in chat:
+    """Engine TokenLogprob entries -> the legacy completions shape; an entry without a logprob
+    (an echoed prompt's first token) has null for its logprob and its top_logprobs."""
+    tokens, logprobs, tops, offsets, pos = [], [], [], [], 0
+    for entry in entries or []:
+        text = token_piece(tok, entry.token_id)[0]
+        tokens.append(text)
         offsets.append(pos)
-        pos += len(t.token)
-    return CompletionLogprobs(
-        tokens=[t.token for t in chat], token_logprobs=[t.logprob for t in chat],
-        top_logprobs=[{a.token: a.logprob for a in t.top_logprobs} for t in chat], text_offset=offsets,
-    )
+        pos += len(text)
+        if entry.logprob is None:
+            logprobs.append(None)
+            tops.append(None)
+        else:
+            logprobs.append(float(entry.logprob))
+            tops.append({token_piece(tok, t)[0]: float(lp) for t, lp in entry.top})
+    return CompletionLogprobs(tokens=tokens, token_logprobs=logprobs, top_logprobs=tops, text_offset=offsets)

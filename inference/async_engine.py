@@ -197,6 +197,7 @@ class ChoiceEvent:
     text: str
     finish_reason: str | None
     logprobs: Any  # engine's per-token logprob entries for the new tokens, or None
+    prompt_logprobs: Any = None  # the prompt's entries (first has logprob None), once, when asked
 
 
 class Generation:
@@ -229,7 +230,7 @@ class Generation:
                 key = k * self.n + out.index
                 self.completion_tokens[key] = len(out.output_token_ids)
                 reason = out.finish_reason if out.finished else None
-                yield ChoiceEvent(key, out.new_text, reason, out.logprobs)
+                yield ChoiceEvent(key, out.new_text, reason, out.logprobs, out.prompt_logprobs)
         finally:
             self.close()
 

@@ -9,7 +9,9 @@ Blocks are reference counted, so sequences can share them:
   hash chain of its contents, h_i = hash(h_{i-1}, tokens of block i). A new sequence whose
   prompt starts with the same tokens reuses those blocks instead of recomputing them.
   Freed blocks keep their hash and stay reusable until the block is handed out again
-  (least recently freed first), so a finished request's prompt stays cached.
+  (least recently freed first), so a finished request's prompt stays cached. A request for
+  prompt log-probabilities takes no hit (it needs every position's hidden state) but still
+  leaves its blocks for later requests.
 - ``n > 1``: siblings fork from the sequence that computed the prompt and share all of its
   blocks; the first write into a shared block copies it (copy-on-write).
 
@@ -86,9 +88,11 @@ class BlockManager:
     # ---- admission: the prompt's blocks, reusing cached prefix blocks ------------------------
     def _match_prefix(self, seq: Sequence) -> tuple[list[Block], list[int]]:
         """Cached full blocks that equal the start of ``seq`` (never all of it: at least one
-        token is left to compute, because the next token needs its logits)."""
+        token is left to compute, because the next token needs its logits). None for a sequence
+        that wants its prompt's log-probabilities: they need the hidden state of every prompt
+        position, and getting those for a cached prefix costs the same forward as computing it."""
         matched, hashes = [], []
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.needs_prompt_logprobs:
             return matched, hashes
         bs, h = self.block_size, ROOT_HASH
         for i in range((seq.num_tokens - 1) // bs):

@@ -7,7 +7,9 @@
     engine.generate(list_of_prompt_ids, params) # batch: all prompts continuously batched
 
 Each step the scheduler picks a batch (prefill or decode), the model runner computes
-logits, the sampler picks tokens, and finished sequences give their blocks back.
+logits, the sampler picks tokens, and finished sequences give their blocks back. A request
+with ``prompt_logprobs`` also gets its prompt scored in its prefill forwards (likelihood
+evaluation); with ``max_tokens=0`` it stops there.
 ``add_request`` and ``abort`` may be called from another thread (a server's event loop)
 while one thread drives ``step``; they are queued and applied at the start of a step.
 """
@@ -27,6 +29,7 @@ from inference.block_manager import BlockManager
 from inference.detokenizer import IncrementalDetokenizer
 from inference.model_runner import ModelRunner
 from inference.outputs import Completion, CompletionOutput, RequestOutput, TokenLogprob
+from inference.prompt_scoring import score_prefill
 from inference.sampling_params import SamplingParams
 from inference.scheduler import Batch, Scheduler
 from inference.sequence import Sequence, Status
@@ -255,10 +258,16 @@ class LLMEngine:
     def _run_plain(self, batch: Batch) -> list[RequestOutput]:
         toks = [s.token_ids[st : st + q] for s, st, q in zip(batch.seqs, batch.starts, batch.q_lens)]
         tables = [s.block_table for s in batch.seqs]
-        logits = self.runner.run(toks, tables, batch.starts, copies=batch.copies, seq_ids=[s.seq_id for s in batch.seqs])
+        scored = [i for i, s in enumerate(batch.seqs) if s.needs_prompt_logprobs] if batch.is_prefill else []
+        logits = self.runner.run(toks, tables, batch.starts, copies=batch.copies, seq_ids=[s.seq_id for s in batch.seqs],
+                                 return_hidden=bool(scored))
+        if scored:
+            logits, hidden = logits
+            score_prefill([(batch.seqs[i], batch.starts[i], batch.q_lens[i]) for i in scored], hidden[scored], self.model)
         if self.draft_runner is not None:  # keep the draft's cache in step with the target's
             self.draft_runner.run(toks, tables, batch.starts, copies=batch.copies)
         rows: list[tuple[Sequence, int]] = []  # (sequence to sample for, logits row)
+        outputs = []
         for i, (s, q) in enumerate(zip(batch.seqs, batch.q_lens)):
             s.num_computed += q
             if self.draft_runner is not None:
@@ -267,12 +276,16 @@ class LLMEngine:
                 self.stats["prompt_tokens"] += q
             if s.num_computed < s.num_tokens:
                 continue  # chunked prefill: more of the prompt next step
+            if s.params.max_tokens == 0:  # score the prompt only: nothing to sample
+                self.bm.commit(s)
+                self._finish(s, "length")
+                outputs.append(self._emit(s))
+                continue
             if s.status == Status.WAITING:
                 self.scheduler.started(s)
             rows.append((s, i))
             for child in self._fork(s):
                 rows.append((child, i))
-        outputs = []
         if rows:
             seqs = [s for s, _ in rows]
             row_logits = logits[torch.tensor([i for _, i in rows], device=logits.device)]
@@ -335,6 +348,7 @@ class LLMEngine:
                 child.detok = IncrementalDetokenizer(self.tokenizer, leader.params.stop)
             if leader.params.grammar is not None:
                 child.matcher = self._grammar(leader.params).matcher()
+            child.prompt_logprobs = leader.prompt_logprobs  # the same prompt, computed once
             self.bm.fork(leader, child)
             self.runner.fork_state(leader.seq_id, child.seq_id)
             self.scheduler.add_running(child)
@@ -403,9 +417,13 @@ class LLMEngine:
         new = seq.output_ids[seq.num_emitted :]
         lps = seq.logprobs[seq.num_emitted :] if seq.logprobs is not None else None
         seq.num_emitted = seq.num_output
-        return self._output(seq, new, lps)
+        prompt_lps = None
+        if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+            seq.prompt_logprobs_sent = True
+            prompt_lps = [TokenLogprob(seq.token_ids[0], None)] + seq.prompt_logprobs
+        return self._output(seq, new, lps, prompt_lps)
 
-    def _output(self, seq: Sequence, new: list[int], lps=None) -> RequestOutput:
+    def _output(self, seq: Sequence, new: list[int], lps=None, prompt_lps=None) -> RequestOutput:
         text = new_text = ""
         if seq.detok is not None:
             new_text = seq.detok.new_text(seq.is_finished)
@@ -419,6 +437,7 @@ class LLMEngine:
             finish_reason=seq.finish_reason,
             error=seq.error,
             logprobs=lps,
+            prompt_logprobs=prompt_lps,
             prompt_len=seq.prompt_len,
             num_cached_tokens=seq.num_cached_prompt_tokens,
             text=text,
@@ -448,6 +467,7 @@ class LLMEngine:
         want_lp = {rid: sp.logprobs for rid, sp in zip(ids, plist)}
         results: dict[str, dict[int, CompletionOutput]] = {rid: {} for rid in ids}
         logprobs: dict[tuple[str, int], list[TokenLogprob]] = {}
+        prompt_logprobs: dict[str, list[TokenLogprob]] = {}
         todo = set(ids)
         bar = None
         if use_tqdm:
@@ -460,6 +480,8 @@ class LLMEngine:
                     continue
                 if out.logprobs:
                     logprobs.setdefault((out.request_id, out.index), []).extend(out.logprobs)
+                if out.prompt_logprobs is not None:
+                    prompt_logprobs[out.request_id] = out.prompt_logprobs
                 if not out.finished:
                     continue
                 # an error ends all n sequences of a request at once
@@ -482,5 +504,6 @@ class LLMEngine:
         if bar is not None:
             bar.close()
         return [
-            Completion(rid, list(p), [results[rid][i] for i in sorted(results[rid])]) for rid, p in zip(ids, prompts)
+            Completion(rid, list(p), [results[rid][i] for i in sorted(results[rid])], prompt_logprobs.get(rid))
+            for rid, p in zip(ids, prompts)
         ]

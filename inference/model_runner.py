@@ -36,20 +36,24 @@ class ModelRunner:
         all_positions: bool = False,
         copies: Optional[list[tuple[int, int]]] = None,
         seq_ids: Optional[list[int]] = None,
-    ) -> torch.Tensor:
+        return_hidden: bool = False,
+    ):
         """Row b computes ``token_ids[b]`` at positions starts[b], starts[b]+1, ...
 
         Returns float32 logits of each row's last token (B, V), or with ``all_positions``
         of every token (B, T, V) (padding columns hold garbage). ``seq_ids`` name the rows'
-        sequences (needed for recurrent models).
+        sequences (needed for recurrent models). ``return_hidden`` also returns the final hidden
+        states of every position, (logits, hidden (B, T, d)), for prompt log-probabilities.
         """
         if copies:
             self.cache.copy_blocks(copies)
         if self.recurrent:
-            return self._run_recurrent(token_ids, block_tables, starts, all_positions, seq_ids)
-        return self._forward(token_ids, block_tables, starts, all_positions, None)
+            logits, hidden = self._run_recurrent(token_ids, block_tables, starts, all_positions, seq_ids, return_hidden)
+        else:
+            logits, hidden = self._forward(token_ids, block_tables, starts, all_positions, None)
+        return (logits, hidden) if return_hidden else logits
 
-    def _forward(self, token_ids, block_tables, starts, all_positions, states) -> torch.Tensor:
+    def _forward(self, token_ids, block_tables, starts, all_positions, states) -> tuple[torch.Tensor, torch.Tensor]:
         q_lens = [len(t) for t in token_ids]
         B, T = len(token_ids), max(q_lens)
         idx = [toks + [0] * (T - len(toks)) for toks in token_ids]
@@ -63,32 +67,34 @@ class ModelRunner:
         if states is not None:
             states.update(view.states)
         if all_positions:
-            return self.model.logits(hidden).float()
+            return self.model.logits(hidden).float(), hidden
         if T == 1:
-            return self.model.logits(hidden[:, 0]).float()
+            return self.model.logits(hidden[:, 0]).float(), hidden
         last = torch.tensor(q_lens, device=self.device) - 1
-        hidden = hidden[torch.arange(B, device=self.device), last]  # (B, d)
-        return self.model.logits(hidden).float()
+        return self.model.logits(hidden[torch.arange(B, device=self.device), last]).float(), hidden  # (B, V)
 
     # ---- recurrent state (linear attention) --------------------------------------------------
-    def _run_recurrent(self, token_ids, block_tables, starts, all_positions, seq_ids) -> torch.Tensor:
+    def _run_recurrent(self, token_ids, block_tables, starts, all_positions, seq_ids, return_hidden) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         assert seq_ids is not None, "recurrent models need seq_ids"
         groups: dict[int, list[int]] = defaultdict(list)  # rows of equal length run together
         for b, toks in enumerate(token_ids):
             groups[len(toks)].append(b)
         out: list[Optional[torch.Tensor]] = [None] * len(token_ids)
+        hid: list[Optional[torch.Tensor]] = [None] * len(token_ids)
         for rows in groups.values():
             ids = [seq_ids[b] for b in rows]
             states = self._gather_states(ids, [starts[b] for b in rows])
-            logits = self._forward([token_ids[b] for b in rows], [block_tables[b] for b in rows], [starts[b] for b in rows], all_positions, states)
+            logits, hidden = self._forward([token_ids[b] for b in rows], [block_tables[b] for b in rows], [starts[b] for b in rows], all_positions, states)
             for i, sid in enumerate(ids):
                 self.states[sid] = {layer: _index_state(s, i) for layer, s in states.items()}
             for i, b in enumerate(rows):
-                out[b] = logits[i]
+                out[b], hid[b] = logits[i], hidden[i]
+        T = max(h.shape[0] for h in hid)
         if all_positions:
-            T = max(t.shape[0] for t in out)
             out = [torch.nn.functional.pad(t, (0, 0, 0, T - t.shape[0])) for t in out]
-        return torch.stack(out)
+        if not return_hidden:
+            return torch.stack(out), None
+        return torch.stack(out), torch.stack([torch.nn.functional.pad(h, (0, 0, 0, T - h.shape[0])) for h in hid])  # (B, T, d)
 
     def _gather_states(self, ids: list[int], starts: list[int]) -> dict[int, object]:
         """Batched per-layer state for these sequences; a row at position 0 starts fresh (zeros)."""

@@ -11,7 +11,7 @@ class TokenLogprob:
     temperature / penalties / filters), and the ``top_logprobs`` most likely alternatives."""
 
     token_id: int
-    logprob: float
+    logprob: Optional[float]  # None only for a prompt's first token (nothing comes before it)
     top: list[tuple[int, float]] = field(default_factory=list)  # [(token_id, logprob)], most likely first
 
 
@@ -35,6 +35,7 @@ class RequestOutput:
     finish_reason: Optional[str] = None
     error: Optional[str] = None
     logprobs: Optional[list[TokenLogprob]] = None
+    prompt_logprobs: Optional[list[TokenLogprob]] = None
     prompt_len: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     text: str = ""
@@ -56,3 +57,4 @@ class Completion:
     request_id: str
     prompt_ids: list[int]
     outputs: list[CompletionOutput]
+    prompt_logprobs: Optional[list[TokenLogprob]] = None  # when asked (SamplingParams.prompt_logprobs)

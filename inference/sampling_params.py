@@ -21,6 +21,10 @@ class SamplingParams:
     before temperature and filters) plus the ``top_logprobs`` most likely alternatives.
     ``logit_bias`` adds a value in [-100, 100] to a token's logit before sampling (OpenAI's);
     ``grammar`` constrains the output (inference/grammar.py: json_schema, json_object, regex, lark).
+    ``prompt_logprobs`` (vLLM's name; None = off) returns every prompt token's log-probability
+    given the tokens before it, with that many most likely alternatives (0 = none): what
+    likelihood scoring needs (an OpenAI ``echo`` with ``logprobs``). ``max_tokens=0`` scores the
+    prompt and generates nothing.
     """
 
     max_tokens: int = 64
@@ -39,6 +43,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logit_bias: dict[int, float] = field(default_factory=dict)
     grammar: Optional[dict] = None
+    prompt_logprobs: Optional[int] = None
 
     @property
     def greedy(self) -> bool:
@@ -56,8 +61,8 @@ class SamplingParams:
 
         if isinstance(self.stop, str):  # OpenAI allows a single string
             self.stop = [self.stop]
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}.")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            bad(f"max_tokens must be an integer >= 0 (0: score the prompt, generate nothing), got {self.max_tokens!r}.")
         if max_model_len is not None and self.max_tokens > max_model_len:
             bad(f"max_tokens={self.max_tokens} exceeds the model's context of {max_model_len} tokens; lower it.")
         if not 0.0 <= self.temperature <= 100.0:
@@ -90,4 +95,8 @@ class SamplingParams:
             bad(f"top_logprobs must be an integer between 0 and 20, got {self.top_logprobs!r}.")
         if self.top_logprobs and not self.logprobs:
             bad("top_logprobs needs logprobs=True.")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int) or not 0 <= self.prompt_logprobs <= 20):
+            bad(f"prompt_logprobs must be null or an integer between 0 and 20, got {self.prompt_logprobs!r}.")
+        if self.max_tokens == 0 and self.n != 1:
+            bad(f"max_tokens=0 scores the prompt only, so every choice would be the same; send n=1 (got n={self.n}).")
         return self

@@ -48,6 +48,10 @@ class Sequence:
         self.finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | "error"
         self.error: Optional[str] = None
         self.logprobs: Optional[list] = [] if params.logprobs else None
+        # Log-probabilities of prompt tokens 1.. (token 0 has no context), filled by the prefill
+        # forwards when params.prompt_logprobs is set; reported once, with the first output.
+        self.prompt_logprobs: Optional[list] = [] if params.prompt_logprobs is not None else None
+        self.prompt_logprobs_sent = False
         self.num_emitted = 0  # output tokens already reported by the engine
         self.text = ""  # detokenized output (only when the engine has a tokenizer)
         self.detok = None  # incremental detokenizer state (inference/detokenizer.py)
@@ -75,6 +79,12 @@ class Sequence:
     @property
     def prompt_ids(self) -> list[int]:
         return self.token_ids[: self.prompt_len]
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt log-probabilities were asked for and are not all computed yet: the prefill must
+        run over every prompt position (no prefix-cache hit)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.prompt_len - 1
 
     @property
     def is_finished(self) -> bool:

@@ -60,6 +60,8 @@ class ServeRecipe(ServingModel):
                                                                     "checkpoint directory's name)"))
     max_concurrent: int = field(default=256, metadata=_help("requests in flight before answering 503"))
     max_tokens_cap: int = field(default=4096, metadata=_help("largest max_tokens a request may ask for"))
+    clamp_max_tokens: bool = field(default=False, metadata=_help("lower a max_tokens that does not fit after the prompt "
+                                                                  "to what fits (logged) instead of answering 400"))
     n_cap: int = field(default=8, metadata=_help("largest n (choices per request)"))
     max_body_bytes: int = field(default=1 << 20, metadata=_help("larger request bodies get 413"))
     shutdown_timeout: float = field(default=30.0, metadata=_help("seconds in-flight requests get to finish after SIGTERM"))

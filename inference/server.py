@@ -8,8 +8,15 @@ The checkpoint may be a full model or a LoRA/QLoRA adapter (merged onto its base
 through model/load.py, exactly as eval loads it).
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both streaming SSE or not),
-GET /v1/models, GET /health, and a chat web page at /. Chat prompts are rendered only by
+GET /v1/models, GET /health, POST /tokenize, POST /detokenize, GET /tokenizer_info
+(inference/server_tokenize.py), and a chat web page at /. Chat prompts are rendered only by
 the project's chat template, so serving sees exactly the format the model was trained on.
+
+/v1/completions is also an evaluation backend (lm-evaluation-harness's ``local-completions``):
+``echo`` with ``logprobs`` returns the prompt's token log-probabilities (computed in the
+prefill, inference/prompt_scoring.py), ``max_tokens: 0`` scores without generating, and a
+prompt that ends with the chat format's assistant header stops at its end-of-turn token
+(``stop_token_ids`` adds more, as in vLLM).
 
 Every bad request is answered in the OpenAI error shape with a 4xx status, never a 500:
 400 invalid request, 401 missing/wrong API key, 404 unknown model or route, 413 body too
@@ -19,6 +26,7 @@ in-flight requests finish (``shutdown_timeout``) before the engine thread stops.
 """
 from __future__ import annotations
 
+import functools
 import pathlib
 import sys
 
@@ -39,12 +47,15 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inference import api_protocol as P
+from inference import server_tokenize
 from inference.async_engine import AsyncEngine, ChoiceEvent, EngineDead, EngineOverloaded, Generation, RequestStream
 from inference.server_http import (  # noqa: F401  (ServerSettings and encode_prompts are part of this module's API)
     ApiError,
     GenerationResponse,
     ServerSettings,
     check_auth,
+    check_token_ids,
+    echo_texts,
     encode_prompts,
     parse,
     read_json,
@@ -81,21 +92,69 @@ class Server:
             raise ApiError(404, f"model {model!r} does not exist; this server serves {self.settings.model_name!r} "
                                 "(GET /v1/models).", param="model", code="model_not_found")
 
-    def start(self, prompts: list[list[int]], params: SamplingParams) -> Generation:
-        """Submit one engine request per prompt; on failure none is left running."""
+    def start(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> Generation:
+        """Submit one engine request per prompt (``params`` one for all, or one per prompt);
+        on failure none is left running."""
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
         streams: list[RequestStream] = []
         try:
-            for ids in prompts:
-                streams.append(self.engine.submit(ids, params))
+            for ids, p in zip(prompts, per_prompt, strict=True):
+                streams.append(self.engine.submit(ids, p))
         except BaseException:
             for stream in streams:
                 stream.close()
             raise
         return Generation(streams, [len(ids) for ids in prompts])
 
+    @functools.cached_property
+    def reply_header(self) -> list[int]:
+        """The chat format's assistant header (what add_generation_prompt appends), [] if none."""
+        from data_pipeline.tokenizer.chat_template import generation_prompt_ids
+
+        return generation_prompt_ids(self.tokenizer)
+
+    def completion_stop_ids(self, req: P.CompletionRequest, prompt: list[int]) -> list[int]:
+        """Stop ids of one /v1/completions prompt: the request's ``stop_token_ids``, plus the chat
+        format's end-of-turn ids when the prompt ends with an assistant header (a chat rendered
+        by the client; the reply then ends at its end-of-turn token, as on the chat endpoint).
+        ``ignore_eos`` drops that default, never the ids the request names."""
+        stops = check_token_ids(req.stop_token_ids or [], self.tokenizer, "stop_token_ids")
+        header = self.reply_header
+        if not req.ignore_eos and header and prompt[-len(header) :] == header:
+            _, chat_stop_ids = chat_format()
+            stops += [t for t in chat_stop_ids(self.tokenizer) if t not in stops]
+        return stops
+
 
 def server_of(request: Request) -> Server:
     return request.app.state.server
+
+
+class EchoedGeneration:
+    """A completion Generation whose choices start with their prompt (``echo``): the first event of
+    each choice carries the prompt text and, when asked, the prompt's logprob entries (the first
+    token's logprob null), so streamed and whole replies share one path."""
+
+    def __init__(self, gen: Generation, prompt_texts: list[str], with_logprobs: bool):
+        self.gen, self.prompt_texts, self.with_logprobs = gen, prompt_texts, with_logprobs
+        self.num_choices = gen.num_choices
+
+    def usage(self) -> tuple[int, int]:
+        return self.gen.usage()
+
+    def close(self) -> None:
+        self.gen.close()
+
+    async def events(self) -> AsyncIterator[ChoiceEvent]:
+        echoed: set[int] = set()
+        async for ev in self.gen.events():
+            if ev.index not in echoed:
+                echoed.add(ev.index)
+                k = ev.index // self.gen.n  # choice k * n + i is sample i of prompt k
+                prompt_lps = ev.prompt_logprobs if self.with_logprobs else None
+                ev = ChoiceEvent(ev.index, self.prompt_texts[k] + ev.text, ev.finish_reason,
+                                 (prompt_lps or []) + (ev.logprobs or []) if self.with_logprobs else ev.logprobs)
+            yield ev
 
 
 # ----------------------------------------------------------------------------- one reply, streamed or whole
@@ -218,7 +277,7 @@ async def chat_completions(request: Request) -> Any:
         prompt_ids, _ = render_chat(tok, messages, add_generation_prompt=True, tools=tools)
     except UserError as err:
         raise ApiError(400, str(err), param="messages") from None
-    stop_ids = [] if req.ignore_eos else list(chat_stop_ids(tok))
+    stop_ids = ([] if req.ignore_eos else list(chat_stop_ids(tok))) + check_token_ids(req.stop_token_ids or [], tok, "stop_token_ids")
     params = sampling_params(req, len(prompt_ids), srv.settings, stop_ids, req.logprobs, req.top_logprobs or 0,
                              req.max_completion_tokens or req.max_tokens, "messages", grammar)
     gen = srv.start([list(prompt_ids)], params)
@@ -268,15 +327,19 @@ async def completions(request: Request) -> Any:
     check_auth(request, srv.settings)
     req = parse(P.CompletionRequest, await read_json(request, srv.settings.max_body_bytes))
     srv.check_model(req.model)
-    if req.echo or req.suffix:
-        raise ApiError(400, "echo and suffix are not supported by this server.", param="echo" if req.echo else "suffix")
+    if req.suffix:
+        raise ApiError(400, "suffix is not supported by this server.", param="suffix")
     tok, name = srv.tokenizer, srv.settings.model_name
     prompts = encode_prompts(req.prompt, tok)
     if len(prompts) > srv.engine.max_concurrent:
         raise ApiError(400, f"{len(prompts)} prompts in one request; the limit is {srv.engine.max_concurrent}.", param="prompt")
-    params = sampling_params(req, max(map(len, prompts)), srv.settings, [], req.logprobs is not None, req.logprobs or 0,
-                             req.max_tokens, "prompt")
+    # echo + logprobs scores the prompt too (likelihood evaluation: lm-eval's loglikelihood requests)
+    prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
+    params = [sampling_params(req, len(ids), srv.settings, srv.completion_stop_ids(req, ids), req.logprobs is not None,
+                              req.logprobs or 0, req.max_tokens, "prompt", prompt_logprobs=prompt_logprobs) for ids in prompts]
     gen = srv.start(prompts, params)
+    if req.echo:
+        gen = EchoedGeneration(gen, echo_texts(req.prompt, prompts, tok), req.logprobs is not None)
     rid, created = P.new_id("cmpl"), P.now()
 
     def lp(entries: list) -> P.CompletionLogprobs | None:
@@ -355,6 +418,9 @@ def build_app(engine: AsyncEngine, tokenizer: Any, settings: ServerSettings, *, 
     app.add_api_route("/v1/models/{name:path}", get_model, methods=["GET"])
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_api_route("/v1/completions", completions, methods=["POST"])
+    app.add_api_route("/tokenize", server_tokenize.tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", server_tokenize.detokenize, methods=["POST"])
+    app.add_api_route("/tokenizer_info", server_tokenize.tokenizer_info, methods=["GET"])
     app.add_api_route("/", index, methods=["GET"])
     app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
     return app
@@ -374,6 +440,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     settings = ServerSettings(
         model_name=recipe.model_name or Path(recipe.checkpoint).resolve().name, max_model_len=engine.max_model_len,
         api_key=recipe.api_key, max_tokens_cap=recipe.max_tokens_cap, n_cap=recipe.n_cap, max_body_bytes=recipe.max_body_bytes,
+        clamp_max_tokens=recipe.clamp_max_tokens,
     )
     async_engine = AsyncEngine(engine, max_concurrent=recipe.max_concurrent)
     app = build_app(async_engine, tokenizer, settings, shutdown_timeout=recipe.shutdown_timeout)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from inference.sampling_params import SamplingParams
 from utils.errors import UserError
 
 MAX_STOP = 4  # stop strings per request, as the OpenAI API allows
+log = logging.getLogger("inference.server")
 
 
 @dataclass
@@ -34,6 +36,7 @@ class ServerSettings:
     max_tokens_cap: int = 4096
     n_cap: int = 8
     max_body_bytes: int = 1 << 20
+    clamp_max_tokens: bool = False  # lower a max_tokens past the context to what fits (and log it) instead of 400
 
 
 class ApiError(Exception):
@@ -89,17 +92,24 @@ def parse(model: type[BaseModel], body: dict) -> Any:
 
 def sampling_params(req: P._SamplingFields, prompt_len: int, settings: ServerSettings, stop_ids: list[int],
                     logprobs: bool, top_logprobs: int, max_tokens: int | None, prompt_param: str,
-                    grammar: dict | None = None) -> SamplingParams:
-    """Map an OpenAI request onto SamplingParams, enforcing the caps and the context length."""
+                    grammar: dict | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
+    """Map an OpenAI request onto SamplingParams, enforcing the caps and the context length
+    (``max_tokens=0``, scoring the prompt only, lets the prompt fill the context)."""
     room = settings.max_model_len - prompt_len
-    if room < 1:
+    if room < (0 if max_tokens == 0 else 1):
         raise ApiError(400, f"the prompt is {prompt_len} tokens but the context is {settings.max_model_len}; shorten it.", param=prompt_param, code="context_length_exceeded")
     if max_tokens is None:
         max_tokens = min(room, settings.max_tokens_cap)
     elif max_tokens > settings.max_tokens_cap:
         raise ApiError(400, f"max_tokens={max_tokens} is over this server's cap of {settings.max_tokens_cap}.", param="max_tokens")
+    elif max_tokens > room and settings.clamp_max_tokens:
+        log.warning("max_tokens %d lowered to %d: the prompt (%d tokens) leaves that much of the %d-token context",
+                    max_tokens, room, prompt_len, settings.max_model_len)
+        max_tokens = room
     elif max_tokens > room:
-        raise ApiError(400, f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the context of {settings.max_model_len} tokens; lower max_tokens.", param="max_tokens", code="context_length_exceeded")
+        raise ApiError(400, f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the context of {settings.max_model_len} tokens; "
+                            "lower max_tokens (lm-eval: --model_args max_gen_toks=N), or start the server with --clamp-max-tokens "
+                            "to have it lowered to what fits.", param="max_tokens", code="context_length_exceeded")
     if req.n > settings.n_cap:
         raise ApiError(400, f"n={req.n} is over this server's cap of {settings.n_cap}.", param="n")
     if len(req.stop_list()) > MAX_STOP:
@@ -108,7 +118,7 @@ def sampling_params(req: P._SamplingFields, prompt_len: int, settings: ServerSet
         max_tokens=max_tokens, temperature=req.temperature, top_k=max(req.top_k, 0), top_p=req.top_p,
         repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty, seed=req.seed, stop=req.stop_list(), stop_token_ids=list(stop_ids),
-        n=req.n, logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=req.ignore_eos,
+        n=req.n, logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=req.ignore_eos, prompt_logprobs=prompt_logprobs,
         logit_bias=logit_bias(req.logit_bias), grammar=grammar,
     )
     try:
@@ -172,9 +182,23 @@ def encode_prompts(prompt: Any, tokenizer: Any) -> list[list[int]]:
         prompts = [list(prompt)]
     else:
         prompts = [list(p) for p in prompt]
-    vocab = tokenizer.vocab_size if hasattr(tokenizer, "vocab_size") else None
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ApiError(400, "prompt is empty; send at least one token of text.", param="prompt")
-    if vocab is not None and any(not 0 <= t < vocab for p in prompts for t in p):
-        raise ApiError(400, f"prompt token ids must be in [0, {vocab}).", param="prompt")
-    return [list(map(int, p)) for p in prompts]
+    return [check_token_ids(p, tokenizer, "prompt") for p in prompts]
+
+
+def check_token_ids(ids: list[int], tokenizer: Any, param: str) -> list[int]:
+    """Token ids from a request, each in the tokenizer's vocabulary (else 400 naming ``param``)."""
+    vocab = tokenizer.vocab_size if hasattr(tokenizer, "vocab_size") else None
+    if vocab is not None and any(not 0 <= t < vocab for t in ids):
+        raise ApiError(400, f"{param} token ids must be in [0, {vocab}).", param=param)
+    return [int(t) for t in ids]
+
+
+def echo_texts(prompt: Any, prompts: list[list[int]], tokenizer: Any) -> list[str]:
+    """The text each /v1/completions prompt echoes: as sent, or decoded when sent as token ids."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt[0], str):
+        return list(prompt)
+    return [tokenizer.decode(p) for p in prompts]

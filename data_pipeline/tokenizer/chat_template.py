@@ -117,6 +117,19 @@ def with_tools(messages: list[dict], tools: list | None) -> list[dict]:
         else:
             out.insert(0, {"role": "system", "content": offer})
     return out
+def generation_prompt_ids(tok) -> list[int]:
+    """The ids ``add_generation_prompt`` appends (the header that opens an assistant reply), found by
+    rendering a one-message chat with and without it; [] when the tokenizer has no chat format or
+    its template does not add a plain suffix. A raw prompt ending in these ids asks for a reply."""
+    probe = [{"role": "user", "content": "Hi"}]
+    try:
+        opened, _ = render_chat(tok, probe, add_generation_prompt=True)
+        closed, _ = render_chat(tok, probe, add_generation_prompt=False)
+    except UserError:
+        return []
+    if len(opened) <= len(closed) or opened[: len(closed)] != closed:
+        return []
+    return opened[len(closed) :]
 
 
 def render_project_chat(tok, messages: list[dict],

@@ -3,7 +3,7 @@ on tokenizer files transformers wrote: the same ids, and the same assistant mask
 template's generation blocks, and by comparing renders when a template has none)."""
 import pytest
 
-from data_pipeline.tokenizer.chat_template import chat_stop_ids, render_chat
+from data_pipeline.tokenizer.chat_template import chat_stop_ids, generation_prompt_ids, render_chat
 from data_pipeline.tokenizer.hf_tokenizer import HFTokenizer
 from data_pipeline.tokenizer.tokenizer import load_tokenizer
 from tests.data_pipeline.hf_style import CONVERSATIONS, STYLES, save_hf_tokenizer, untagged
@@ -46,6 +46,16 @@ def test_assistant_masks_equal_transformers_with_and_without_generation_blocks(s
         assert render_chat(tagged, conv)[1] == want, (name, "generation blocks", conv)
         ids, mask = render_chat(plain, conv)
         assert ids == out["input_ids"] and mask == want, (name, "render comparison", conv)
+
+
+def test_generation_prompt_ids_are_what_add_generation_prompt_appends(style):
+    """The assistant header a raw /v1/completions prompt may end with (then it stops at end-of-turn)."""
+    name, hf, ours, _ = style
+    conv = [{"role": "user", "content": "Hello there"}]
+    opened = hf.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    closed = hf.apply_chat_template(conv, add_generation_prompt=False, tokenize=True, return_dict=True)["input_ids"]
+    assert generation_prompt_ids(ours) == opened[len(closed):]
+    assert (generation_prompt_ids(ours) == []) == (name == "mistral")  # the style has no generation prompt
 
 
 def test_masked_tokens_decode_to_the_assistant_turns(style):

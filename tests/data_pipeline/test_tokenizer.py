@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from data_pipeline.tokenizer.chat_template import chat_stop_ids, render_chat
+from data_pipeline.tokenizer.chat_template import chat_stop_ids, generation_prompt_ids, render_chat
 from data_pipeline.tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer, file_hash
 from utils.errors import UserError
 
@@ -67,6 +67,8 @@ def test_generation_prompt_extends_the_prompt(tokenizer):
     assert full[:len(prompt)] == prompt and not any(pmask)
     assert tokenizer.decode(prompt, skip_special_tokens=False).endswith("?<|im_end|>\n<|im_start|>assistant\n")
     assert chat_stop_ids(tokenizer) == [tokenizer.im_end_id, tokenizer.eos_id]
+    header = generation_prompt_ids(tokenizer)
+    assert prompt[-len(header):] == header and tokenizer.decode(header, skip_special_tokens=False) == "<|im_start|>assistant\n"
 
 
 @pytest.mark.parametrize("bad, match", [

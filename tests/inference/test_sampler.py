@@ -104,7 +104,9 @@ def test_probs_from_logits_is_one_hot_for_greedy():
 @pytest.mark.parametrize(
     "kw, field",
     [
-        (dict(max_tokens=0), "max_tokens"),
+        (dict(max_tokens=-1), "max_tokens"),
+        (dict(max_tokens=0, n=2), "n=1"),
+        (dict(prompt_logprobs=21), "prompt_logprobs"),
         (dict(temperature=-1.0), "temperature"),
         (dict(top_k=-1), "top_k"),
         (dict(top_p=1.5), "top_p"),

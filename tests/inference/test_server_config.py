@@ -14,6 +14,7 @@ def test_yaml_sets_keys_and_command_line_wins(tmp_path):
     assert (recipe.port, recipe.max_num_seqs, recipe.dtype, recipe.max_model_len) == (9002, 4, "bf16", 64)
     same = parse_serve_args(["--config_path", str(p), "port=9002", "--set", "max_model_len=64"])
     assert same == recipe
+    assert not recipe.clamp_max_tokens and parse_serve_args(["--config_path", str(p), "--clamp-max-tokens"]).clamp_max_tokens
 
 
 def test_bad_keys_and_types_are_reported_together(tmp_path):

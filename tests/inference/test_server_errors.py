@@ -88,8 +88,27 @@ BAD_COMPLETION = {
     "negative token id": with_(GOOD_COMPLETION, prompt=[-1]),
     "mixed prompt list": with_(GOOD_COMPLETION, prompt=[1, "a"]),
     "prompt a dict": with_(GOOD_COMPLETION, prompt={"text": "a"}),
-    "echo": with_(GOOD_COMPLETION, echo=True),
+    "suffix": with_(GOOD_COMPLETION, suffix="the end"),
     "logprobs bool": with_(GOOD_COMPLETION, logprobs=True),
+    "max_tokens negative": with_(GOOD_COMPLETION, max_tokens=-1),
+    "max_tokens 0 with n 2": with_(GOOD_COMPLETION, max_tokens=0, n=2),
+    "stop_token_ids out of range": with_(GOOD_COMPLETION, stop_token_ids=[10**6]),
+    "stop_token_ids negative": with_(GOOD_COMPLETION, stop_token_ids=[-1]),
+    "stop_token_ids a string": with_(GOOD_COMPLETION, stop_token_ids="3"),
+    "prompt fills the context, max_tokens 1": with_(GOOD_COMPLETION, prompt=[5] * 128, max_tokens=1),
+}
+BAD_TOKENIZE = {
+    "neither prompt nor messages": {},
+    "both prompt and messages": {"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]},
+    "prompt a number": {"prompt": 5},
+    "unknown model": {"model": "gpt-9", "prompt": "hi"},
+    "bad role": {"messages": [{"role": "wizard", "content": "hi"}]},
+}
+BAD_DETOKENIZE = {
+    "no tokens": {},
+    "token out of range": {"tokens": [1, 10**6]},
+    "negative token": {"tokens": [-3]},
+    "tokens a string": {"tokens": "1 2"},
 }
 
 
@@ -101,6 +120,12 @@ def test_bad_chat_request_is_400(url, name):
 @pytest.mark.parametrize("name", sorted(BAD_COMPLETION))
 def test_bad_completion_request_is_400(url, name):
     H.assert_error_shape(httpx.post(url + "/v1/completions", json=BAD_COMPLETION[name]), 400)
+
+
+@pytest.mark.parametrize("route, name", [("tokenize", n) for n in sorted(BAD_TOKENIZE)] + [("detokenize", n) for n in sorted(BAD_DETOKENIZE)])
+def test_bad_tokenize_request_is_4xx(url, route, name):
+    body = (BAD_TOKENIZE if route == "tokenize" else BAD_DETOKENIZE)[name]
+    H.assert_error_shape(httpx.post(f"{url}/{route}", json=body), 404 if name == "unknown model" else 400)
 
 
 @pytest.mark.parametrize("raw", [b"{", b"", b"[1, 2]", b"null", b'"text"', b"\xff\xfe{}", b"[" * 100_00 + b"]" * 100_00,
