@@ -20,10 +20,11 @@ from inference.paged_cache import PagedKVCache
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, device: torch.device | str):
+    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, device: torch.device | str,
+                 kv_dtype: Optional[torch.dtype] = None):
         self.model = model
         self.device = torch.device(device)
-        self.cache = PagedKVCache(num_blocks, block_size, self.device)
+        self.cache = PagedKVCache(num_blocks, block_size, self.device, kv_dtype)
         self.recurrent = model.cache_kind == "recurrent"
         self.states: dict[int, dict[int, object]] = {}  # seq_id -> layer -> state with batch dim 1
 

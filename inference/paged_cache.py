@@ -5,7 +5,8 @@ Storage: the cache has ``num_blocks * block_size`` token slots; slot
 MLA's latent and rope key) there is one pool laid out like the model's tensor with the batch
 folded into the sequence: a model tensor (B, *mid, T, D) is stored in a pool (*mid, slots, D),
 e.g. k (B, Hkv, T, D) -> (Hkv, slots, D). Pools are created on first use, so any attention in
-the zoo caches whatever it hands to ``cache.update``. With the slot dimension at -2 a gather
+the zoo caches whatever it hands to ``cache.update``; a storage ``dtype`` (bf16) halves an fp32
+model's cache, converted on write and back on read. With the slot dimension at -2 a gather
 for one row is already the contiguous (1, *mid, Tk, D) tensor attention wants.
 
 ``PagedView`` implements the model's cache interface (model/cache.py) for a batch of rows
@@ -22,9 +23,11 @@ import torch
 
 
 class PagedKVCache:
-    def __init__(self, num_blocks: int, block_size: int, device: torch.device | str = "cpu"):
+    def __init__(self, num_blocks: int, block_size: int, device: torch.device | str = "cpu",
+                 dtype: Optional[torch.dtype] = None):
         self.num_blocks, self.block_size = num_blocks, block_size
         self.device = torch.device(device)
+        self.dtype = dtype  # storage dtype (e.g. bf16: half the bytes); None: the model's tensors' dtype
         self.pools: dict[int, list[torch.Tensor]] = {}  # layer -> [(*mid, slots, D) per cached tensor]
         self._offsets = torch.arange(block_size, device=self.device)
 
@@ -32,7 +35,7 @@ class PagedKVCache:
         if layer not in self.pools:
             slots = self.num_blocks * self.block_size
             self.pools[layer] = [
-                torch.zeros(*t.shape[1:-2], slots, t.shape[-1], dtype=t.dtype, device=t.device) for t in new
+                torch.zeros(*t.shape[1:-2], slots, t.shape[-1], dtype=self.dtype or t.dtype, device=t.device) for t in new
             ]
         return self.pools[layer]
 
@@ -105,7 +108,7 @@ class PagedView:
             if self.real is not None:
                 rows = rows[..., self.real, :]
             pool.index_copy_(-2, self.write_slots, rows if rows.dtype == pool.dtype else rows.to(pool.dtype))
-            keys = pool.index_select(-2, self.read_slots)  # (*mid, B*Tk, D)
+            keys = pool.index_select(-2, self.read_slots).to(t.dtype)  # (*mid, B*Tk, D), in the model's dtype
             out.append(keys.view(*pool.shape[:-2], B, self.Tk, t.shape[-1]).movedim(-3, 0))  # (B, *mid, Tk, D)
         return tuple(out)
 
