@@ -65,7 +65,14 @@ class LLMEngine:
         num_speculative_tokens: int = 4,
         kv_cache_memory: Optional[int] = None,
         kv_cache_dtype: Optional[torch.dtype] = None,
+        decode_kernel: Optional[bool] = None,
+        cuda_graphs: Optional[bool] = None,
     ):
+        """decode_kernel: decode steps read the KV pools through the block table with the paged Triton
+        kernel (model/kernels) instead of gathering them; None: on CUDA when Triton is installed.
+        cuda_graphs: decode steps replay a CUDA graph per batch bucket (inference/cuda_graphs.py);
+        None: on CUDA when the kernel serves every layer; on CPU True runs the same static buffers
+        without a graph (tests). kv_cache_dtype: the cache's storage dtype (None: the model's)."""
         self.device = torch.device(device)
         cfg = model.cfg
         if model.cache_kind == "recurrent":
@@ -99,9 +106,14 @@ class LLMEngine:
         self.num_blocks = num_blocks or self._derive_num_blocks(max_num_seqs, kv_cache_memory)
         self.bm = BlockManager(self.num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.bm, max_num_seqs, max_num_batched_tokens, lookahead=self.k)
-        self.runner = ModelRunner(self.model, self.num_blocks, block_size, self.device, kv_cache_dtype)
-        self.draft_runner = (ModelRunner(self.draft_model, self.num_blocks, block_size, self.device, kv_cache_dtype)
-                             if self.draft_model else None)
+        from inference.cuda_graphs import decode_settings
+
+        self.decode_kernel, cuda_graphs = decode_settings(self.model, self.device, decode_kernel, cuda_graphs)
+        graphs_for = (self.bm.blocks_for(self.max_model_len + self.k), max_num_seqs) if cuda_graphs else None
+        self.runner = ModelRunner(self.model, self.num_blocks, block_size, self.device, kv_cache_dtype,
+                                  self.decode_kernel, graphs_for)
+        self.draft_runner = (ModelRunner(self.draft_model, self.num_blocks, block_size, self.device, kv_cache_dtype,
+                                         self.decode_kernel) if self.draft_model else None)
         self.eos_id = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
         self.requests: dict[str, list[Sequence]] = {}
         self._pending: deque = deque()  # ("add", seq) / ("abort", request_id), from any thread
