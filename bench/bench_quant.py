@@ -28,7 +28,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # repo roo
 import argparse
 import copy
 import tempfile
-import time
 
 import torch
 import torch.nn as nn
