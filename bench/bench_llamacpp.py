@@ -127,7 +127,7 @@ def main() -> None:
     p.add_argument("--sections", default="12")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--new_tokens", type=int, default=32)
-    p.add_argument("--group_size", type=int, default=128)
+    p.add_argument("--group_size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
     torch.set_num_threads(args.threads)

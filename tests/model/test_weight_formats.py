@@ -53,13 +53,19 @@ def test_int4_kernel_equals_dequantized_matmul(out_f):
     assert q(x).shape == (3, 5, out_f) and q(x).dtype == torch.float32
 
 
-def test_int8_kernel_equals_dequantized_matmul():
+def test_int8_kernel_equals_dequantized_matmul(monkeypatch):
+    from model import weight_formats
+
     layer = _layer(40, 96)
     q = Int8Linear(layer)
     x = torch.randn(2, 7, 96)
     ref = torch.nn.functional.linear(x.bfloat16().float(), q.dequantize(), layer.bias)
-    _bf16_close(q(x), ref)
+    _bf16_close(q(x), ref)  # several tokens: aten's int8 kernel on bf16 inputs
     _bf16_close(BF16Linear(layer)(x), layer(x))
+    one = x[:1, :1]  # one token: the compiled product, in fp32
+    torch.testing.assert_close(q(one), torch.nn.functional.linear(one, q.dequantize(), layer.bias), rtol=1e-5, atol=1e-5)
+    monkeypatch.setitem(weight_formats._MATVEC, "fn", None)  # no compiler here: aten's kernel instead
+    _bf16_close(q(one), torch.nn.functional.linear(one.bfloat16().float(), q.dequantize(), layer.bias))
 
 
 def _model(**kw) -> Transformer:
