@@ -155,7 +155,7 @@ def write_gguf(model: torch.nn.Module, tok: Any, out: str | os.PathLike, outtype
         writer.add_layer_norm_rms_eps(float(cfg.norm_eps))
         writer.add_vocab_size(cfg.vocab_size)
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("gpt2")
+        writer.add_tokenizer_pre("gpt-2")  # llama.cpp's name for GPT-2's pre-tokenizer regex
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         special.add_to_gguf(writer, quiet=True)  # merges, bos/eos/pad ids, chat template

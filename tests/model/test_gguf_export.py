@@ -58,7 +58,7 @@ def test_reader_round_trips_tensors_and_metadata(tmp_path, tok, outtype, tol):
     assert (_field(reader, "llama.attention.head_count"), _field(reader, "llama.attention.head_count_kv")) == (4, 2)
     assert _field(reader, "llama.context_length") == 96 and _field(reader, "llama.block_count") == 2
     assert _field(reader, "llama.attention.layer_norm_rms_epsilon") == pytest.approx(model.cfg.norm_eps)
-    assert _field(reader, "tokenizer.ggml.model") == "gpt2" and _field(reader, "tokenizer.ggml.pre") == "gpt2"
+    assert _field(reader, "tokenizer.ggml.model") == "gpt2" and _field(reader, "tokenizer.ggml.pre") == "gpt-2"
     tokens = _field(reader, "tokenizer.ggml.tokens")
     assert len(tokens) == 320 and all(tokens[i] == tok.id_to_token(i) for i in range(tok.vocab_size))
     assert _field(reader, "tokenizer.chat_template") == HF_CHAT_TEMPLATE
