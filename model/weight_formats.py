@@ -263,13 +263,3 @@ def linear_weight_bytes(model: nn.Module) -> int:
         elif isinstance(m, nn.Linear):
             total += m.weight.numel() * m.weight.element_size()
     return total
-
-
-def describe(model: nn.Module) -> Optional[str]:
-    """``int4 (group 128), 41.2 MB of linear weights`` for a start-up line; None at full precision."""
-    fmt = getattr(model, "weight_format", None)
-    if fmt is None:
-        return None
-    group = next((m.group_size for m in model.modules() if isinstance(m, Int4Linear)), None)
-    extra = f" (group {group})" if group else ""
-    return f"{fmt}{extra}, {linear_weight_bytes(model) / 1e6:.1f} MB of linear weights"
