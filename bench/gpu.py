@@ -13,9 +13,10 @@ Sections, each measured against its reference in the same run:
            vs the paged Triton kernel reading the block table.
   mfu      training step of a GPT-2-124M-sized Llama-style model (fp32 master weights, bf16
            autocast, as utils/train_loop.py runs): eager, compile, kernels, kernels + compile.
-  engine   inference/engine.py decode throughput with and without the paged kernel.
-Until ModelConfig grows its ``kernels`` flag (see the integration notes of model/kernels),
-the "kernels" variants patch the model's parts in this process, exactly as the flag would.
+  engine   inference/engine.py decode tokens/s at batch 1 and batched, gather + SDPA vs the paged
+           kernel (decode_kernel) vs the kernel + CUDA graphs (cuda_graphs), each against the HBM
+           ceiling: rows x copy bandwidth / (weight bytes + KV bytes read per step).
+The "kernels" variants of mfu patch the model's parts in this process, as ModelConfig.kernels does.
 Writes a markdown report to stdout and to bench/results/gpu_<date>.md.
 """
 from __future__ import annotations
@@ -299,84 +300,45 @@ def bench_mfu(quick: bool) -> str:
                  ["variant", "tokens/s", "MFU", "peak GiB", "last loss"], rows)
 
 
-def decode_tables(view) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block table (B, n_blocks) and context lengths (B,) of an inference PagedView."""
-    if not hasattr(view, "_kernel_tables"):
-        bs = view.cache.block_size
-        read = view.read_slots.view(view.B, view.Tk)
-        lens = view.k_valid.sum(1) if view.k_valid is not None else torch.full((view.B,), view.Tk, device=read.device)
-        view._kernel_tables = (read[:, ::bs] // bs, lens)
-    return view._kernel_tables
-
-
-@contextlib.contextmanager
-def paged_decode(enabled: bool):
-    """Decode steps (one token per row) attend straight from the pool with the Triton kernel,
-    as the proposed PagedView.decode_attention integration does; other steps are unchanged.
-    Written for the slot-major pools (Hkv, slots, D) of inference/paged_cache.py."""
-    if not enabled:
-        yield
-        return
-    from model.attention import Attention
-
-    original = Attention.forward
-
-    def forward(self, x, rope, mask, cache=None):
-        B, T, _ = x.shape
-        if cache is None or T != 1 or not hasattr(cache, "read_slots") or self.window or self.softcap or \
-                self.alibi is not None or self.q_norm is not None:
-            return original(self, x, rope, mask, cache)
-        q = self.q_proj(x).view(B, 1, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, 1, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, 1, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            q, k = kernels.apply_rotary(q, *rope), kernels.apply_rotary(k, *rope)
-        k_pool, v_pool = cache.cache.pool_for(self.layer, (k, v))
-        for pool, t in ((k_pool, k), (v_pool, v)):  # PagedView.update's write, without its gather
-            pool.index_copy_(1, cache.write_slots, t[:, :, 0].transpose(0, 1).to(pool.dtype))
-        table, lens = decode_tables(cache)
-        bs = cache.cache.block_size
-        y = kernels.paged_attention_decode(q[:, :, 0], kernels.blocks_view(k_pool, bs), kernels.blocks_view(v_pool, bs),
-                                           table, lens, self.scale)
-        return self.o_proj(y.reshape(B, 1, -1))
-
-    Attention.forward = forward
-    try:
-        yield
-    finally:
-        Attention.forward = original
-
-
-def bench_engine(quick: bool) -> str:
+def bench_engine(quick: bool, copy_bw: float) -> str:
+    """Engine decode with the three attention paths, against the HBM ceiling: a decode step must
+    read every weight once and every cached key/value of the batch, so tokens/s <= rows * bandwidth
+    / (weight bytes + KV bytes of the step)."""
     from inference.engine import LLMEngine
     from inference.sampling_params import SamplingParams
     from model.transformer import Transformer
 
-    n, prompt_len, gen = (16, 128, 64) if quick else (64, 512, 256)
     torch.manual_seed(0)
-    net = Transformer(gpt2_sized_config(n_kv_heads=4))
-    prompts = torch.randint(0, 50304, (n, prompt_len)).tolist()
-    params = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
+    net = Transformer(gpt2_sized_config(n_kv_heads=4)).to("cuda", torch.bfloat16).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
+    cfg = net.cfg
+    kv_per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2  # k and v, bf16
     rows, outs = [], {}
-    for name, enabled in (("gather + SDPA (today)", False), ("paged triton", True)):
-        engine = LLMEngine(net, device="cuda", dtype=torch.bfloat16, max_num_seqs=n, block_size=16,
-                           max_num_batched_tokens=8192)
-        with paged_decode(enabled):
-            engine.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))  # warm-up
+    for n, prompt_len, gen in ((1, 128, 128), (16, 128, 64) if quick else (64, 512, 256)):
+        prompts = torch.randint(0, 50304, (n, prompt_len)).tolist()
+        params = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
+        mean_ctx = prompt_len + gen / 2
+        ceiling = n * copy_bw * 1e9 / (weight_bytes + n * mean_ctx * kv_per_token)
+        for name, kernel, graphs in (("gather + SDPA", False, False), ("paged kernel", True, False),
+                                     ("paged kernel + CUDA graphs", True, True)):
+            engine = LLMEngine(net, device="cuda", max_num_seqs=n, block_size=16, max_num_batched_tokens=8192,
+                               decode_kernel=kernel, cuda_graphs=graphs)
+            engine.generate(prompts[:n], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))  # warm-up
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             done = engine.generate(prompts, params)
             torch.cuda.synchronize()
-        secs = time.perf_counter() - t0
-        outs[name] = [c.outputs[0].token_ids for c in done]
-        rows.append([name, n * gen / secs, secs])
-        del engine
-        torch.cuda.empty_cache()
-    a, b = outs.values()
-    same = sum(x == y for x, y in zip(a, b))
-    rows.append(["greedy outputs identical", f"{same}/{n}", ""])
-    return table(f"Engine decode ({n} requests, prompt {prompt_len}, {gen} new tokens, bf16, GQA 12/4)",
-                 ["attention", "generated tok/s", "seconds"], rows)
+            secs = time.perf_counter() - t0
+            outs[(n, name)] = [c.outputs[0].token_ids for c in done]
+            tok_s = n * gen / secs
+            rows.append([f"{n} x ({prompt_len} + {gen})", name, tok_s, f"{100 * tok_s / ceiling:.0f}%",
+                         sum(a == b for a, b in zip(outs[(n, name)], outs[(n, "gather + SDPA")]))])
+            del engine
+            torch.cuda.empty_cache()
+    return table(f"Engine decode, GPT-2-124M-sized Llama, bf16, GQA 12/4 ({weight_bytes / 1e6:.0f} MB of weights; "
+                 f"ceiling = rows x {copy_bw:.0f} GB/s / (weights + KV read per step), prefill included in the time)",
+                 ["requests x (prompt + new)", "attention", "generated tok/s", "of the HBM ceiling",
+                  "greedy == gather path"], rows)
 
 
 def main(argv=None) -> None:
@@ -408,7 +370,7 @@ def main(argv=None) -> None:
     print(parts[0], flush=True)
     runners = {"kernels": lambda: bench_elementwise(args.quick, copy_bw), "ce": lambda: bench_ce(args.quick),
                "paged": lambda: bench_paged(args.quick, copy_bw), "mfu": lambda: bench_mfu(args.quick),
-               "engine": lambda: bench_engine(args.quick)}
+               "engine": lambda: bench_engine(args.quick, copy_bw)}
     for name in only:
         try:
             part = runners[name]()

@@ -17,8 +17,9 @@ from typing import Literal, Optional, Sequence
 
 import torch
 
+from model.weight_formats import WeightFormat, check_settings
 from utils.config import parse_args, to_dict
-from utils.device import DType
+from utils.device import TORCH_DTYPES, DType
 from utils.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +36,7 @@ class EngineSettings:
     enable_prefix_caching: bool = True  # few-shot prompts share their prefix: computed once
     draft_checkpoint: Optional[str] = None  # speculative decoding: a small model with the same tokenizer
     num_speculative_tokens: int = 4
+    kv_cache_dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: the model's dtype
 
 
 @dataclass
@@ -59,6 +61,8 @@ class EvalRecipe:
     progress: bool = True
     device: str = "auto"  # auto | cpu | cuda | cuda:N (auto: cuda when available)
     dtype: DType = "fp32"  # auto: bf16 on a GPU that has it
+    weights: WeightFormat = "full"  # linear weights: full (as stored) | bf16 | int8 | int4 (model/weight_formats.py)
+    group_size: int = 128  # int4: weights sharing one scale and zero (32, 64, 128, 256)
     # generation (GSM8K, HumanEval)
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0 = greedy
@@ -80,6 +84,7 @@ class EvalRecipe:
     sandbox: Literal["auto", "bwrap", "python"] = "auto"  # auto: bubblewrap when installed (eval/humaneval_exec.py)
 
     def __post_init__(self) -> None:
+        check_settings(self.weights, self.group_size)
         if self.source is None:
             self.source = "local" if self.data_path else "synthetic"
         elif self.data_path and self.source != "local":
@@ -127,7 +132,8 @@ def load_model(recipe: EvalRecipe) -> torch.nn.Module:
     one the adapter describes, with no adapter overhead."""
     from model.load import load_model as load
 
-    return load(recipe.checkpoint, device=recipe.device, dtype=recipe.dtype, base=recipe.base_checkpoint, expect="lm")
+    return load(recipe.checkpoint, device=recipe.device, dtype=recipe.dtype, base=recipe.base_checkpoint, expect="lm",
+                weights=recipe.weights, group_size=recipe.group_size)
 
 
 def load_model_and_tokenizer(recipe: EvalRecipe):
@@ -135,7 +141,7 @@ def load_model_and_tokenizer(recipe: EvalRecipe):
     from model.load import load
 
     return load(recipe.checkpoint, tokenizer=recipe.tokenizer, base=recipe.base_checkpoint, device=recipe.device,
-                dtype=recipe.dtype, expect="lm")
+                dtype=recipe.dtype, expect="lm", weights=recipe.weights, group_size=recipe.group_size)
 
 
 def make_engine(model: torch.nn.Module, tok, recipe: EvalRecipe):
@@ -152,7 +158,7 @@ def make_engine(model: torch.nn.Module, tok, recipe: EvalRecipe):
     return LLMEngine(model, tokenizer=tok, device=device, max_num_seqs=e.max_num_seqs,
                      max_num_batched_tokens=e.max_num_batched_tokens, max_model_len=e.max_model_len,
                      block_size=e.block_size, enable_prefix_caching=e.enable_prefix_caching, draft_model=draft,
-                     num_speculative_tokens=e.num_speculative_tokens)
+                     num_speculative_tokens=e.num_speculative_tokens, kv_cache_dtype=TORCH_DTYPES.get(e.kv_cache_dtype))
 
 
 def context_length(model: torch.nn.Module, recipe: EvalRecipe) -> int:

@@ -36,14 +36,19 @@ from inference.sequence import Sequence, Status
 from utils.errors import UserError
 
 
-def kv_bytes_per_token(model: torch.nn.Module, device: torch.device) -> int:
-    """Bytes one token occupies in the KV cache (all layers), measured with a 1-token forward."""
+def kv_bytes_per_token(model: torch.nn.Module, device: torch.device, kv_dtype: Optional[torch.dtype] = None) -> int:
+    """Bytes one token occupies in the KV cache (all layers), measured with a 1-token forward;
+    stored in ``kv_dtype`` when given (else in the dtype the model hands to the cache)."""
     from model.cache import KVCache
 
     cache = KVCache(1)
     with torch.inference_mode():
         model(torch.zeros(1, 1, dtype=torch.long, device=device), cache=cache)
-    return max(1, cache.nbytes_per_token())
+    n = cache.nbytes_per_token()
+    stored = [t for bufs in cache.store.values() for t in bufs]
+    if kv_dtype is not None and stored:
+        n = n * kv_dtype.itemsize // stored[0].element_size()
+    return max(1, n)
 
 
 class LLMEngine:
@@ -63,7 +68,15 @@ class LLMEngine:
         draft_model: Optional[torch.nn.Module] = None,
         num_speculative_tokens: int = 4,
         kv_cache_memory: Optional[int] = None,
+        kv_cache_dtype: Optional[torch.dtype] = None,
+        decode_kernel: Optional[bool] = None,
+        cuda_graphs: Optional[bool] = None,
     ):
+        """decode_kernel: decode steps read the KV pools through the block table with the paged Triton
+        kernel (model/kernels) instead of gathering them; None: on CUDA when Triton is installed.
+        cuda_graphs: decode steps replay a CUDA graph per batch bucket (inference/cuda_graphs.py);
+        None: on CUDA when the kernel serves every layer; on CPU True runs the same static buffers
+        without a graph (tests). kv_cache_dtype: the cache's storage dtype (None: the model's)."""
         self.device = torch.device(device)
         cfg = model.cfg
         if model.cache_kind == "recurrent":
@@ -81,6 +94,7 @@ class LLMEngine:
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or block_size < 1:
             raise UserError("engine: max_num_seqs, max_num_batched_tokens and block_size must be >= 1.")
         self.block_size = block_size
+        self.kv_cache_dtype = kv_cache_dtype  # None: the model's dtype
         self.draft_model = None
         self.k = 0
         if draft_model is not None:
@@ -96,8 +110,14 @@ class LLMEngine:
         self.num_blocks = num_blocks or self._derive_num_blocks(max_num_seqs, kv_cache_memory)
         self.bm = BlockManager(self.num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.bm, max_num_seqs, max_num_batched_tokens, lookahead=self.k)
-        self.runner = ModelRunner(self.model, self.num_blocks, block_size, self.device)
-        self.draft_runner = ModelRunner(self.draft_model, self.num_blocks, block_size, self.device) if self.draft_model else None
+        from inference.cuda_graphs import decode_settings
+
+        self.decode_kernel, cuda_graphs = decode_settings(self.model, self.device, decode_kernel, cuda_graphs)
+        graphs_for = (self.bm.blocks_for(self.max_model_len + self.k), max_num_seqs) if cuda_graphs else None
+        self.runner = ModelRunner(self.model, self.num_blocks, block_size, self.device, kv_cache_dtype,
+                                  self.decode_kernel, graphs_for)
+        self.draft_runner = (ModelRunner(self.draft_model, self.num_blocks, block_size, self.device, kv_cache_dtype,
+                                         self.decode_kernel) if self.draft_model else None)
         self.eos_id = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
         self.requests: dict[str, list[Sequence]] = {}
         self._pending: deque = deque()  # ("add", seq) / ("abort", request_id), from any thread
@@ -112,9 +132,9 @@ class LLMEngine:
         """Enough blocks for max_num_seqs full-length sequences, capped by a memory budget
         (``kv_cache_memory`` bytes; on CUDA default 90% of free memory)."""
         want = max_num_seqs * -(-(self.max_model_len + self.k) // self.block_size)
-        per_token = kv_bytes_per_token(self.model, self.device)
+        per_token = kv_bytes_per_token(self.model, self.device, self.kv_cache_dtype)
         if self.draft_model is not None:
-            per_token += kv_bytes_per_token(self.draft_model, self.device)
+            per_token += kv_bytes_per_token(self.draft_model, self.device, self.kv_cache_dtype)
         budget = kv_cache_memory
         if budget is None and self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
@@ -132,14 +152,16 @@ class LLMEngine:
     @classmethod
     def from_checkpoint(cls, path: str, **kw) -> "LLMEngine":
         """Engine over a checkpoint directory (full model or adapter) and its tokenizer, loaded
-        through model/load.py; ``device``/``dtype`` and the engine's other arguments as for __init__."""
+        through model/load.py; ``device``/``dtype``, ``weights``/``group_size`` (a low-precision weight
+        format, model/weight_formats.py) and the engine's other arguments as for __init__."""
         from model.load import load, load_model
 
         device, dtype = kw.pop("device", "cpu"), kw.pop("dtype", None)
+        fmt = {"weights": kw.pop("weights", "full"), "group_size": kw.pop("group_size", 128)}
         if kw.get("tokenizer") is None:
-            model, kw["tokenizer"] = load(path, device=device, dtype=dtype, expect="lm")
+            model, kw["tokenizer"] = load(path, device=device, dtype=dtype, expect="lm", **fmt)
         else:
-            model = load_model(path, device=device, dtype=dtype, expect="lm")
+            model = load_model(path, device=device, dtype=dtype, expect="lm", **fmt)
         return cls(model, device=next(model.parameters()).device, **kw)
 
     # ---- requests ---------------------------------------------------------------------------

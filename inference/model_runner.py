@@ -20,10 +20,22 @@ from inference.paged_cache import PagedKVCache
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, device: torch.device | str):
+    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, device: torch.device | str,
+                 kv_dtype: Optional[torch.dtype] = None, decode_kernel: bool = False,
+                 graphs_for: Optional[tuple[int, int]] = None):
+        """decode_kernel: decode steps attend through the block table (model/kernels' paged kernel).
+        graphs_for=(max_blocks per sequence, max batch): decode steps replay CUDA graphs
+        (inference/cuda_graphs.py; on CPU the same static buffers run without a graph)."""
         self.model = model
         self.device = torch.device(device)
-        self.cache = PagedKVCache(num_blocks, block_size, self.device)
+        extra = 1 if graphs_for else 0  # a scratch block for the graphs' padding rows
+        self.cache = PagedKVCache(num_blocks + extra, block_size, self.device, kv_dtype)
+        self.decode_kernel = decode_kernel or bool(graphs_for)
+        self.graphs = None
+        if graphs_for:
+            from inference.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(model, self.cache, *graphs_for, capture=self.device.type == "cuda")
         self.recurrent = model.cache_kind == "recurrent"
         self.states: dict[int, dict[int, object]] = {}  # seq_id -> layer -> state with batch dim 1
 
@@ -49,8 +61,13 @@ class ModelRunner:
             self.cache.copy_blocks(copies)
         if self.recurrent:
             logits, hidden = self._run_recurrent(token_ids, block_tables, starts, all_positions, seq_ids, return_hidden)
-        else:
-            logits, hidden = self._forward(token_ids, block_tables, starts, all_positions, None)
+            return (logits, hidden) if return_hidden else logits
+        if (self.graphs is not None and not all_positions and not return_hidden
+                and all(len(t) == 1 for t in token_ids)):
+            logits = self.graphs.run([t[0] for t in token_ids], block_tables, starts)
+            if logits is not None:
+                return logits
+        logits, hidden = self._forward(token_ids, block_tables, starts, all_positions, None)
         return (logits, hidden) if return_hidden else logits
 
     def _forward(self, token_ids, block_tables, starts, all_positions, states) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +77,7 @@ class ModelRunner:
         positions = [list(range(s, s + len(toks))) + [s + len(toks) - 1] * (T - len(toks)) for toks, s in zip(token_ids, starts)]
         idx = torch.tensor(idx, dtype=torch.long, device=self.device)  # (B, T)
         positions = torch.tensor(positions, dtype=torch.long, device=self.device)  # (B, T)
-        view = self.cache.view(block_tables, starts, q_lens, key_mask=states is None)
+        view = self.cache.view(block_tables, starts, q_lens, key_mask=states is None, decode_kernel=self.decode_kernel)
         if states is not None:
             view.states = states
         hidden = self.model(idx, positions=positions, cache=view, return_hidden=True)  # (B, T, d)

@@ -5,7 +5,8 @@ Storage: the cache has ``num_blocks * block_size`` token slots; slot
 MLA's latent and rope key) there is one pool laid out like the model's tensor with the batch
 folded into the sequence: a model tensor (B, *mid, T, D) is stored in a pool (*mid, slots, D),
 e.g. k (B, Hkv, T, D) -> (Hkv, slots, D). Pools are created on first use, so any attention in
-the zoo caches whatever it hands to ``cache.update``. With the slot dimension at -2 a gather
+the zoo caches whatever it hands to ``cache.update``; a storage ``dtype`` (bf16) halves an fp32
+model's cache, converted on write and back on read. With the slot dimension at -2 a gather
 for one row is already the contiguous (1, *mid, Tk, D) tensor attention wants.
 
 ``PagedView`` implements the model's cache interface (model/cache.py) for a batch of rows
@@ -22,9 +23,11 @@ import torch
 
 
 class PagedKVCache:
-    def __init__(self, num_blocks: int, block_size: int, device: torch.device | str = "cpu"):
+    def __init__(self, num_blocks: int, block_size: int, device: torch.device | str = "cpu",
+                 dtype: Optional[torch.dtype] = None):
         self.num_blocks, self.block_size = num_blocks, block_size
         self.device = torch.device(device)
+        self.dtype = dtype  # storage dtype (e.g. bf16: half the bytes); None: the model's tensors' dtype
         self.pools: dict[int, list[torch.Tensor]] = {}  # layer -> [(*mid, slots, D) per cached tensor]
         self._offsets = torch.arange(block_size, device=self.device)
 
@@ -32,7 +35,7 @@ class PagedKVCache:
         if layer not in self.pools:
             slots = self.num_blocks * self.block_size
             self.pools[layer] = [
-                torch.zeros(*t.shape[1:-2], slots, t.shape[-1], dtype=t.dtype, device=t.device) for t in new
+                torch.zeros(*t.shape[1:-2], slots, t.shape[-1], dtype=self.dtype or t.dtype, device=t.device) for t in new
             ]
         return self.pools[layer]
 
@@ -53,8 +56,31 @@ class PagedKVCache:
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for pools in self.pools.values() for p in pools)
 
-    def view(self, block_tables: list[list[int]], starts: list[int], q_lens: list[int], key_mask: bool = True) -> "PagedView":
-        return PagedView(self, block_tables, starts, q_lens, key_mask)
+    def view(self, block_tables: list[list[int]], starts: list[int], q_lens: list[int], key_mask: bool = True,
+             decode_kernel: bool = False) -> "PagedView":
+        return PagedView(self, block_tables, starts, q_lens, key_mask, decode_kernel)
+
+    def write_decode(self, layer: int, slots: torch.Tensor, *new: torch.Tensor) -> list[torch.Tensor]:
+        """Store one new token per row, new (B, *mid, 1, D), at ``slots`` (B,); returns the layer's pools."""
+        pools = self.pool_for(layer, new)
+        for pool, t in zip(pools, new):
+            rows = t[..., 0, :].movedim(0, -2)  # (*mid, B, D)
+            pool.index_copy_(-2, slots, rows.to(pool.dtype))
+        return pools
+
+    def attend_decode(self, layer: int, slots: torch.Tensor, table: torch.Tensor, lens: torch.Tensor,
+                      q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Decode attention read straight from the pools through the block table (the paged kernel
+        of model/kernels; no gather): q (B, H, 1, D), k/v (B, Hkv, 1, D) -> (B, H, 1, D).
+        ``table`` (B, n_blocks) and ``lens`` (B,) (cached tokens including the new one) are tensors,
+        so a CUDA graph can replay this with new values."""
+        from model import kernels
+
+        k_pool, v_pool = self.write_decode(layer, slots, k, v)
+        bs = self.block_size
+        out = kernels.paged_attention_decode(q[:, :, 0], kernels.blocks_view(k_pool, bs), kernels.blocks_view(v_pool, bs),
+                                             table, lens, scale)
+        return out[:, :, None]
 
 
 class PagedView:
@@ -66,7 +92,8 @@ class PagedView:
     """
 
     def __init__(
-        self, cache: PagedKVCache, block_tables: list[list[int]], starts: list[int], q_lens: list[int], key_mask: bool = True
+        self, cache: PagedKVCache, block_tables: list[list[int]], starts: list[int], q_lens: list[int], key_mask: bool = True,
+        decode_kernel: bool = False,
     ):
         # Built from Python lists with a handful of tensor calls: this runs every decode step.
         self.cache = cache
@@ -83,6 +110,11 @@ class PagedView:
         slots = [bt[p // bs] * bs + p % bs for bt, s, q in zip(block_tables, starts, q_lens) for p in range(s, s + q)]
         self.write_slots = torch.tensor(slots, dtype=torch.long, device=dev)  # (num_real,)
         self.uniform = all(s == starts[0] for s in starts) and all(q == q_lens[0] for q in q_lens)
+        # One new token per row: attention layers may read the pools through the block table instead
+        # of gathering them (``attend_decode``); ``table`` and ``lens`` are what the kernel reads.
+        self.decode_kernel = decode_kernel and T == 1
+        if self.decode_kernel:
+            self.table, self.lens = table, torch.tensor(totals, device=dev)
         self.real = self.k_valid = None
         if not self.uniform:
             real = [c < q for q in q_lens for c in range(T)]
@@ -105,9 +137,14 @@ class PagedView:
             if self.real is not None:
                 rows = rows[..., self.real, :]
             pool.index_copy_(-2, self.write_slots, rows if rows.dtype == pool.dtype else rows.to(pool.dtype))
-            keys = pool.index_select(-2, self.read_slots)  # (*mid, B*Tk, D)
+            keys = pool.index_select(-2, self.read_slots).to(t.dtype)  # (*mid, B*Tk, D), in the model's dtype
             out.append(keys.view(*pool.shape[:-2], B, self.Tk, t.shape[-1]).movedim(-3, 0))  # (B, *mid, Tk, D)
         return tuple(out)
+
+    def attend_decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """The optional fourth method of the cache interface (model/cache.py): when ``decode_kernel``
+        is set, attention hands over q/k/v of its one new token and gets the attended values."""
+        return self.cache.attend_decode(layer, self.write_slots, self.table, self.lens, q, k, v, scale)
 
     def advance(self, n: int) -> None:
         pass  # lengths live in the scheduler's sequences

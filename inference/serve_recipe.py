@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
-from utils.device import DType
+from model.weight_formats import WeightFormat, check_settings
+from utils.device import TORCH_DTYPES, DType
 from utils.errors import UserError
 
 
@@ -33,6 +34,11 @@ class ServingModel:
                                                                          "meta.json records is elsewhere"))
     device: str = field(default="auto", metadata=_help("auto | cpu | cuda | cuda:N (auto: cuda when available)"))
     dtype: DType = field(default="fp32", metadata=_help("fp32 | bf16 | fp16 | auto (bf16 on a GPU that has it)"))
+    weights: WeightFormat = field(default="full", metadata=_help("linear weights for decode: full (as stored, in dtype) "
+                                                                 "| bf16 | int8 (per row) | int4 (per group)"))
+    group_size: int = field(default=128, metadata=_help("int4: weights sharing one scale and zero (32, 64, 128, 256)"))
+    kv_cache_dtype: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata=_help(
+        "KV cache storage: auto (the model's dtype) | fp32 | bf16 (half an fp32 model's cache)"))
     max_num_seqs: int = field(default=32, metadata=_help("sequences decoded together per step"))
     max_model_len: Optional[int] = field(default=None, metadata=_help("context length (default: the model's max_seq_len)"))
     draft_checkpoint: Optional[str] = field(default=None, metadata=_help("a small model with the same tokenizer: "
@@ -40,6 +46,7 @@ class ServingModel:
     num_speculative_tokens: int = field(default=4, metadata=_help("tokens the draft proposes per step"))
 
     def __post_init__(self) -> None:
+        check_settings(self.weights, self.group_size)
         if self.max_num_seqs < 1:
             raise UserError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}.")
         if self.max_model_len is not None and self.max_model_len < 1:
@@ -116,7 +123,8 @@ def load_serving(recipe: ServingModel) -> tuple[Any, Any]:
     from model.load import load
 
     model, tokenizer = load(recipe.checkpoint, tokenizer=recipe.tokenizer, base=recipe.base_checkpoint,
-                            device=recipe.device, dtype=recipe.dtype, expect="lm")
+                            device=recipe.device, dtype=recipe.dtype, expect="lm", weights=recipe.weights,
+                            group_size=recipe.group_size)
     device = next(model.parameters()).device
     draft = None
     if recipe.draft_checkpoint:
@@ -125,5 +133,6 @@ def load_serving(recipe: ServingModel) -> tuple[Any, Any]:
         draft = load_draft(recipe.draft_checkpoint, model, tokenizer, device, recipe.dtype)
     engine = LLMEngine(model, tokenizer=tokenizer, device=device, max_num_seqs=recipe.max_num_seqs,
                        max_model_len=recipe.max_model_len, draft_model=draft,
-                       num_speculative_tokens=recipe.num_speculative_tokens)
+                       num_speculative_tokens=recipe.num_speculative_tokens,
+                       kv_cache_dtype=TORCH_DTYPES.get(recipe.kv_cache_dtype))
     return engine, tokenizer

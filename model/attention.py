@@ -124,10 +124,19 @@ class Attention(nn.Module):
             cos, sin = rope
             rotate = kernels.apply_rotary if self.fused_rope else apply_rotary
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if T == 1 and getattr(cache, "decode_kernel", False) and self.plain_softmax:
+            # a paged cache reads the keys through its block table (one new token per row)
+            y = cache.attend_decode(self.layer, q, k, v, self.scale)  # (B, H, 1, D)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, Tk, D)
         y = self.attend(q, k, v, mask)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    @property
+    def plain_softmax(self) -> bool:
+        """softmax(q k^T * scale) v over every cached key: what the paged decode kernel computes."""
+        return self.window is None and self.softcap is None and self.alibi is None and not self.training
 
     def attend(self, q, k, v, mask: AttnMask) -> torch.Tensor:
         dropout = self.dropout if self.training else 0.0

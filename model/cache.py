@@ -3,7 +3,10 @@
 The model never knows how a cache stores things. Per forward it asks the cache for
 the key positions (to build the mask), per layer it hands over the new tensors and
 gets back everything the layer should attend to, and at the end it advances the cache.
-The paged cache of ``inference/`` implements the same three methods.
+The paged cache of ``inference/`` implements the same three methods, and optionally a fourth:
+when it sets ``decode_kernel`` (one new token per row), plain softmax attention calls
+``attend_decode(layer, q, k, v, scale)`` instead of ``update``, and the cache both stores the
+new keys and computes the attention (the paged kernel reads them through the block table).
 """
 from __future__ import annotations
 

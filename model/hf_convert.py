@@ -3,6 +3,7 @@
     python model/hf_convert.py import --hf_dir path/to/hf_model --out runs/base          # HF dir -> our checkpoint
     python model/hf_convert.py export --checkpoint runs/sft/final --out exports/sft       # full model, or adapter merged
     python model/hf_convert.py export --checkpoint runs/sft_lora/final --out exports/lora --peft   # the adapter alone
+    python model/hf_convert.py gguf --checkpoint runs/sft/final --out exports/sft.gguf --outtype q8_0  # llama.cpp, Ollama
 
 Import is optional: every stage's ``init_from`` (and the server, the chat CLI, eval) also takes an
 HF model directory as it is, through model/load.py; importing saves converting it each time.
@@ -12,6 +13,7 @@ chat template) and generation_config.json (the ids that end a reply), so
 ``AutoModelForCausalLM.from_pretrained(export)`` (and vLLM, llama.cpp's converter) load the weights.
 A PEFT export writes ``adapter_model.safetensors`` + ``adapter_config.json`` for
 ``PeftModel.from_pretrained(base, export)``, where the base is the adapter's base exported as above.
+A GGUF export (model/gguf_export.py) is one file with the weights, RoPE, tokenizer and chat template.
 """
 from __future__ import annotations
 
@@ -80,8 +82,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     exp.add_argument("--out", required=True, help="HF directory to write")
     exp.add_argument("--peft", action="store_true", help="write the adapter alone, in PEFT's layout")
     exp.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="weights' dtype (default: as trained)")
+    gg = sub.add_parser("gguf", help="checkpoint -> one GGUF file for llama.cpp / Ollama (llama architecture)")
+    gg.add_argument("--checkpoint", required=True, help="a checkpoint: full model, or a LoRA/QLoRA adapter (merged)")
+    gg.add_argument("--out", required=True, help="the .gguf file to write")
+    gg.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
+                    help="matrix storage (norms stay f32); q8_0/q4_0: blocks of 32 with an f16 scale")
     args = parser.parse_args(argv)
-    if args.command == "import":
+    if args.command == "gguf":
+        from model.gguf_export import export_gguf
+
+        path = export_gguf(args.checkpoint, args.out, args.outtype)
+        print(f"exported {args.checkpoint} -> {path} ({args.outtype}; run with llama.cpp: llama-cli -m {path})")
+    elif args.command == "import":
         path = import_hf(args.hf_dir, args.out)
         print(f"imported {args.hf_dir} -> {path} (train from it with model.init_from={path})")
     else:

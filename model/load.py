@@ -109,6 +109,8 @@ def load_model(
     config: Optional[ModelConfig] = None,
     base: Optional[PathLike] = None,
     expect: Optional[str] = None,
+    weights: str = "full",
+    group_size: int = 128,
 ) -> nn.Module:
     """The model a checkpoint directory describes, on ``device`` in ``dtype`` (None: as stored, fp32).
 
@@ -117,6 +119,8 @@ def load_model(
     e.g. a longer context with RoPE scaling). base: an adapter's base directory when its
     meta.json's record is wrong here. expect: ``lm`` (a language model: full or adapter) or
     ``scalar_head``; anything else in the directory is a UserError naming what it holds.
+    weights: ``full`` (as stored, in ``dtype``) or a low-precision format for inference, ``bf16 |
+    int8 | int4`` (int4 in groups of ``group_size``), applied on the device (model/weight_formats.py).
     """
     kind = checkpoint_kind(path)
     _check_expected(path, kind, expect)
@@ -140,6 +144,12 @@ def load_model(
         dtype = torch_dtype(dtype, device)
     quantized = any(type(m).__name__ == "Linear4bit" for m in model.modules())
     model = model.to(device) if dtype is None or quantized else model.to(device=device, dtype=dtype)
+    if weights != "full":
+        from model.weight_formats import apply_weight_format
+
+        if train:
+            raise UserError(f"weights={weights} is an inference format; training loads the model with weights=full.")
+        apply_weight_format(model, weights, group_size)
     return model.train(train)
 
 
