@@ -112,6 +112,14 @@ def test_new_student_on_pretraining_windows_with_a_quantized_teacher(world, tmp_
     assert read_meta(result.checkpoint)["base_checkpoint"] == ""
 
 
+def test_bf16_teacher_matches_fp32(world, tmp_path):
+    """teacher.dtype=bf16 halves the teacher's memory; its divergence stays within bf16's rounding."""
+    fp32 = run_distill(recipe(world, tmp_path / "fp32", steps=2))
+    bf16 = run_distill(recipe(world, tmp_path / "bf16", steps=2, teacher__dtype="bf16"))
+    for a, b in zip(fp32.history, bf16.history):
+        assert b["kd"] == pytest.approx(a["kd"], rel=0.05) and b["kd"] != a["kd"]
+
+
 def test_on_policy_run_loss_falls(world, tmp_path):
     r = recipe(world, tmp_path, steps=12, loss__divergence="reverse_kl", loss__kd_weight=0.3, optim__lr=2e-2,
                onpolicy={"ratio": 1.0, "max_new_tokens": 12, "block_size": 8})
