@@ -11,6 +11,12 @@ A stage that finished before (its stamp in out/demo/stamps/ matches its command 
 reused; an interrupted stage resumes from its last checkpoint (the trainers resume by default).
 ``--fresh`` starts over. The report card goes to the terminal and to out/demo/report.md, with
 the loss curves in out/demo/loss_curves.png.
+
+``--distill`` runs the distillation demonstration instead (after data, pretrain and SFT, reused
+when done): a student of half the demo model's size, pretrained as the demo model was, then
+trained on the SFT data twice with the same batches and budget, by SFT alone and distilled from
+the demo's SFT model; the teacher and both students answer the same held-out arithmetic
+prompts (out/demo/distill.md).
 """
 from __future__ import annotations
 
@@ -50,9 +56,16 @@ class DemoRecipe:
     sft: str = field(default="", metadata={"path": "file"})
     dpo: str = field(default="", metadata={"path": "file"})
     grpo: str = field(default="", metadata={"path": "file"})
+    # --distill: the student's pretraining, SFT alone, and distillation from the SFT model
+    student_pretrain: str = field(default="", metadata={"path": "file?"})
+    student_sft: str = field(default="", metadata={"path": "file?"})
+    student_distill: str = field(default="", metadata={"path": "file?"})
     eval_limit: int = 200  # held-out problems per eval set
     threads: int = 0  # OMP_NUM_THREADS for every stage; 0 keeps torch's default (one per core)
     serve_port: int = 0  # 0: a free port
+
+
+STUDENT = ("student_pretrain", "student_sft", "student_distill")
 
 
 @dataclass
@@ -100,6 +113,22 @@ def plan(recipe: DemoRecipe, recipe_path: str) -> list[Stage]:
         Stage("grpo", [[py, "align/train_online.py", "--config_path", recipe.grpo]], recipe.grpo),
         Stage("eval", evals),
         Stage("serve", [[py, "demo.py", "--recipe", recipe_path, "--serve_check", grpo_final, "--port", str(recipe.serve_port)]]),
+    ]
+
+
+def plan_distill(recipe: DemoRecipe, recipe_path: str) -> list[Stage]:
+    """The stages the distillation demonstration needs: the demo's data, pretraining and SFT (the
+    teacher), then the student's pretraining, its SFT alone and its distillation."""
+    if not all(getattr(recipe, name) for name in STUDENT):
+        raise UserError(f"{recipe_path} names no student recipes (student_pretrain, student_sft, student_distill); "
+                        "use configs/demo/cpu.yaml or add them.")
+    py = sys.executable
+    first = [s for s in plan(recipe, recipe_path) if s.name in ("data", "pretrain", "sft")]
+    return first + [
+        Stage("student_pretrain", [[py, "pretrain/train.py", "--config_path", recipe.student_pretrain]], recipe.student_pretrain),
+        Stage("student_sft", [[py, "finetune/sft_train.py", "--config_path", recipe.student_sft]], recipe.student_sft),
+        Stage("student_distill", [[py, "finetune/distill_train.py", "--config_path", recipe.student_distill]],
+              recipe.student_distill),
     ]
 
 
@@ -218,6 +247,27 @@ def report_card(recipe: DemoRecipe, seconds: dict[str, float]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def distill_card(recipe: DemoRecipe, seconds: dict[str, float]) -> str:
+    """Teacher, SFT-only student and distilled student on the same held-out exact-answer prompts."""
+    run = lambda name: pathlib.Path(read_yaml_key(getattr(recipe, name), "train", "out_dir"))  # noqa: E731
+    sft, distilled = read_json(run("student_sft") / "format_eval.json"), read_json(run("student_distill") / "format_eval.json")
+    params = {}
+    for name, key in (("teacher", "pretrain"), ("student", "student_pretrain")):
+        model = read_yaml_key(getattr(recipe, key), "model")
+        params[name] = f"d_model {model['d_model']}, {model['n_layers']} layers"
+    rows = [("teacher: the demo's SFT model", params["teacher"], distilled.get("teacher")),
+            ("student before (pretrained only)", params["student"], distilled.get("base")),
+            ("student, SFT alone", params["student"], sft.get("sft")),
+            ("student, distilled from the teacher", params["student"], distilled.get("distilled"))]
+    n = (distilled.get("distilled") or {}).get("n")
+    lines = ["# Distillation demo", "", f"Exact answers on {n} held-out arithmetic prompts (greedy, the same prompts for all).",
+             "", "| model | size | exact answers | '#### <n>' format |", "|---|---|---|---|"]
+    lines += [f"| {name} | {size} | {fmt(r and r['accuracy'], True)} | {fmt(r and r['format_rate'], True)} |"
+              for name, size, r in rows]
+    lines += ["", "| stage | wall time |", "|---|---|"] + [f"| {k} | {v:.0f} s |" for k, v in seconds.items()]
+    return "\n".join(lines) + "\n"
+
+
 def plot_curves(recipe: DemoRecipe, path: pathlib.Path) -> None:
     import matplotlib
 
@@ -294,6 +344,7 @@ def main() -> None:
     parser.add_argument("--recipe", default="configs/demo/cpu.yaml")
     parser.add_argument("--fresh", action="store_true", help="delete the demo's outputs and start over")
     parser.add_argument("--only", help="comma-separated stage names to run (default: all)")
+    parser.add_argument("--distill", action="store_true", help="the distillation demonstration (see above)")
     parser.add_argument("--serve_check", metavar="CHECKPOINT", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -302,10 +353,11 @@ def main() -> None:
         return serve_check(args.serve_check, args.port, recipe.out_dir)
 
     out = pathlib.Path(recipe.out_dir)
-    stages = plan(recipe, args.recipe)
+    stages = plan_distill(recipe, args.recipe) if args.distill else plan(recipe, args.recipe)
     if args.fresh:
+        stage_recipes = [n for n in ("pretrain", "sft", "dpo", "grpo", *STUDENT) if getattr(recipe, n)]
         for d in [out, pathlib.Path(recipe.data_dir)] + [
-            pathlib.Path(read_yaml_key(getattr(recipe, n), "train", "out_dir")) for n in ("pretrain", "sft", "dpo", "grpo")
+            pathlib.Path(read_yaml_key(getattr(recipe, n), "train", "out_dir")) for n in stage_recipes
         ]:
             shutil.rmtree(d, ignore_errors=True)
     only = set(args.only.split(",")) if args.only else None
@@ -318,6 +370,12 @@ def main() -> None:
             continue
         banner(i, len(stages), stage.name)
         seconds[stage.name] = run_stage(stage, out / "stamps", out / "logs", env)
+    if args.distill:
+        card = distill_card(recipe, seconds)
+        with atomic_file(out / "distill.md") as f:
+            f.write(card)
+        print("\n" + card + f"\nreport: {out / 'distill.md'}")
+        return
     plot_curves(recipe, out / "loss_curves.png")
     card = report_card(recipe, seconds)
     with atomic_file(out / "report.md") as f:

@@ -127,17 +127,20 @@ class SFTLoader:
     ``drop_long=True`` (``n_long`` counts them either way).
     Attention is NOT blocked between packed examples (each starts with <|bos|>).
 
-    Yields (x, y, loss_mask), or (x, y, loss_mask, position_ids) with
-    ``return_position_ids=True``:
+    Yields (x, y, loss_mask), then position_ids with ``return_position_ids=True``, then
+    offsets with ``return_offsets=True``:
       x, y          int64 (B, T), y[:, t] = next token after x[:, t]; padding = pad_id
       loss_mask     float32 (B, T), 1.0 where y is an assistant token (content or
                     its closing <|im_end|>), 0.0 elsewhere (prompts, template, padding)
       position_ids  int64 (B, T), restarting at 0 at each packed example (0 on padding)
+      offsets       int64 (B, T), where x[:, t] sits in the split's token file (-1 on padding),
+                    so data kept per token beside the bins (a teacher's top-k) can be looked up
     """
 
     def __init__(self, bin_dir: str | os.PathLike, split: str, seq_len: int, batch_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, pack: bool = True, expect_tokenizer_hash: str | None = None,
-                 return_position_ids: bool = False, shuffle: bool = True, drop_long: bool = False):
+                 return_position_ids: bool = False, shuffle: bool = True, drop_long: bool = False,
+                 return_offsets: bool = False):
         _check_rank(rank, world_size)
         folder = Path(bin_dir)
         self.meta = meta = _open_meta(folder, "sft", split, SFT_HINT, expect_tokenizer_hash)
@@ -150,7 +153,7 @@ class SFTLoader:
                             f"rebuild with {SFT_HINT}")
         self.ends = np.append(self.starts[1:], n_tok)
         self.seq_len, self.batch_size, self.pack = seq_len, batch_size, pack
-        self.pad_id, self.return_position_ids = meta["pad_id"], return_position_ids
+        self.pad_id, self.return_position_ids, self.return_offsets = meta["pad_id"], return_position_ids, return_offsets
         # Examples longer than a row (seq_len + 1 tokens) are cut at the end, or with drop_long left out.
         long = (self.ends - self.starts) > seq_len + 1
         self.n_long = int(long.sum())
@@ -168,6 +171,7 @@ class SFTLoader:
         ids = np.full((B, L), self.pad_id, dtype=np.int64)
         mask = np.zeros((B, L), dtype=np.float32)
         pos = np.zeros((B, L), dtype=np.int64)
+        offsets = np.full((B, L), -1, dtype=np.int64)
         for b in range(B):
             filled = 0
             while True:
@@ -179,15 +183,19 @@ class SFTLoader:
                 ids[b, filled:filled + n] = self.tokens[s:s + n]
                 mask[b, filled:filled + n] = self.mask[s:s + n]
                 pos[b, filled:filled + n] = np.arange(n)
+                offsets[b, filled:filled + n] = np.arange(s, s + n)
                 filled += n
                 self.order.advance()
                 if not self.pack or filled == L:
                     break
         x, y = torch.from_numpy(ids[:, :-1]), torch.from_numpy(ids[:, 1:])
         loss_mask = torch.from_numpy(mask[:, 1:])  # mask of the target token
+        out = (x, y, loss_mask)
         if self.return_position_ids:
-            return x, y, loss_mask, torch.from_numpy(pos[:, :-1])
-        return x, y, loss_mask
+            out += (torch.from_numpy(pos[:, :-1]),)
+        if self.return_offsets:
+            out += (torch.from_numpy(offsets[:, :-1]),)
+        return out
 
     def state_dict(self) -> dict:
         return self.order.state_dict()

@@ -6,12 +6,14 @@ import yaml
 
 import demo
 from align.recipe import OfflineRecipe, OnlineRecipe
+from finetune.distill_recipe import DistillRecipe
 from finetune.recipe import SFTRecipe
 from pretrain.recipe import PretrainRecipe
 from utils.config import config_from_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = {"pretrain": PretrainRecipe, "sft": SFTRecipe, "dpo": OfflineRecipe, "grpo": OnlineRecipe}
+STUDENT_CLASSES = {"student_pretrain": PretrainRecipe, "student_sft": SFTRecipe, "student_distill": DistillRecipe}
 
 
 def stub_paths(node, root: Path) -> None:
@@ -35,7 +37,8 @@ def stub_paths(node, root: Path) -> None:
 def test_demo_recipe_and_its_stages_validate(name, tmp_path, monkeypatch):
     recipe = load_config(demo.DemoRecipe, ROOT / f"configs/demo/{name}.yaml")
     assert all((ROOT / step.script).is_file() for step in recipe.data)
-    for stage, cls in CLASSES.items():
+    students = {stage: cls for stage, cls in STUDENT_CLASSES.items() if getattr(recipe, stage)}  # demo.py --distill
+    for stage, cls in {**CLASSES, **students}.items():
         data = yaml.safe_load((ROOT / getattr(recipe, stage)).read_text())
         stub_paths(data, tmp_path)
         monkeypatch.chdir(tmp_path)

@@ -9,6 +9,8 @@ writes the whole staged pipeline, each stage reading an earlier stage's output b
     0_pretrain.yaml                                     -> runs/classic/<model>/pretrain/final
     1_sft_qlora.yaml                                    (from pretrain; every later stage starts here)
     1_sft_full.yaml / 1_sft_lora.yaml                   (from pretrain; alternatives to 1_sft_qlora)
+    1_distill_pretrain.yaml   a new student of half the layers, distilled from pretrain on the pretraining bins
+    2_distill.yaml            that student distilled from sft_qlora on the SFT data (logit KD + on-policy samples)
     2_reward.yaml / 2_dpo.yaml / 2_orpo.yaml            (from sft_qlora)
     3_rlhf_ppo.yaml   (policy from sft_qlora; reward model and critic from 2_reward)
     3_rlhf_grpo.yaml / 3_rlhf_gspo.yaml   (policy from sft_qlora; verifiable GSM8K-format reward)
@@ -61,6 +63,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "1_sft_full.yaml": ("finetune.recipe:SFTRecipe", "finetune/sft_train.py"),
     "1_sft_lora.yaml": ("finetune.recipe:SFTRecipe", "finetune/peft/lora/sft_lora_train.py"),
     "1_sft_qlora.yaml": ("finetune.recipe:SFTRecipe", "finetune/peft/qlora/sft_qlora_train.py"),
+    "1_distill_pretrain.yaml": ("finetune.distill_recipe:DistillRecipe", "finetune/distill_train.py"),
+    "2_distill.yaml": ("finetune.distill_recipe:DistillRecipe", "finetune/distill_train.py"),
     "2_reward.yaml": ("align.recipe:OfflineRecipe", "align/train_offline.py"),
     "2_dpo.yaml": ("align.recipe:OfflineRecipe", "align/train_offline.py"),
     "2_orpo.yaml": ("align.recipe:OfflineRecipe", "align/train_offline.py"),
@@ -91,15 +95,20 @@ def train_section(key: str, stage: str, max_steps: int, batch_size: int, seq_len
     return dict(out_dir=run_dir(key, stage), max_steps=max_steps, batch_size=batch_size, seq_len=seq_len, **extra)
 
 
-def pretrain(key: str, model: dict) -> dict:
-    # ~2M tokens: 500 steps x 4096 tokens; MoE/MLA and Gemma's extra norms like a slightly lower LR.
+def pretrain_optim(model: dict) -> dict:
+    # MoE/MLA and Gemma's extra norms like a slightly lower LR.
     lr = 2.0e-3 if model.get("ffn") == "moe" or model.get("attention") == "mla" or model.get("post_norms") else 3.0e-3
+    return dict(name="adamw", lr=lr, weight_decay=0.1, warmup_steps=30, schedule="cosine", min_lr_ratio=0.1)
+
+
+def pretrain(key: str, model: dict) -> dict:
+    # ~2M tokens: 500 steps x 4096 tokens.
     return dict(
         model=model,
         data=dict(train_bin="data/bins/pretrain/train.bin", val_bin="data/bins/pretrain/val.bin", tokenizer=TOKENIZER),
         train=train_section(key, "pretrain", 500, 8, 256, global_batch_tokens=4096, log_every=10, eval_every=100,
                             eval_batches=10, save_every=100, keep_last=2, dtype="auto", distributed="none"),
-        optim=dict(name="adamw", lr=lr, weight_decay=0.1, warmup_steps=30, schedule="cosine", min_lr_ratio=0.1),
+        optim=pretrain_optim(model),
     )
 
 
@@ -119,6 +128,37 @@ def sft(key: str, mode: str) -> dict:
         recipe["qlora"] = dict(compute_dtype="auto", double_quant=True, targets="all-linear")
     recipe["format_eval_prompts"] = 64
     return recipe
+
+
+def distill_pretrain(key: str, model: dict) -> dict:
+    # The student: the family's architecture at half the layers, new, learning the pretrained
+    # model's next-token distributions and the data's tokens on the pretraining budget.
+    student = {**model, "n_layers": max(1, model["n_layers"] // 2)}
+    return dict(
+        teacher=dict(init_from=final(key, "pretrain")),
+        model=dict(config=student),
+        data=dict(train_bin="data/bins/pretrain/train.bin", val_bin="data/bins/pretrain/val.bin", tokenizer=TOKENIZER),
+        loss=dict(divergence="forward_kl", temperature=1.0, kd_weight=0.5),
+        train=train_section(key, "distill_pretrain", 500, 8, 256, global_batch_tokens=4096, log_every=10,
+                            eval_every=100, eval_batches=10, save_every=100, keep_last=2),
+        optim=pretrain_optim(model),
+        format_eval_prompts=0,
+    )
+
+
+def distill(key: str) -> dict:
+    # The half-depth student learns the QLoRA SFT model's answers: its distributions on the SFT data,
+    # and on a quarter of the batches its own samples scored by the teacher (on-policy, GKD).
+    return dict(
+        teacher=dict(init_from=final(key, CHAIN_SFT), logits="online"),
+        model=dict(init_from=final(key, "distill_pretrain")),
+        data=dict(bin_dir="data/bins/sft", tokenizer=TOKENIZER),
+        loss=dict(divergence="forward_kl", temperature=1.0, kd_weight=0.5),
+        onpolicy=dict(ratio=0.25, max_new_tokens=96, temperature=1.0),
+        train=train_section(key, "distill", 300, 8, 256, eval_every=100, save_every=100),
+        optim=dict(lr=1.0e-3, weight_decay=0.0, warmup_steps=20),
+        format_eval_prompts=64,
+    )
 
 
 def offline(key: str, algorithm: str) -> dict:
@@ -188,6 +228,8 @@ def stage_recipes(key: str, model: dict) -> dict[str, dict]:
         "1_sft_full.yaml": sft(key, "full"),
         "1_sft_lora.yaml": sft(key, "lora"),
         "1_sft_qlora.yaml": sft(key, "qlora"),
+        "1_distill_pretrain.yaml": distill_pretrain(key, model),
+        "2_distill.yaml": distill(key),
         "2_reward.yaml": offline(key, "reward"),
         "2_dpo.yaml": offline(key, "dpo"),
         "2_orpo.yaml": offline(key, "orpo"),
@@ -208,6 +250,11 @@ ABOUT = {
     "1_sft_lora.yaml": "LoRA adapters over 0_pretrain's checkpoint. " + ALTERNATIVE,
     "1_sft_qlora.yaml": "LoRA adapters over 0_pretrain's checkpoint quantized to NF4; the reward, DPO, ORPO and RL "
                         "stages start from this adapter.",
+    "1_distill_pretrain.yaml": "a new student with half of 0_pretrain's layers, distilled from 0_pretrain's checkpoint "
+                               "on the pretraining bins (forward KL mixed with the next-token loss); 2_distill's start.",
+    "2_distill.yaml": "1_distill_pretrain's student distilled from 1_sft_qlora's model on the SFT data (forward KL "
+                      "mixed with the next-token loss), a quarter of the batches being its own samples scored by the "
+                      "teacher (on-policy distillation).",
     "2_reward.yaml": f"a reward model (scalar head) on preference pairs, from {MERGED}; 3_rlhf_ppo's reward and critic.",
     "2_dpo.yaml": f"DPO on preference pairs, from {MERGED}.",
     "2_orpo.yaml": f"ORPO on preference pairs, from {MERGED}.",

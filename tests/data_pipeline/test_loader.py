@@ -111,6 +111,21 @@ def test_sft_no_pack_one_example_per_row_and_resume(pipeline_dir):
     check_resume(lambda: SFTLoader(pipeline_dir / "bins/sft", "val", 64, 4, seed=2, rank=1, world_size=2), 3, 5)
 
 
+def test_sft_offsets_point_into_the_token_file(pipeline_dir):
+    """return_offsets: where each x token sits in {split}.bin (-1 on padding), packed or not."""
+    for pack in (True, False):
+        loader = SFTLoader(pipeline_dir / "bins/sft", "val", seq_len=64, batch_size=4, seed=1, pack=pack,
+                           return_position_ids=True, return_offsets=True)
+        tokens = loader.tokens
+        for _ in range(3):
+            x, _, _, pos, offsets = next(loader)
+            real = offsets >= 0
+            assert torch.equal(torch.from_numpy(tokens[offsets[real].numpy()].astype("int64")), x[real])
+            within = (pos[:, 1:] == pos[:, :-1] + 1) & real[:, 1:]  # the next token of the same example
+            assert torch.equal(offsets[:, 1:][within], offsets[:, :-1][within] + 1)
+            assert (x[~real] == loader.pad_id).all()
+
+
 def test_preference_masks_cover_exactly_the_reply(pipeline_dir):
     tok = Tokenizer.from_file(pipeline_dir / "tokenizer/tokenizer.json")
     rows = load_jsonl(pipeline_dir / "raw/preference_val.jsonl")

@@ -81,6 +81,13 @@ def test_stages_chain_by_path():
             assert load(sft)["model"]["init_from"] == out["0_pretrain.yaml"]
         for name in ("2_reward.yaml", "2_dpo.yaml", "2_orpo.yaml", "3_rlhf_ppo.yaml", "3_rlhf_grpo.yaml", "3_rlhf_gspo.yaml"):
             assert load(name)["model"]["init_from"] == out["1_sft_qlora.yaml"]
+        # distillation: a new half-depth student from the pretrained model, then from the QLoRA SFT model
+        student = load("1_distill_pretrain.yaml")
+        assert student["teacher"]["init_from"] == out["0_pretrain.yaml"] and "init_from" not in student["model"]
+        assert student["model"]["config"]["n_layers"] == load("0_pretrain.yaml")["model"]["n_layers"] // 2
+        distilled = load("2_distill.yaml")
+        assert distilled["teacher"]["init_from"] == out["1_sft_qlora.yaml"]
+        assert distilled["model"]["init_from"] == out["1_distill_pretrain.yaml"]
         ppo = load("3_rlhf_ppo.yaml")
         assert ppo["reward"]["model_path"] == ppo["rl"]["critic_init"] == out["2_reward.yaml"]
         assert len(set(out.values())) == len(out)  # no two stages write the same run dir
@@ -118,7 +125,7 @@ def test_missing_input_names_the_command_the_header_runs_first(key, tmp_path, mo
         named = re.findall(r"run `([^`]+)` first", str(err.value))
         assert first and set(named) == set(first), (name, str(err.value))
         checked += 1
-    assert checked == 9
+    assert checked == 11
 
 
 @pytest.mark.parametrize("key", sorted(NANO))
