@@ -220,6 +220,11 @@ ABOUT = {
     "4_eval_humaneval.yaml": "HumanEval-format pass@k of 3_rlhf_grpo's policy.",
     "5_serve.yaml": "serves 3_rlhf_grpo's policy (OpenAI-compatible API and chat page on port 8000).",
 }
+MOE_ADAPTERS = {  # targets: all-linear takes in the routed experts (model/linear_layers.py)
+    "1_sft_lora.yaml": " all-linear includes the routed experts: each expert gets its own adapters.",
+    "1_sft_qlora.yaml": " all-linear includes the routed experts: stored in NF4 and each given its own adapters "
+                        "(targets can name experts, shared_experts, gate (the router) or attn instead).",
+}
 DATA_FIRST = "the data_pipeline commands of the README (token bins, tokenizer, prompts)"
 
 
@@ -257,6 +262,8 @@ def generate() -> dict[str, str]:
         recipes = stage_recipes(key, arch.values)
         for name, before in run_first(recipes).items():
             about = ABOUT[name].format(out=final(key, name[2:-5]))
+            if arch.values.get("ffn") == "moe" and name in ("1_sft_lora.yaml", "1_sft_qlora.yaml"):
+                about += MOE_ADAPTERS[name]
             first = [f"Run first: {command(key, b)}" for b in before] or [f"Run first: {DATA_FIRST}"]
             files[f"{key}/{name}"] = render([f"{key} -- {arch.description}", f"Stage {name[:-5]}: {about}"],
                                             [*first, f"Run:       {command(key, name)}"], recipes[name])
