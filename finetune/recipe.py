@@ -34,7 +34,8 @@ class SFTDataConfig:
 
     bin_dir: str = "data/bins/sft"  # read when train_path is not set
     tokenizer: str = field(default="", metadata={"path": "file?"})  # "" -> the base checkpoint's tokenizer
-    pack: bool = True  # pack short conversations into full rows (no document mask: later examples see earlier ones)
+    pack: bool = True  # pack short conversations into full rows ...
+    document_mask: bool = True  # ... each attending only to itself (false: later examples see earlier ones)
     val_split: str = "val"
     # Your own data (data_pipeline/user_data.py): a .jsonl/.json/.parquet file, a datasets save_to_disk
     # folder, or hf:<dataset name> when online; rows in OpenAI messages, ShareGPT or Alpaca form.

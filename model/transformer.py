@@ -107,11 +107,14 @@ class Transformer(nn.Module):
         positions: Optional[torch.Tensor] = None,
         cache=None,
         return_hidden: bool = False,
+        documents: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab) (or final hidden states (B, T, d_model)).
 
         ``positions`` (B, T) defaults to 0..T-1 after whatever the cache already holds.
         With a cache, the new keys/values are appended and the cache advances by T.
+        ``documents`` (B, T) (training on packed rows, no cache): a token attends only to earlier
+        tokens of its own document (``model.attention.document_ids`` of the restarting positions).
         """
         B, T = idx.shape
         if positions is None:
@@ -121,7 +124,7 @@ class Transformer(nn.Module):
             k_pos, k_valid = cache.key_positions(positions)
         else:
             k_pos, k_valid = positions, None
-        mask = AttnMask(positions, k_pos, k_valid)
+        mask = AttnMask(positions, k_pos, k_valid, documents)
 
         x = self.embed(idx)
         if self.cfg.embed_scale:  # Gemma scales by sqrt(d) in the activation dtype

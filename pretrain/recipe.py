@@ -25,6 +25,8 @@ class PretrainDataConfig:
     val_bin: Optional[str] = field(default=None, metadata={"path": "file?"})  # val loss / perplexity when set
     # the tokenizer.json the bins were made with (hash checked), copied beside each checkpoint
     tokenizer: Optional[str] = field(default=None, metadata={"path": "file?"})
+    # true: a window's documents attend only to themselves (positions restart at each EOS-opened document)
+    document_mask: bool = False
 
 
 @dataclass

@@ -21,6 +21,7 @@ import torch
 
 from data_pipeline.loader import PretrainLoader
 from data_pipeline.tokenizer.tokenizer import file_hash
+from model.attention import document_ids
 from model.loss import lm_loss as next_token_loss
 from model.loss import with_aux_loss
 from pretrain.recipe import PretrainDataConfig, PretrainRecipe  # noqa: F401  (re-exported for recipe generators)
@@ -32,11 +33,14 @@ from utils.train_loop import grad_accum_steps, train
 
 
 def lm_loss(model, batch) -> tuple[torch.Tensor, dict]:
-    """Next-token cross-entropy: batch = (x, y) int64 (B, T); mean over the B*T targets
-    (model/loss.py: the chunked head + loss, no (B*T, V) logits). An MoE model's balance loss
-    is added by ``model.loss.with_aux_loss``, as in every stage."""
-    x, y = batch
-    return next_token_loss(model, x, y), {"n_tokens": y.numel()}
+    """Next-token cross-entropy: batch = (x, y[, positions]) int64 (B, T); mean over the B*T
+    targets (model/loss.py: the chunked head + loss, no (B*T, V) logits). With positions
+    (``data.document_mask``) each document of a window attends only to itself. An MoE model's
+    balance loss is added by ``model.loss.with_aux_loss``, as in every stage."""
+    x, y = batch[:2]
+    positions = batch[2] if len(batch) > 2 else None
+    documents = document_ids(positions) if positions is not None else None
+    return next_token_loss(model, x, y, positions, documents), {"n_tokens": y.numel()}
 
 
 def make_loader(bin_path: str, recipe: PretrainRecipe, env: D.DistEnv, seed: int) -> PretrainLoader:
@@ -44,7 +48,8 @@ def make_loader(bin_path: str, recipe: PretrainRecipe, env: D.DistEnv, seed: int
     the recipe's tokenizer (hash in the bins' meta.json)."""
     tok_hash = file_hash(recipe.data.tokenizer) if recipe.data.tokenizer else None
     return PretrainLoader(bin_path, recipe.train.seq_len, recipe.train.batch_size, seed=seed, rank=env.rank,
-                          world_size=env.world_size, expect_tokenizer_hash=tok_hash)
+                          world_size=env.world_size, expect_tokenizer_hash=tok_hash,
+                          document_mask=recipe.data.document_mask)
 
 
 def make_eval_fn(recipe: PretrainRecipe, env: D.DistEnv) -> Optional[Callable]:
@@ -57,8 +62,7 @@ def make_eval_fn(recipe: PretrainRecipe, env: D.DistEnv) -> Optional[Callable]:
         loader = make_loader(recipe.data.val_bin, recipe, env, seed=0)
         total = 0.0
         for _ in range(recipe.train.eval_batches):
-            x, y = (t.to(env.device) for t in next(loader))
-            total += float(next_token_loss(model, x, y))
+            total += float(lm_loss(model, [t.to(env.device) for t in next(loader)])[0])
         loss = D.all_reduce_mean({"val_loss": total / recipe.train.eval_batches}, env)["val_loss"]
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 

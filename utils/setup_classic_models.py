@@ -96,7 +96,8 @@ def pretrain(key: str, model: dict) -> dict:
     lr = 2.0e-3 if model.get("ffn") == "moe" or model.get("attention") == "mla" or model.get("post_norms") else 3.0e-3
     return dict(
         model=model,
-        data=dict(train_bin="data/bins/pretrain/train.bin", val_bin="data/bins/pretrain/val.bin", tokenizer=TOKENIZER),
+        data=dict(train_bin="data/bins/pretrain/train.bin", val_bin="data/bins/pretrain/val.bin", tokenizer=TOKENIZER,
+                  document_mask=False),  # true: the stories of a window attend only to themselves
         train=train_section(key, "pretrain", 500, 8, 256, global_batch_tokens=4096, log_every=10, eval_every=100,
                             eval_batches=10, save_every=100, keep_last=2, dtype="auto", distributed="none"),
         optim=dict(name="adamw", lr=lr, weight_decay=0.1, warmup_steps=30, schedule="cosine", min_lr_ratio=0.1),
@@ -108,7 +109,7 @@ def sft(key: str, mode: str) -> dict:
     lora = dict(r=16, alpha=32, dropout=0.05, targets="all-linear", modules_to_save=["embed", "lm_head"])
     recipe = dict(
         model=dict(init_from=final(key, "pretrain")),
-        data=dict(bin_dir="data/bins/sft", tokenizer=TOKENIZER),
+        data=dict(bin_dir="data/bins/sft", tokenizer=TOKENIZER, pack=True, document_mask=True),
         train=train_section(key, f"sft_{mode}", 300, 8, 256, eval_every=100, save_every=100),
         # adapters start at zero and take a larger LR than full fine-tuning
         optim=dict(lr=1.0e-3 if mode == "full" else 3.0e-3, weight_decay=0.0, warmup_steps=20),
