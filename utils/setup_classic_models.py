@@ -100,7 +100,9 @@ def pretrain(key: str, model: dict) -> dict:
                   document_mask=False),  # true: the stories of a window attend only to themselves
         train=train_section(key, "pretrain", 500, 8, 256, global_batch_tokens=4096, log_every=10, eval_every=100,
                             eval_batches=10, save_every=100, keep_last=2, dtype="auto", distributed="none"),
-        optim=dict(name="adamw", lr=lr, weight_decay=0.1, warmup_steps=30, schedule="cosine", min_lr_ratio=0.1),
+        # grad_clip is the ceiling; adaptive_clip also clips a spike down to the recent norms (utils/grad_clip.py)
+        optim=dict(name="adamw", lr=lr, weight_decay=0.1, warmup_steps=30, schedule="cosine", min_lr_ratio=0.1,
+                   grad_clip=1.0, adaptive_clip=dict(z_threshold=2.5, ema_beta=0.97, warmup_steps=25)),
     )
 
 

@@ -31,8 +31,11 @@ Stages pass in what differs; the loop owns everything else:
   ``{out_dir}/final`` (weights, config, recipe, tokenizer), ``metrics.jsonl``, ``loss.png``.
 
 Each optimizer step: accumulate gradients over micro-batches (DDP syncs only on the last),
-all-reduce loss/flags, normalise the gradient by the total loss weight, clip, then step
+all-reduce loss/flags, normalise the gradient by the total loss weight, clip (``optim.grad_clip``,
+and with ``optim.adaptive_clip`` against the recent norms: utils/grad_clip.py), then step
 only when loss and grad norm are finite and the spike detector is quiet (utils/spike.py).
+``train.dtype: fp16`` runs autocast with a GradScaler (CUDA or CPU): an overflowing step is
+skipped and lowers the scale, and is not counted as a bad step.
 ``train.spike.max_bad_steps`` skipped steps in a row mean the run diverged: ``Diverged`` (a
 UserError) is raised and no ``final/`` is written; step checkpoints record in meta.json whether
 the run was healthy when they were saved, and rollbacks and resumes go to the newest healthy one.
@@ -58,6 +61,7 @@ from utils.checkpoint import CheckpointManager
 from utils.device import TORCH_DTYPES, dtype_name
 from utils.errors import UserError
 from utils.fs import writable_dir
+from utils.grad_clip import GradClip
 from utils.logging import MetricsLogger, read_records
 from utils.optim import LRSchedule, OptimConfig, build_optimizer
 from utils.plots import plot_loss_curve
@@ -115,11 +119,6 @@ def _first_tensor(batch: Any) -> Optional[torch.Tensor]:
     return None
 
 
-def _resolve_dtype(cfg: TrainConfig, device: torch.device) -> str:
-    dtype = dtype_name(cfg.dtype, device, "train.dtype")
-    if dtype == "fp16" and device.type != "cuda":  # fp16 autocast + GradScaler are CUDA paths
-        raise UserError("train.dtype=fp16 needs a CUDA device; use bf16 or fp32 on CPU.")
-    return dtype
 
 
 class _Interrupt:
@@ -207,11 +206,7 @@ def _train_step(run: S.Run, stop_requested: Callable[[], bool]) -> tuple[dict, O
     if factor != 1.0:
         for g in grads:
             g.mul_(factor)
-    max_norm = run.optim_cfg.grad_clip if run.optim_cfg.grad_clip > 0 else math.inf
-    norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm, foreach=None)
-    if D.is_dtensor(norm):
-        norm = norm.full_tensor()
-    grad_norm = float(norm)
+    grad_norm, applied_norm = run.clip.clip(run.params)  # fixed max norm, or adaptive (utils/grad_clip.py)
 
     lr_mult = run.schedule.apply(run.optimizer, run.step)
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
@@ -223,8 +218,10 @@ def _train_step(run: S.Run, stop_requested: Callable[[], bool]) -> tuple[dict, O
         else:
             run.optimizer.step()
         run.spike.update(loss)
+        run.clip.update(applied_norm)
         _after_update(run.raw)
     if run.scaler is not None:
+        loss_scale = run.scaler.get_scale()  # the scale this step's gradients carried
         run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
 
@@ -233,6 +230,10 @@ def _train_step(run: S.Run, stop_requested: Callable[[], bool]) -> tuple[dict, O
     run.tokens_seen += global_tokens
     record = {"step": run.step + 1, "loss": loss, "lr": run.optim_cfg.lr * lr_mult, "grad_norm": grad_norm,
               "tok_per_s": global_tokens / dt, "tokens": run.tokens_seen, "dt_ms": 1000 * dt, **metrics}
+    if run.optim_cfg.adaptive_clip is not None:
+        record["grad_norm_clipped"] = applied_norm
+    if run.scaler is not None:
+        record["loss_scale"] = loss_scale
     if not finite:
         run.event("nonfinite", loss=loss, grad_norm=grad_norm, action="skipped update")
     elif spike is not None:
@@ -278,7 +279,7 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable, train_cfg: Tra
     cfg = train_cfg
     writable_dir(cfg.out_dir, "train.out_dir")
     env = D.setup(cfg.distributed, cfg.device)
-    dtype = _resolve_dtype(cfg, env.device)
+    dtype = dtype_name(cfg.dtype, env.device, "train.dtype")
     accum = grad_accum_steps(cfg, env.world_size)
     S.seed_everything(cfg.seed + env.rank)
     if env.device.type == "cuda":
@@ -312,9 +313,11 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable, train_cfg: Tra
     trainable = [by_name[n] for n in names]
     optimizer = build_optimizer(raw, trainable, optim_cfg, env.device)
     run = S.Run(cfg, optim_cfg, env, raw, torch.compile(wrapped) if cfg.compile else wrapped, trainable, optimizer,
-               LRSchedule(optim_cfg, cfg.max_steps), torch.amp.GradScaler("cuda") if dtype == "fp16" else None,
+               # fp16: autocast with a loss scale (GradScaler, on CUDA and on CPU), which skips the updates whose
+               # gradients overflowed, halves the scale then, and doubles it after a run of good steps.
+               LRSchedule(optim_cfg, cfg.max_steps), torch.amp.GradScaler(env.device.type) if dtype == "fp16" else None,
                SpikeDetector(cfg.spike), batches, loss_fn, accum, None if dtype == "fp32" else TORCH_DTYPES[dtype], manager,
-               MetricsLogger(cfg.out_dir, enabled=False))
+               MetricsLogger(cfg.out_dir, enabled=False), GradClip(optim_cfg.grad_clip, optim_cfg.adaptive_clip))
     changed = S.resume(run, state) if state is not None else {}
     extra = {"weights_fn": weights_fn, "recipe": recipe, "meta": checkpoint_meta, "tokenizer_path": tokenizer_path}
 

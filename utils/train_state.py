@@ -6,7 +6,7 @@ and from checkpoint directories.
 
 A step checkpoint (``utils.checkpoint`` layout) holds the weights plus ``train_state.pt``:
 
-    step, world_size, optimizer_name, optimizer, schedule, scaler, spike, tokens_seen, bad_streak,
+    step, world_size, optimizer_name, optimizer, schedule, scaler, spike, grad_clip, tokens_seen, bad_streak,
     ranks: [{"rng": {...}, "data": loader.state_dict()}, ...]   # one entry per rank
 
 Each rank has its own data position and RNG streams, so they are gathered to rank 0 and
@@ -38,6 +38,7 @@ from utils.checkpoint import (
 )
 from utils.distributed import DistEnv, all_gather_object, barrier, full_tensor
 from utils.errors import UserError
+from utils.grad_clip import GradClip
 from utils.logging import MetricsLogger
 from utils.optim import LRSchedule, OptimConfig
 from utils.spike import Diverged, SpikeDetector
@@ -259,6 +260,7 @@ class Run:
     amp_dtype: Optional[torch.dtype]
     manager: CheckpointManager
     logger: MetricsLogger
+    clip: GradClip
     step: int = 0
     tokens_seen: int = 0
     rollbacks: int = 0
@@ -284,7 +286,7 @@ def save_step(run: Run, extra: dict) -> Optional[Path]:
     if run.env.is_main:
         train_state = {"step": run.step, "world_size": run.env.world_size, "optimizer_name": run.optim_cfg.name,
                        "optimizer": opt_state, "schedule": run.schedule.state_dict(), "spike": run.spike.state_dict(),
-                       "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+                       "grad_clip": run.clip.state_dict(), "scaler": run.scaler.state_dict() if run.scaler is not None else None,
                        "tokens_seen": run.tokens_seen, "bad_streak": run.bad_streak, "ranks": ranks}
         path = run.manager.save(run.step, run.raw, healthy=run.bad_streak == 0, recipe=extra["recipe"],
                                 train_state=train_state, weights=weights,
@@ -312,6 +314,8 @@ def rollback(run: Run, weights_fn) -> bool:
     best = run.spike.best  # the loss statistics go back too, but not the best loss reached since
     run.spike.load_state_dict(state["spike"])
     run.spike.best = min(best, run.spike.best)
+    if state.get("grad_clip"):
+        run.clip.load_state_dict(state["grad_clip"])
     run.schedule.scale *= run.cfg.spike.lr_drop
     run.rollbacks += 1
     run.bad_streak = 0
@@ -354,6 +358,8 @@ def resume(run: Run, state: dict) -> dict:
     run.bad_streak = int(state.get("bad_streak", 0))
     run.schedule.load_state_dict(state["schedule"])
     run.spike.load_state_dict(state["spike"])
+    if state.get("grad_clip"):  # checkpoints from before adaptive clipping lack it
+        run.clip.load_state_dict(state["grad_clip"])
     if run.scaler is not None and state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
     run.tokens_seen = int(state.get("tokens_seen", 0))
