@@ -23,6 +23,7 @@ from typing import Iterable, Optional
 import torch
 
 from utils.errors import UserError
+from utils.spike import ema_moments
 
 
 @dataclass
@@ -73,13 +74,7 @@ class GradClip:
         """Fold the norm of an applied update into the statistics (adaptive clipping only)."""
         if self.adaptive is None or not math.isfinite(applied):
             return
-        if self.count == 0:
-            self.mean, self.var = applied, 0.0
-        else:
-            b = self.adaptive.ema_beta
-            delta = applied - self.mean
-            self.mean += (1 - b) * delta
-            self.var = b * (self.var + (1 - b) * delta * delta)
+        self.mean, self.var = ema_moments(self.mean, self.var, applied, self.adaptive.ema_beta, first=self.count == 0)
         self.count += 1
 
     def state_dict(self) -> dict:
