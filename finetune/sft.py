@@ -163,11 +163,11 @@ def make_eval_fn(recipe: SFTRecipe, vocab_size: int):
 
     if not recipe.data.val_split or recipe.train.eval_batches <= 0:
         return None
-    env = setup(recipe.train.distributed, recipe.train.device)
-    make_loader(recipe, recipe.data.val_split, 0, env.rank, env.world_size, vocab_size)  # fail now, not at step 100
+    env = setup(recipe.train.distributed, recipe.train.device, recipe.train.parallel)
+    make_loader(recipe, recipe.data.val_split, 0, env.dp_rank, env.dp_size, vocab_size)  # fail now, not at step 100
 
     def evaluate(model: nn.Module) -> dict:
-        loader = make_loader(recipe, recipe.data.val_split, 0, env.rank, env.world_size)
+        loader = make_loader(recipe, recipe.data.val_split, 0, env.dp_rank, env.dp_size)
         device = next(model.parameters()).device
         total, weight = 0.0, 0.0
         for _ in range(recipe.train.eval_batches):
@@ -191,7 +191,7 @@ def run_sft(recipe: SFTRecipe, mode: str, batches: Optional[Iterator] = None, ev
     from utils.train_loop import train
 
     recipe.expect_mode(mode)
-    env = setup(recipe.train.distributed, recipe.train.device)
+    env = setup(recipe.train.distributed, recipe.train.device, recipe.train.parallel)
     device = resolve_device(recipe.train.device, env.local_rank, "train.device")
     model, info = build_sft_model(recipe, device)
     if env.is_main:
@@ -200,7 +200,7 @@ def run_sft(recipe: SFTRecipe, mode: str, batches: Optional[Iterator] = None, ev
               f"trainable {info['trainable']:,} of {info['total']:,} params{extra}")
     if batches is None:
         prepare_data(recipe, env)
-        batches = make_loader(recipe, "train", recipe.train.seed, env.rank, env.world_size, model.cfg.vocab_size)
+        batches = make_loader(recipe, "train", recipe.train.seed, env.dp_rank, env.dp_size, model.cfg.vocab_size)
         if env.is_main:
             report_long_examples(batches, recipe)
         eval_fn = eval_fn or make_eval_fn(recipe, model.cfg.vocab_size)
@@ -233,7 +233,7 @@ def run_sft_and_report(recipe: SFTRecipe, mode: str) -> None:
     from utils.distributed import setup
 
     result = run_sft(recipe, mode)
-    env = setup(recipe.train.distributed, recipe.train.device)
+    env = setup(recipe.train.distributed, recipe.train.device, recipe.train.parallel)
     if not env.is_main:
         return
     what = "adapter (LoRA weights only)" if recipe.lora is not None else "model"

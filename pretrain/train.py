@@ -2,6 +2,7 @@
 
     python pretrain/train.py --config_path configs/examples/pretrain_tiny.yaml [--compile] [train.max_steps=100 ...]
     torchrun --nproc_per_node 8 pretrain/train.py --config_path ...   # DDP / FSDP2 (train.distributed)
+    torchrun --nproc_per_node 4 pretrain/train.py --config_path ... train.distributed=fsdp train.parallel.tp=2
 
 Reads the recipe (pretrain/recipe.py), builds the model and the rank-sharded data loader,
 and hands both to ``utils.train_loop.train`` with next-token cross-entropy. Writes
@@ -44,11 +45,12 @@ def lm_loss(model, batch) -> tuple[torch.Tensor, dict]:
 
 
 def make_loader(bin_path: str, recipe: PretrainRecipe, env: D.DistEnv, seed: int) -> PretrainLoader:
-    """Random (x, y) windows of a bin, different on every rank; checks the bins were made by
-    the recipe's tokenizer (hash in the bins' meta.json)."""
+    """Random (x, y) windows of a bin, different on every data-parallel rank (the same on the ranks
+    of one tensor-parallel group and on every pipeline stage); checks the bins were made by the
+    recipe's tokenizer (hash in the bins' meta.json)."""
     tok_hash = file_hash(recipe.data.tokenizer) if recipe.data.tokenizer else None
-    return PretrainLoader(bin_path, recipe.train.seq_len, recipe.train.batch_size, seed=seed, rank=env.rank,
-                          world_size=env.world_size, expect_tokenizer_hash=tok_hash,
+    return PretrainLoader(bin_path, recipe.train.seq_len, recipe.train.batch_size, seed=seed, rank=env.dp_rank,
+                          world_size=env.dp_size, expect_tokenizer_hash=tok_hash,
                           document_mask=recipe.data.document_mask)
 
 
@@ -95,14 +97,14 @@ def main(argv=None) -> None:
                               add_args=lambda p: p.add_argument("--compile", action="store_true", help="torch.compile the model"))
     if args.compile:
         recipe.train.compile = True
-    env = D.setup(recipe.train.distributed, recipe.train.device)
-    accum = grad_accum_steps(recipe.train, env.world_size)  # fail on a bad batch before building anything
+    env = D.setup(recipe.train.distributed, recipe.train.device, recipe.train.parallel)
+    accum = grad_accum_steps(recipe.train, env.dp_size)  # fail on a bad batch before building anything
     loader = make_loader(recipe.data.train_bin, recipe, env, seed=recipe.train.seed)
     check_vocab(loader, recipe)
     model = build_model(recipe)
     if env.is_main:
         n, n_body = model.num_params(), model.num_params(exclude_embeddings=True)
-        tokens_step = recipe.train.batch_size * recipe.train.seq_len * accum * env.world_size
+        tokens_step = recipe.train.batch_size * recipe.train.seq_len * accum * env.dp_size
         print(f"pretrain: {n:,} params ({n_body:,} non-embedding) | {tokens_step:,} tokens/step | "
               f"{tokens_step * recipe.train.max_steps:,} tokens over {recipe.train.max_steps} steps", file=sys.stderr)
     loss_fn = with_aux_loss(lm_loss, recipe.train.aux_loss, print if env.is_main else (lambda _: None))

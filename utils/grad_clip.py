@@ -57,17 +57,17 @@ class GradClip:
             return self.max_norm
         return min(self.max_norm, self.mean + self.adaptive.z_threshold * math.sqrt(self.var))
 
-    def clip(self, params: Iterable[torch.nn.Parameter]) -> tuple[float, float]:
+    def clip(self, params: Iterable[torch.nn.Parameter], group=None) -> tuple[float, float]:
         """Scale the gradients of ``params`` down to ``limit()`` when their global norm is above it;
-        returns (norm before, norm after). Collective for sharded (DTensor) gradients."""
-        params = [p for p in params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        returns (norm before, norm after). Collective for sharded (DTensor) gradients, and over
+        ``group`` (pipeline stages, each holding its own parameters) when given."""
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = float(global_norm(grads, group))
         limit = self.limit()
-        if math.isfinite(limit):
-            torch.nn.utils.clip_grads_with_norm_(params, limit, norm)
-        if hasattr(norm, "full_tensor"):  # FSDP2: the norm is a DTensor
-            norm = norm.full_tensor()
-        norm = float(norm)
+        if norm > limit:
+            coef = limit / (norm + 1e-6)
+            for g in grads:
+                g.mul_(coef)
         return norm, min(norm, limit)
 
     def update(self, applied: float) -> None:
@@ -82,3 +82,19 @@ class GradClip:
 
     def load_state_dict(self, state: dict) -> None:
         self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), int(state["count"])
+
+
+def global_norm(grads: list[torch.Tensor], group=None) -> torch.Tensor:
+    """The 2-norm of all ``grads`` together: plain tensors, and DTensors (FSDP2 / TP shards) of any
+    meshes, each mesh's part reduced by DTensor itself; summed in squares over ``group`` if given."""
+    by_mesh: dict = {}
+    for g in grads:
+        by_mesh.setdefault(getattr(g, "device_mesh", None), []).append(g)
+    squares = []
+    for mesh, part in by_mesh.items():
+        n = torch.nn.utils.get_total_norm(part)
+        squares.append((n.full_tensor() if mesh is not None else n).double() ** 2)
+    total = torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64)
+    if group is not None:
+        torch.distributed.all_reduce(total, group=group)
+    return total.sqrt()

@@ -99,7 +99,8 @@ def pretrain(key: str, model: dict) -> dict:
         data=dict(train_bin="data/bins/pretrain/train.bin", val_bin="data/bins/pretrain/val.bin", tokenizer=TOKENIZER,
                   document_mask=False),  # true: the stories of a window attend only to themselves
         train=train_section(key, "pretrain", 500, 8, 256, global_batch_tokens=4096, log_every=10, eval_every=100,
-                            eval_batches=10, save_every=100, keep_last=2, dtype="auto", distributed="none"),
+                            eval_batches=10, save_every=100, keep_last=2, dtype="auto", distributed="none",
+                            parallel=dict(tp=1, pp=1, dp=0, pp_schedule="1f1b")),
         # grad_clip is the ceiling; adaptive_clip also clips a spike down to the recent norms (utils/grad_clip.py)
         optim=dict(name="adamw", lr=lr, weight_decay=0.1, warmup_steps=30, schedule="cosine", min_lr_ratio=0.1,
                    grad_clip=1.0, adaptive_clip=dict(z_threshold=2.5, ema_beta=0.97, warmup_steps=25)),
@@ -206,7 +207,10 @@ MERGED = "1_sft_qlora's adapter, merged onto its NF4 base when loaded (then trai
 ALTERNATIVE = ("An alternative to 1_sft_qlora, whose output the later stages read; to continue from this one, "
                "pass model.init_from={out} to them.")
 ABOUT = {
-    "0_pretrain.yaml": "next-token pretraining on the token bins and tokenizer of the data_pipeline commands.",
+    "0_pretrain.yaml": "next-token pretraining on the token bins and tokenizer of the data_pipeline commands. "
+                       "Under torchrun, train.distributed (ddp | fsdp) and train.parallel (tp, pp; dp = the rest) "
+                       "lay the processes out, e.g. --nproc_per_node 4 train.distributed=fsdp train.parallel.tp=2 "
+                       "(README: Parallelism).",
     "1_sft_full.yaml": "full fine-tuning of 0_pretrain's checkpoint. " + ALTERNATIVE,
     "1_sft_lora.yaml": "LoRA adapters over 0_pretrain's checkpoint. " + ALTERNATIVE,
     "1_sft_qlora.yaml": "LoRA adapters over 0_pretrain's checkpoint quantized to NF4; the reward, DPO, ORPO and RL "

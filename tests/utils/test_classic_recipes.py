@@ -155,3 +155,16 @@ def test_v3_nano_qlora_recipe_quantizes_and_adapts_the_routed_experts():
     apply_lora(model, lora["targets"], lora["r"], lora["alpha"], modules_to_save=lora["modules_to_save"])
     experts = [layer.ffn.experts for layer in model.layers[model.cfg.moe["first_k_dense"]:]]
     assert experts and all(isinstance(e, LoRAExperts) and isinstance(e.base, NF4Experts) for e in experts)
+
+
+def test_pretrain_recipes_show_the_parallel_layout():
+    """Every 0_pretrain.yaml spells train.parallel (one process per model copy by default); the seed's
+    DeepSeek-V3 nano fits tensor parallelism over 2 and 4 ranks."""
+    from model.tensor_parallel import check_tensor_parallel
+
+    for key in NANO:
+        recipe = yaml.safe_load(FILES[f"{key}/0_pretrain.yaml"])
+        assert recipe["train"]["parallel"] == {"tp": 1, "pp": 1, "dp": 0, "pp_schedule": "1f1b"}
+    model = Transformer(ModelConfig(**yaml.safe_load(FILES["deepseek/v3_nano/0_pretrain.yaml"])["model"]))
+    for tp in (2, 4):
+        check_tensor_parallel(model, tp)
