@@ -8,7 +8,11 @@ Stages pass in what differs; the loop owns everything else:
 
 - ``batches``: iterator of micro-batches (tensors, tuples/lists or dicts of tensors) with
   ``state_dict()`` / ``load_state_dict()`` for exact resume; it must already be sharded by
-  rank (build it with ``utils.distributed.setup(...)``'s rank/world_size) and never run out.
+  data-parallel rank (build it with ``utils.distributed.setup(...)``'s dp_rank/dp_size: the
+  ranks of a tensor-parallel group and the pipeline stages read the same rows) and never run out.
+- ``train.parallel`` (tp, pp): tensor parallelism wraps the model like FSDP does; with pp > 1
+  the step runs the micro-batches through a pipeline (utils/pipeline.py) with the next-token
+  loss of (x, y) batches instead of ``loss_fn``, so only pretraining takes it.
 - ``loss_fn(model, batch) -> (loss, metrics)``: batch already on the device; ``loss`` is the
   MEAN loss of the micro-batch (scalar tensor); ``metrics`` a dict of floats / 0-d tensors,
   averaged over micro-batches and ranks and logged. Two optional keys steer the loop:
