@@ -95,6 +95,16 @@ class OfflineRecipe:
     loss: OfflineLossConfig = field(default_factory=OfflineLossConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-6, warmup_steps=10, weight_decay=0.0))
 
+    def __post_init__(self) -> None:
+        data_parallel_only(self.train)
+
+
+def data_parallel_only(train: TrainConfig) -> None:
+    """Alignment runs DDP / FSDP2: its policy, reference and engine rollouts are whole models per process."""
+    if train.parallel.model_parallel:
+        raise UserError("train.parallel (tp/pp > 1) is built for pretraining and full SFT; alignment trains with "
+                        "train.distributed=ddp or fsdp. Set train.parallel.tp and pp to 1.")
+
 
 # ----------------------------------------------------------------------------- online
 
@@ -187,6 +197,7 @@ class OnlineRecipe:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=0, weight_decay=0.0, schedule="constant"))
 
     def __post_init__(self) -> None:
+        data_parallel_only(self.train)
         if self.algorithm in ("grpo", "gspo", "rft") and self.rollout.group_size < 2:
             raise UserError(
                 f"{self.algorithm} compares the completions of one prompt, so rollout.group_size must be 2 or more "

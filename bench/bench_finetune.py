@@ -1,7 +1,8 @@
-"""Memory and speed of full SFT vs LoRA vs QLoRA on one >= 50M-parameter model.
+"""Memory and speed of full SFT vs LoRA vs QLoRA on one >= 50M-parameter model (or a named one).
 
     python bench/bench_finetune.py                 # CPU: process RSS; GPU: torch.cuda.max_memory_allocated
     python bench/bench_finetune.py --steps 3 --seq_len 256 --batch_size 2
+    python bench/bench_finetune.py --arch deepseek/v3_nano   # the MoE model: experts in NF4 and adapted too
 
 Each mode runs in a fresh subprocess (so one mode's allocations cannot hide another's): build
 the model, turn it into the mode (NF4 base for QLoRA, adapters for LoRA/QLoRA), then train a
@@ -39,6 +40,12 @@ MODES = ("full", "lora", "qlora")
 def model_config(args):
     from model.config import ModelConfig
 
+    if getattr(args, "arch", None):
+        from model import architectures
+
+        cfg = architectures.get(args.arch)
+        cfg.max_seq_len = max(cfg.max_seq_len, args.seq_len)
+        return cfg
     return ModelConfig(vocab_size=args.vocab_size, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
                        n_kv_heads=args.n_heads, d_ff=args.d_ff, max_seq_len=max(args.seq_len, 256))
 
@@ -73,12 +80,14 @@ def peak_bytes(device: torch.device) -> int:
 def state_bytes(model, params, opt) -> dict:
     """What each mode must hold besides activations, counted from the tensors themselves:
     weights (4-bit layers at their packed size), gradients of the trainable params, AdamW moments."""
+    from model.linear_layers import is_quantized
     from model.quant import quantized_bytes
 
     weights, seen = 0, set()
     for m in model.modules():
-        if type(m).__name__ == "Linear4bit":
-            weights += quantized_bytes(m) + (m.bias.numel() * m.bias.element_size() if m.bias is not None else 0)
+        if is_quantized(m):  # Linear4bit or NF4 experts: their packed size
+            bias = getattr(m, "bias", None)
+            weights += quantized_bytes(m) + (bias.numel() * bias.element_size() if bias is not None else 0)
             seen.update(id(p) for p in m.parameters(recurse=False))
     weights += sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in seen)
     grads = sum(p.numel() * p.element_size() for p in params)  # one gradient per trainable param
@@ -101,7 +110,7 @@ def worker(args) -> dict:
     if args.worker == "qlora":
         import bitsandbytes  # noqa: F401  (loaded before the floor: "model memory" counts weights, not libraries)
     # Floor every mode shares: libraries loaded and their kernels initialised (one tiny step).
-    tiny = Transformer(model_config(argparse.Namespace(**{**vars(args), "vocab_size": 64, "d_model": 32, "n_layers": 1,
+    tiny = Transformer(model_config(argparse.Namespace(**{**vars(args), "arch": "", "vocab_size": 64, "d_model": 32, "n_layers": 1,
                                                           "n_heads": 2, "d_ff": 64}))).to(device)
     sft_loss(tiny, [torch.ones(1, 8, dtype=torch.long, device=device)] * 2 + [torch.ones(1, 8, dtype=torch.bool, device=device)])[0].backward()
     del tiny
@@ -112,11 +121,12 @@ def worker(args) -> dict:
     out = {"mode": args.worker, "device": str(device), "params": n_params}
     compute = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.worker == "qlora":
-        from model.quant import base_bytes_per_param, quantize_model
+        from model.linear_layers import is_quantized
+        from model.quant import base_bytes_per_param, quantize_model, quantized_params
 
         quantize_model(model, "all-linear", compute)
         out["base_bytes_per_param"] = base_bytes_per_param(model)
-        out["quantized_params"] = sum(m.in_features * m.out_features for m in model.modules() if type(m).__name__ == "Linear4bit")
+        out["quantized_params"] = sum(quantized_params(m) for m in model.modules() if is_quantized(m))
     if args.worker in ("lora", "qlora"):
         apply_lora(model, "all-linear", r=args.rank, alpha=2 * args.rank)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -180,8 +190,9 @@ def report(results: list[dict], args) -> str:
     what = "GPU max_memory_allocated" if r0["device"].startswith("cuda") else "process RSS (VmHWM)"
     lines = [
         f"# Finetuning memory and speed ({platform.machine()}, {r0['device']}, torch {torch.__version__})",
-        f"model: {r0['params'] / 1e6:.1f}M params (d_model {args.d_model}, {args.n_layers} layers, vocab {args.vocab_size}); "
-        f"micro-batch {args.batch_size}x{args.seq_len}; LoRA r={args.rank} on all linear layers; AdamW; "
+        f"model: {r0['params'] / 1e6:.1f}M params ({args.arch or f'd_model {args.d_model}, {args.n_layers} layers'}, "
+        f"vocab {args.vocab_size}); micro-batch {args.batch_size}x{args.seq_len}; LoRA r={args.rank} on all linear "
+        "layers (and routed experts); AdamW; "
         f"{args.steps} timed steps after {args.warmup} warm-up",
         f"memory = {what}; 'train peak' is reset after the model is built (CPU import floor "
         f"{r0['import_floor_bytes'] / gib:.2f} GiB is included in CPU figures; 'above floor' removes it)",
@@ -216,6 +227,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--arch", default="", help="a named architecture (model/architectures.py) instead of the sizes below")
     p.add_argument("--vocab_size", type=int, default=8192)
     p.add_argument("--d_model", type=int, default=640)
     p.add_argument("--n_layers", type=int, default=10)
@@ -229,6 +241,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     p.add_argument("--cpu", action="store_true", help="stay on CPU even when CUDA is present")
     args = p.parse_args()
+    if args.arch:  # the named model's own vocabulary (the workers get it on their command line)
+        args.vocab_size = model_config(args).vocab_size
     if args.worker:
         print(json.dumps(worker(args)))
         return

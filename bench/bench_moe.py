@@ -9,6 +9,10 @@ Each step is forward + backward (cross-entropy on random tokens), fp32. Rows are
 interleaved over ``rounds`` so load drift hits both alike; tokens/s = batch*seq / median time.
 Also reports the FFN layer alone (no attention/embedding), where the dispatch overhead shows
 undiluted. Prints the ratio moe/dense (aim >= 0.6 on CPU).
+
+Then the choice behind ``model.moe.dispatch``: the experts' matmuls (and their LoRA adapters) as a
+loop over experts on contiguous sorted blocks, against one batched matmul over the groups padded
+to the largest (no Python loop), at DeepSeek-V3 nano's expert sizes, with balanced and skewed routing.
 """
 import sys
 import pathlib
@@ -97,6 +101,41 @@ def main() -> None:
     for kind in ("model", "ffn"):
         print(f"{kind:6s} moe {tps[f'{kind}/moe']:9.0f} tok/s   dense {tps[f'{kind}/dense']:9.0f} tok/s   "
               f"ratio moe/dense {tps[f'{kind}/moe'] / tps[f'{kind}/dense']:.2f}x")
+    padded_dispatch_ratios(args.batch * args.seq, args.rounds)
+
+
+def padded_dispatch_ratios(tokens: int, rounds: int) -> None:
+    """fwd+bwd time of the padded batched form / the per-expert loop, for the base weights and for
+    rank-8 adapters, at 16 experts of width 128 over d_model 256 (DeepSeek-V3 nano), top-4."""
+    E, d, ff, r, k = 16, 256, 128, 8, 4
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(E, ff, d, generator=g, requires_grad=True)
+    A = torch.randn(E, r, d, generator=g, requires_grad=True)
+    B = torch.randn(E, ff, r, generator=g, requires_grad=True)
+    for skew in (0.0, 1.0):
+        logits = torch.randn(tokens * k, E, generator=g) + skew * torch.linspace(0, 2, E)
+        e = torch.multinomial(logits.softmax(-1), 1, generator=g).squeeze(1).sort().values
+        counts = torch.bincount(e, minlength=E)
+        x = torch.randn(tokens * k, d, generator=g, requires_grad=True)
+        slot = torch.arange(len(e)) - (counts.cumsum(0) - counts)[e]  # place within the expert's group
+        pad = lambda: x.new_zeros(E, int(counts.max()), d).index_put((e, slot), x)  # noqa: E731
+        forms = {
+            "base loop": lambda: torch.cat([c @ w.t() for c, w in zip(x.split(counts.tolist()), W.unbind(0))]),
+            "base padded": lambda: torch.bmm(pad(), W.transpose(1, 2))[e, slot],
+            "lora loop": lambda: torch.cat([(c @ a.t()) @ b.t()
+                                            for c, a, b in zip(x.split(counts.tolist()), A.unbind(0), B.unbind(0))]),
+            "lora padded": lambda: torch.bmm(torch.bmm(pad(), A.transpose(1, 2)), B.transpose(1, 2))[e, slot],
+        }
+        times = {name: [] for name in forms}
+        for i in range(rounds + 1):
+            for name, f in forms.items():
+                t = step_time(lambda: f().square().sum().backward())
+                if i:
+                    times[name].append(t)
+        med = {n: statistics.median(t) for n, t in times.items()}
+        print(f"dispatch, {tokens} tokens x top-{k}, busiest expert {float(counts.max() / counts.float().mean()):.2f}x the mean: "
+              f"padded/loop time base {med['base padded'] / med['base loop']:.2f}x, "
+              f"LoRA {med['lora padded'] / med['lora loop']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -44,20 +44,36 @@ def _check_rank(rank: int, world_size: int) -> None:
         raise UserError(f"rank {rank} is not in [0, world_size={world_size})")
 
 
+def restart_positions(starts: np.ndarray) -> np.ndarray:
+    """Positions that restart at 0 at every document start: starts (B, T) bool -> (B, T) int64.
+    Tokens before a row's first start count from the row's beginning."""
+    t = np.arange(starts.shape[1])
+    last_start = np.maximum.accumulate(np.where(starts, t, 0), axis=1)
+    return t - last_start
+
+
 class PretrainLoader:
     """Random windows of a pretraining ``.bin``.
 
     Each batch draws ``batch_size`` start offsets uniformly from the stream with
     an RNG seeded by (seed, rank, step), so batch k is a pure function of those
     three numbers: ranks see different windows, and resume only needs ``step``.
-    Yields (x, y): int64 tensors (B, T) with y[:, t] = x[:, t + 1] (next token).
+    Yields (x, y): int64 tensors (B, T) with y[:, t] = x[:, t + 1] (next token), or with
+    ``document_mask=True`` (x, y, positions): positions (B, T) restart at 0 at each document,
+    which opens with the EOS separating it from the one before (as the tokenizer's documents
+    start: ``eos_after_each_doc`` bins), so the model can keep the documents of a window apart.
     """
 
     def __init__(self, bin_path: str | os.PathLike, seq_len: int, batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, expect_tokenizer_hash: str | None = None):
+                 rank: int = 0, world_size: int = 1, expect_tokenizer_hash: str | None = None,
+                 document_mask: bool = False):
         _check_rank(rank, world_size)
         bin_path = Path(bin_path)
         self.meta = _open_meta(bin_path.parent, "pretrain", bin_path.stem, PRETRAIN_HINT, expect_tokenizer_hash)
+        self.document_mask = document_mask
+        if document_mask and not isinstance(self.meta.get("eos_id"), int):
+            raise UserError(f"{bin_path.parent}/meta.json names no eos_id, so documents cannot be told apart; rebuild "
+                            f"the bins with {PRETRAIN_HINT} or set data.document_mask: false.")
         self.tokens = open_array(bin_path, self.meta["dtype"], self.meta["n_tokens"][bin_path.stem], PRETRAIN_HINT)
         if self.tokens.size < seq_len + 1:
             raise UserError(f"{bin_path} has {self.tokens.size} tokens, fewer than seq_len + 1 = "
@@ -74,7 +90,10 @@ class PretrainLoader:
         starts = rng.integers(0, self.tokens.size - self.seq_len, size=self.batch_size)
         window = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts]).astype(np.int64)
         self.step += 1
-        return torch.from_numpy(window[:, :-1]), torch.from_numpy(window[:, 1:])  # (B, T), (B, T)
+        x, y = torch.from_numpy(window[:, :-1]), torch.from_numpy(window[:, 1:])  # (B, T), (B, T)
+        if self.document_mask:
+            return x, y, torch.from_numpy(restart_positions(window[:, :-1] == self.meta["eos_id"]))
+        return x, y
 
     def state_dict(self) -> dict:
         return {"step": self.step, "seed": self.seed, "rank": self.rank, "world_size": self.world_size}
@@ -125,7 +144,8 @@ class SFTLoader:
     the next one does not fit (then the rest is padding); with ``pack=False``
     each row holds one example. An example longer than T + 1 is truncated, or left out with
     ``drop_long=True`` (``n_long`` counts them either way).
-    Attention is NOT blocked between packed examples (each starts with <|bos|>).
+    Each example starts with <|bos|>; the position ids let the model keep packed examples
+    apart (``model.attention.document_ids``: block-diagonal causal attention).
 
     Yields (x, y, loss_mask), then position_ids with ``return_position_ids=True``, then
     offsets with ``return_offsets=True``:

@@ -34,7 +34,8 @@ class SFTDataConfig:
 
     bin_dir: str = "data/bins/sft"  # read when train_path is not set
     tokenizer: str = field(default="", metadata={"path": "file?"})  # "" -> the base checkpoint's tokenizer
-    pack: bool = True  # pack short conversations into full rows (no document mask: later examples see earlier ones)
+    pack: bool = True  # pack short conversations into full rows ...
+    document_mask: bool = True  # ... each attending only to itself (false: later examples see earlier ones)
     val_split: str = "val"
     # Your own data (data_pipeline/user_data.py): a .jsonl/.json/.parquet file, a datasets save_to_disk
     # folder, or hf:<dataset name> when online; rows in OpenAI messages, ShareGPT or Alpaca form.
@@ -98,6 +99,12 @@ class SFTRecipe:
         if self.qlora is not None and self.train.distributed == "fsdp":
             raise UserError("QLoRA with train.distributed=fsdp: FSDP2 cannot shard bitsandbytes' packed 4-bit weights; "
                             "use train.distributed=ddp (each GPU holds the small NF4 base) or LoRA with fsdp.")
+        if self.train.parallel.pp > 1:
+            raise UserError("train.parallel.pp > 1 is built for pretraining (a pipeline runs the next-token loss on its "
+                            "last stage); SFT takes tp (full SFT) and fsdp/ddp. Set train.parallel.pp: 1.")
+        if self.train.parallel.tp > 1 and self.lora is not None:
+            raise UserError("train.parallel.tp > 1 with LoRA/QLoRA: tensor parallelism is built for full fine-tuning; "
+                            "use train.distributed=ddp (QLoRA) or fsdp (LoRA) for adapters.")
         if self.model.max_seq_len is not None and self.model.max_seq_len <= 0:
             raise UserError(f"model.max_seq_len must be positive, got {self.model.max_seq_len}.")
 

@@ -73,9 +73,12 @@ def sft_loss(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
 
     batch: (x, y, loss_mask[, positions]) with x, y (B, T) token ids (y = x shifted by one)
     and loss_mask (B, T), 1 where y is an assistant token. Padding and prompt tokens do not
-    count. ``loss_weight`` (the count of assistant tokens) makes the loop average over
-    tokens across micro-batches, not over micro-batches.
+    count. ``positions`` (B, T), restarting at 0 at each packed example, turn on document
+    masking: each example attends only to itself, as if it were alone in the row.
+    ``loss_weight`` (the count of assistant tokens) makes the loop average over tokens across
+    micro-batches, not over micro-batches.
     """
+    from model.attention import document_ids
     from model.loss import lm_loss
 
     if isinstance(batch, dict):
@@ -84,7 +87,8 @@ def sft_loss(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
         x, y, mask = batch[:3]
         positions = batch[3] if len(batch) > 3 else None
     mask = mask.bool()
-    loss = lm_loss(model, x, y.masked_fill(~mask, -100), positions)  # prompts and padding do not count
+    documents = document_ids(positions) if positions is not None else None
+    loss = lm_loss(model, x, y.masked_fill(~mask, -100), positions, documents)  # prompts and padding do not count
     n_target = int(mask.sum())  # a micro-batch without assistant tokens has loss 0 and weight 0
     return loss, {"loss_weight": float(n_target), "n_tokens": x.numel(), "target_frac": n_target / mask.numel()}
 
@@ -93,12 +97,14 @@ def sft_loss(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
 
 
 def make_loader(recipe: SFTRecipe, split: str, seed: int, rank: int = 0, world_size: int = 1, vocab_size: Optional[int] = None):
-    """The SFT bins as (x, y, loss_mask) batches, checked against the tokenizer and the model's vocabulary.
+    """The SFT bins as (x, y, loss_mask[, positions]) batches, checked against the tokenizer and the
+    model's vocabulary.
 
-    Packed rows keep contiguous positions: the loader's per-example position ids would let the
-    position-based causal mask see later examples, and the model has no segment mask, so packed
-    examples attend to earlier ones in the row (as HF packing without varlen attention does);
-    each starts with <|bos|> and only assistant tokens carry loss.
+    Packed rows with ``data.document_mask`` (the default) carry per-example positions, which
+    ``sft_loss`` turns into a block-diagonal causal mask: an example sees neither the examples
+    packed before it nor those after, and its positions start at 0, so its logits are those it
+    would have alone. Without it, packed examples attend to earlier ones in the row (as HF
+    packing without varlen attention does); either way only assistant tokens carry loss.
     """
     from data_pipeline.loader import SFTLoader
     from data_pipeline.tokenizer.tokenizer import file_hash
@@ -106,7 +112,8 @@ def make_loader(recipe: SFTRecipe, split: str, seed: int, rank: int = 0, world_s
     t = recipe.train
     loader = SFTLoader(recipe.data.bin_dir, split, t.seq_len, t.batch_size, seed, rank, world_size,
                        pack=recipe.data.pack, expect_tokenizer_hash=file_hash(tokenizer_path(recipe)),
-                       drop_long=recipe.data.long_examples == "drop")
+                       drop_long=recipe.data.long_examples == "drop",
+                       return_position_ids=recipe.data.pack and recipe.data.document_mask)
     vocab = loader.meta.get("vocab_size")
     if vocab_size is not None and isinstance(vocab, int) and vocab > vocab_size:
         raise UserError(f"{recipe.data.bin_dir} holds token ids up to {vocab - 1} but the base model's vocab_size is "
@@ -156,11 +163,11 @@ def make_eval_fn(recipe: SFTRecipe, vocab_size: int):
 
     if not recipe.data.val_split or recipe.train.eval_batches <= 0:
         return None
-    env = setup(recipe.train.distributed, recipe.train.device)
-    make_loader(recipe, recipe.data.val_split, 0, env.rank, env.world_size, vocab_size)  # fail now, not at step 100
+    env = setup(recipe.train.distributed, recipe.train.device, recipe.train.parallel)
+    make_loader(recipe, recipe.data.val_split, 0, env.dp_rank, env.dp_size, vocab_size)  # fail now, not at step 100
 
     def evaluate(model: nn.Module) -> dict:
-        loader = make_loader(recipe, recipe.data.val_split, 0, env.rank, env.world_size)
+        loader = make_loader(recipe, recipe.data.val_split, 0, env.dp_rank, env.dp_size)
         device = next(model.parameters()).device
         total, weight = 0.0, 0.0
         for _ in range(recipe.train.eval_batches):
@@ -184,7 +191,7 @@ def run_sft(recipe: SFTRecipe, mode: str, batches: Optional[Iterator] = None, ev
     from utils.train_loop import train
 
     recipe.expect_mode(mode)
-    env = setup(recipe.train.distributed, recipe.train.device)
+    env = setup(recipe.train.distributed, recipe.train.device, recipe.train.parallel)
     device = resolve_device(recipe.train.device, env.local_rank, "train.device")
     model, info = build_sft_model(recipe, device)
     if env.is_main:
@@ -193,7 +200,7 @@ def run_sft(recipe: SFTRecipe, mode: str, batches: Optional[Iterator] = None, ev
               f"trainable {info['trainable']:,} of {info['total']:,} params{extra}")
     if batches is None:
         prepare_data(recipe, env)
-        batches = make_loader(recipe, "train", recipe.train.seed, env.rank, env.world_size, model.cfg.vocab_size)
+        batches = make_loader(recipe, "train", recipe.train.seed, env.dp_rank, env.dp_size, model.cfg.vocab_size)
         if env.is_main:
             report_long_examples(batches, recipe)
         eval_fn = eval_fn or make_eval_fn(recipe, model.cfg.vocab_size)
@@ -226,7 +233,7 @@ def run_sft_and_report(recipe: SFTRecipe, mode: str) -> None:
     from utils.distributed import setup
 
     result = run_sft(recipe, mode)
-    env = setup(recipe.train.distributed, recipe.train.device)
+    env = setup(recipe.train.distributed, recipe.train.device, recipe.train.parallel)
     if not env.is_main:
         return
     what = "adapter (LoRA weights only)" if recipe.lora is not None else "model"

@@ -37,18 +37,29 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
     return torch.tensor(slopes)
 
 
+def document_ids(positions: torch.Tensor) -> torch.Tensor:
+    """Which document each token of a packed row belongs to, from positions that restart at 0 at
+    each document: (B, T) -> (B, T) int64, counting from 1 (padding at position 0 is its own)."""
+    return (positions == 0).long().cumsum(1)
+
+
 class AttnMask:
     """Masks for one forward, built once and shared by every layer.
 
-    Query i may see key j when k_pos[j] <= q_pos[i], the key is valid (not padding) and,
-    with a sliding window W, q_pos[i] - k_pos[j] < W. When nothing but plain causality
-    applies, ``get`` returns (None, True) so SDPA takes its fused causal path.
+    Query i may see key j when k_pos[j] <= q_pos[i], the key is valid (not padding), with a
+    sliding window W q_pos[i] - k_pos[j] < W, and, for packed rows (``documents`` (B, T), see
+    ``document_ids``), both are in the same document: block-diagonal causal attention, whose
+    positions restart per document. When nothing but plain causality applies, ``get`` returns
+    (None, True) so SDPA takes its fused causal path.
     """
 
-    def __init__(self, q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: Optional[torch.Tensor]):
-        self.q_pos, self.k_pos, self.k_valid = q_pos, k_pos, k_valid
+    def __init__(self, q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: Optional[torch.Tensor],
+                 documents: Optional[torch.Tensor] = None):
+        self.q_pos, self.k_pos, self.k_valid, self.documents = q_pos, k_pos, k_valid, documents
         T, Tk = q_pos.shape[1], k_pos.shape[1]
-        self.plain_causal = k_valid is None and T == Tk
+        if documents is not None and T != Tk:
+            raise ValueError("document masks apply to a whole packed row, not to decoding with a cache")
+        self.plain_causal = k_valid is None and T == Tk and documents is None
         self.plain_full = k_valid is None and T == 1  # one new token sees every cached key
         self._cache: dict[Optional[int], torch.Tensor] = {}
 
@@ -68,6 +79,8 @@ class AttnMask:
                 allowed = allowed & (d < window)
             if self.k_valid is not None:
                 allowed = allowed & self.k_valid[:, None, None, :]
+            if self.documents is not None:
+                allowed = allowed & (self.documents[:, None, :, None] == self.documents[:, None, None, :])
             self._cache[window] = allowed
         return self._cache[window], False
 

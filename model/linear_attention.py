@@ -23,6 +23,7 @@ from model.attention import AttnMask
 from model.config import ModelConfig
 from model.norms import RMSNorm
 from model.positions import apply_rotary
+from utils.errors import UserError
 
 EPS = 1e-6
 
@@ -109,6 +110,10 @@ class LinearAttention(nn.Module):
         if mask.k_valid is not None:
             # A running sum cannot skip padded keys after the fact; batch rows must be unpadded.
             raise NotImplementedError("linear attention does not support padded key masks")
+        if mask.documents is not None:  # the chunked running sum carries every earlier document along
+            raise UserError("linear attention keeps one running sum per row, so it cannot keep packed documents "
+                            "apart; set data.document_mask: false (packed examples then see each other) or "
+                            "data.pack: false.")
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)

@@ -5,7 +5,9 @@
 A starts kaiming-uniform and B at zero (PEFT's defaults), so the wrapped model computes
 exactly what the base did until training moves B. The wrapper holds the base layer as
 ``base`` (an ``nn.Linear`` or a bitsandbytes ``Linear4bit`` for QLoRA); the adapter is the
-two matrices ``lora_A`` and ``lora_B``.
+two matrices ``lora_A`` and ``lora_B``. The stacked routed experts of an MoE layer get one
+adapter per expert and projection (model/lora_experts.py ``LoRAExperts``); every function
+here handles both kinds.
 
     names = apply_lora(model, ["q_proj", "v_proj"], r=8, alpha=16)   # or "all-linear"
     ...train...
@@ -22,12 +24,13 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
-from model.linear_layers import Targets, is_4bit, match_linears, set_module
+from model.linear_layers import Targets, is_4bit, is_expert_stack, is_quantized, match_linears, set_module
+from model.lora_experts import LoRAExperts
 from utils.errors import UserError
 
 @dataclass
@@ -104,8 +107,18 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+Adapted = Union[LoRALinear, LoRAExperts]
+
+
+def lora_layers(model: nn.Module) -> dict[str, Adapted]:
+    """Every adapted module by name: LoRALinear layers and LoRAExperts (routed experts)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAExperts))}
+
+
+def adapter_tensors(layer: Adapted) -> dict[str, nn.Parameter]:
+    """The adapter's trainable tensors by their name under the layer: ``lora_A``, ``lora_B``
+    (LoRALinear) or ``lora_A.gate_proj`` ... ``lora_B.down_proj`` (LoRAExperts)."""
+    return {n: p for n, p in layer.named_parameters() if n.startswith("lora_")}
 
 
 def apply_lora(
@@ -129,7 +142,9 @@ def apply_lora(
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
-        wrapper = LoRALinear(model.get_submodule(name), r, alpha, dropout, rslora, name=name)
+        layer = model.get_submodule(name)
+        kind = LoRAExperts if is_expert_stack(layer) else LoRALinear
+        wrapper = kind(layer, r, alpha, dropout, rslora, name=name)
         set_module(model, name, wrapper.train(model.training))  # a new module would start in train mode
     for p in saved_parameters(model, modules_to_save).values():
         p.requires_grad_(True)
@@ -149,7 +164,7 @@ def saved_parameters(model: nn.Module, modules_to_save: Sequence[str]) -> dict[s
         for name in hits:
             if any(name == w or name.startswith(w + ".") or w.startswith(name + ".") for w in wrapped):
                 raise UserError(f"{name} is both a LoRA target and in lora.modules_to_save; a layer is either adapted or trained in full.")
-            if any(is_4bit(m) for m in model.get_submodule(name).modules()):
+            if any(is_quantized(m) for m in model.get_submodule(name).modules()):
                 raise UserError(f"{name} is stored in 4 bits (QLoRA) and cannot be trained in full; leave it out of qlora.targets.")
             for p_name, p in model.get_submodule(name).named_parameters():
                 if id(p) not in seen:
@@ -168,6 +183,9 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 def merge_lora(model: nn.Module) -> None:
     """Fold every adapter into its base weight in place (W += s B A); reversible by unmerge_lora."""
     for name, layer in lora_layers(model).items():
+        if isinstance(layer, LoRAExperts):
+            layer.merge()
+            continue
         if layer.merged:
             continue
         if is_4bit(layer.base):
@@ -183,14 +201,17 @@ def merge_lora(model: nn.Module) -> None:
 def unmerge_lora(model: nn.Module) -> None:
     """Undo merge_lora (W -= s B A), restoring the base weights up to float rounding."""
     for layer in lora_layers(model).values():
-        if layer.merged:
+        if isinstance(layer, LoRAExperts):
+            layer.unmerge()
+        elif layer.merged:
             with torch.no_grad():
                 layer.base.weight -= layer.delta_weight().to(layer.base.weight.dtype)
             layer.merged = False
 
 
 def merge_and_unload(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """Replace each LoRALinear by a plain nn.Linear holding W + s B A; returns the model.
+    """Replace each LoRALinear by a plain nn.Linear holding W + s B A (LoRAExperts by plain
+    stacked experts); returns the model.
 
     A 4-bit base is dequantized first. The result has the base model's parameter names,
     so ``model.hf_interop.export_hf`` and ``utils.checkpoint.save_checkpoint`` write it as is.
@@ -198,6 +219,9 @@ def merge_and_unload(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
     from model.quant import dequantized_weight
 
     for name, layer in lora_layers(model).items():
+        if isinstance(layer, LoRAExperts):
+            set_module(model, name, layer.unload(dtype))
+            continue
         base = layer.base
         w = dequantized_weight(base) if is_4bit(base) else base.weight.detach()
         if not layer.merged or is_4bit(base):
@@ -216,12 +240,13 @@ def merge_and_unload(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
 
 
 def lora_state_dict(model: nn.Module, modules_to_save: Sequence[str] = (), live: bool = False) -> dict[str, torch.Tensor]:
-    """Adapter tensors: ``{name}.lora_A`` (r, in), ``{name}.lora_B`` (out, r), plus the fully
-    trained modules' parameters. ``live=True`` returns the parameters themselves (the training
+    """Adapter tensors: ``{name}.lora_A`` (r, in), ``{name}.lora_B`` (out, r) (routed experts:
+    ``{name}.lora_A.gate_proj`` (E, r, in), ... ``{name}.lora_B.down_proj`` (E, out, r)), plus the
+    fully trained modules' parameters. ``live=True`` returns the parameters themselves (the training
     loop saves them and copies resumed values back into them); else detached CPU copies."""
     state: dict[str, torch.Tensor] = {}
     for name, layer in lora_layers(model).items():
-        state[f"{name}.lora_A"], state[f"{name}.lora_B"] = layer.lora_A, layer.lora_B
+        state.update({f"{name}.{k}": v for k, v in adapter_tensors(layer).items()})
     state.update(saved_parameters(model, modules_to_save))
     return state if live else {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
@@ -246,11 +271,16 @@ def base_fingerprint(model: nn.Module) -> str:
     wrapped = set(lora_layers(model))
     shapes = []
     for mod_name, m in model.named_modules():
-        if isinstance(m, LoRALinear):
+        if isinstance(m, (LoRALinear, LoRAExperts)):
             continue  # its base layer is visited as a child
         owner = mod_name[: -len(".base")] if mod_name.endswith(".base") and mod_name[: -len(".base")] in wrapped else mod_name
         for p_name, p in m.named_parameters(recurse=False):
-            shape = [m.out_features, m.in_features] if is_4bit(m) and p_name == "weight" else list(p.shape)
+            if is_4bit(m) and p_name == "weight":
+                shape = [m.out_features, m.in_features]
+            elif is_expert_stack(m):
+                shape = list(m.stacked_shape(p_name))  # NF4 experts: the logical (E, out, in)
+            else:
+                shape = list(p.shape)
             shapes.append((f"{owner}.{p_name}" if owner else p_name, shape))
     return hashlib.sha256(json.dumps(sorted(shapes)).encode()).hexdigest()[:16]
 

@@ -16,13 +16,14 @@ from utils.distributed import is_dtensor, unwrap
 
 
 def lm_loss(model: nn.Module, x: torch.Tensor, targets: torch.Tensor,
-            positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+            positions: Optional[torch.Tensor] = None, documents: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean CE of model(x) (B, T, V) against targets (B, T), -100 where a target does not count
-    (0 when none counts). ``model`` may be wrapped (DDP, compile); an adapted head (LoRA,
+    (0 when none counts). ``positions``/``documents`` (B, T): packed rows with document masking
+    (``Transformer.forward``). ``model`` may be wrapped (DDP, compile); an adapted head (LoRA,
     modules_to_save) or an FSDP-sharded one goes through the module."""
     head = unwrap(model).lm_head
     if type(head) is nn.Linear and not is_dtensor(head.weight):
-        hidden = model(x, positions=positions, return_hidden=True).flatten(0, 1)  # (B*T, d_model)
+        hidden = model(x, positions=positions, return_hidden=True, documents=documents).flatten(0, 1)  # (B*T, d_model)
         targets = targets.flatten()
         counted = targets != -100
         if not bool(counted.all()) and bool(counted.any()):
@@ -30,7 +31,7 @@ def lm_loss(model: nn.Module, x: torch.Tensor, targets: torch.Tensor,
             # data most of a row is prompt); the mean over counted targets is unchanged.
             hidden, targets = hidden[counted], targets[counted]
         return linear_cross_entropy(hidden, head.weight, targets, softcap=unwrap(model).cfg.final_logit_softcap)
-    logits = model(x, positions=positions)
+    logits = model(x, positions=positions, documents=documents)
     n = (targets != -100).sum().clamp(min=1)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum") / n
 

@@ -22,12 +22,14 @@ Balancing, DeepSeek-V3 style:
     after each training forward; ``moe_aux_loss(model)`` sums it over layers.
 
 Dispatch sorts the (token, expert) assignments by expert so each expert runs one matmul on
-a contiguous block of its tokens (a loop over experts, never over tokens).
+a contiguous block of its tokens (a loop over experts, never over tokens). The routed experts
+can be stored in NF4 (model/quant.py) and carry LoRA adapters (model/lora_experts.py), both
+inside the same dispatch.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -87,38 +89,68 @@ def sequence_aux_loss(scores: torch.Tensor, experts: torch.Tensor, B: int, coef:
     return coef * (f * p).sum(-1).mean()
 
 
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # the stacked weights of every expert
+
+
+def dispatch(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, n_experts: int,
+             expert_ffn: Callable[[int, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted dispatch: x (N, d), experts/weights (N, k) -> (y (N, d), tokens per expert (E,)).
+
+    The (token, expert) assignments are sorted by expert, so ``expert_ffn(e, h)`` runs once per
+    expert on the contiguous block h (n_e, d) of its tokens; outputs are weighted by the gates and
+    summed back per token. One loop over experts, never over tokens: on CPU at DeepSeek-V3 nano's
+    sizes this is faster than padding the groups into one batched matmul (bench/bench_moe.py)."""
+    N, k = experts.shape
+    flat = experts.reshape(-1)  # (N*k,) assignment a -> expert flat[a], token a // k
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=n_experts)
+    token = order // k
+    xs = x[token]  # (N*k, d) grouped by expert
+    outs = [expert_ffn(e, chunk) for e, (chunk, n) in enumerate(zip(xs.split(counts.tolist()), counts.tolist())) if n]
+    if not outs:  # no tokens at all
+        return torch.zeros_like(x), counts
+    ys = torch.cat(outs) * weights.reshape(-1)[order, None].to(x.dtype)
+    y = torch.zeros_like(x).index_add_(0, token, ys)
+    return y, counts
+
+
 class Experts(nn.Module):
-    """E gated MLPs stored as stacked weights: gate/up (E, d_ff, d), down (E, d, d_ff)."""
+    """E gated MLPs stored as stacked weights: gate/up (E, d_ff, d), down (E, d, d_ff).
+
+    ``stacked(name)`` is the weight a forward computes with; the NF4 copy (model/quant.py) and the
+    LoRA wrapper (model/lora_experts.py) answer it too and share ``dispatch``."""
 
     def __init__(self, n: int, d_model: int, d_ff: int, act: str):
         super().__init__()
+        self.n_experts, self.act_name = n, act
         self.gate_proj = nn.Parameter(torch.empty(n, d_ff, d_model))
         self.up_proj = nn.Parameter(torch.empty(n, d_ff, d_model))
         self.down_proj = nn.Parameter(torch.empty(n, d_model, d_ff))
         self.act = activation(act)
 
+    def stacked(self, name: str) -> torch.Tensor:
+        return getattr(self, name)
+
+    def stacked_shape(self, name: str) -> torch.Size:
+        return getattr(self, name).shape
+
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, d), experts/weights (N, k) -> (y (N, d), tokens per expert (E,))."""
-        N, k = experts.shape
-        flat = experts.reshape(-1)  # (N*k,) assignment a -> expert flat[a], token a // k
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0])
-        token = order // k
-        xs = x[token]  # (N*k, d) grouped by expert
-        # unbind, not [e]: indexing a stacked parameter E times would make backward write E
-        # full-size zero gradients (measured 40% of the layer's time); unbind's backward is one stack.
-        gates, ups, downs = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
-        outs = []
-        for e, (chunk, n) in enumerate(zip(xs.split(counts.tolist()), counts.tolist())):
-            if n == 0:
-                continue
-            h = self.act(chunk @ gates[e].t()) * (chunk @ ups[e].t())
-            outs.append(h @ downs[e].t())
-        if not outs:  # no tokens at all
-            return torch.zeros_like(x), counts
-        ys = torch.cat(outs) * weights.reshape(-1)[order, None].to(x.dtype)
-        y = torch.zeros_like(x).index_add_(0, token, ys)
-        return y, counts
+        return run_experts(self, x, experts, weights)
+
+
+def run_experts(module: nn.Module, x: torch.Tensor, experts: torch.Tensor,
+                weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated MLP of each expert over its tokens, for any module with ``stacked``, ``act`` and
+    ``n_experts`` (full-precision ``Experts``, NF4 ``model.quant.NF4Experts``)."""
+    # unbind, not [e]: indexing a stacked parameter E times would make backward write E
+    # full-size zero gradients (measured 40% of the layer's time); unbind's backward is one stack.
+    gates, ups, downs = (module.stacked(n).unbind(0) for n in PROJECTIONS)
+
+    def expert_ffn(e: int, h: torch.Tensor) -> torch.Tensor:
+        return (module.act(h @ gates[e].t()) * (h @ ups[e].t())) @ downs[e].t()
+
+    return dispatch(x, experts, weights, module.n_experts, expert_ffn)
 
 
 class MoE(nn.Module):

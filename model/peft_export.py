@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from model.hf_interop import FAMILIES, export_hf, family_of
 from model.lora import LoRAConfig, lora_layers, merge_and_unload
+from model.lora_experts import LoRAExperts
 from utils.errors import UserError
 from utils.fs import atomic_dir
 
@@ -99,6 +100,11 @@ def to_peft_adapter(model: nn.Module, lora_cfg: LoRAConfig) -> tuple[dict[str, t
                         f"matrices only, so export the merged model instead: {MERGED}.")
     layers = lora_layers(model)
     family = family_of(model.cfg)
+    stacked = [n for n, layer in layers.items() if isinstance(layer, LoRAExperts)]
+    if stacked:
+        raise UserError(f"{stacked[0]} adapts the routed experts (one adapter per expert), which a PEFT adapter "
+                        f"cannot say for the {family} layout; export the merged model instead: {MERGED}, or leave "
+                        "experts out of lora.targets.")
     rows = hf_rows(model.cfg, sorted(layers))
     parts: dict[str, list[str]] = {}  # HF module -> our modules in it
     for name, (hf, _, _, _) in rows.items():

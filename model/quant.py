@@ -1,9 +1,10 @@
 """4-bit NF4 base weights for QLoRA (Dettmers et al. 2023), through bitsandbytes.
 
 ``quantize_model`` swaps the selected ``nn.Linear`` layers for ``bitsandbytes.nn.Linear4bit``
-(NF4 codes, blocks of 64, double quantization of the block scales). The forward pass
-dequantizes on the fly and computes in ``compute_dtype``; LoRA adapters wrapped around these
-layers (``model.lora.apply_lora``) stay in full precision and are the only trainable part.
+(NF4 codes, blocks of 64, double quantization of the block scales) and the stacked routed experts
+of MoE layers for ``NF4Experts`` (the same codes, one bitsandbytes tensor per stacked projection).
+The forward pass dequantizes on the fly and computes in ``compute_dtype``; LoRA adapters wrapped
+around these layers (``model.lora.apply_lora``) stay in full precision and are the only trainable part.
 
 Storage per weight: 4 bits of code + one 8-bit block scale per 64 weights + one fp32 scale
 per 256 block scales (double quantization) = 0.5 + 1/64 + 4/(64*256) ~ 0.516 bytes/param.
@@ -12,13 +13,15 @@ bitsandbytes has a CPU backend as well as CUDA, so the same code runs in CI and 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from model.linear_layers import Targets, is_4bit, match_linears, set_module
+from model.linear_layers import Targets, is_4bit, is_quantized, match_linears, set_module
+from model.moe import PROJECTIONS, Experts, run_experts
 from utils.device import DType, torch_dtype
 from utils.errors import UserError
 
@@ -80,18 +83,58 @@ def quantize_linear(layer: nn.Linear, compute_dtype: torch.dtype = torch.float32
     return q.to(device)  # Params4bit quantizes when moved to a device
 
 
+class NF4Experts(nn.Module):
+    """Routed experts (model/moe.py ``Experts``) stored in NF4: each stacked projection (E, out, in)
+    is one bitsandbytes ``Params4bit`` holding it as one row (blocks of 64 consecutive weights, as
+    for a Linear4bit), dequantized to ``compute_dtype`` when the layer runs, then the same sorted
+    dispatch as the full-precision experts. One row, not (E*out, in): bitsandbytes 0.50's CPU
+    dequantize kernel misplaces blocks that span rows shorter than 64 (4x the NF4 error, measured)."""
+
+    def __init__(self, experts: Experts, compute_dtype: torch.dtype = torch.float32, double_quant: bool = True):
+        super().__init__()
+        bnb = _bnb()
+        self.n_experts, self.act_name, self.act = experts.n_experts, experts.act_name, experts.act
+        self.compute_dtype = compute_dtype
+        self.shapes = {p: getattr(experts, p).shape for p in PROJECTIONS}
+        for p in PROJECTIONS:
+            w = getattr(experts, p).detach().float().cpu()
+            q = bnb.nn.Params4bit(w.reshape(1, -1).clone(), requires_grad=False,
+                                  compress_statistics=double_quant, quant_type="nf4")
+            setattr(self, p, q.to(getattr(experts, p).device))  # Params4bit quantizes when moved to a device
+
+    def stacked(self, name: str) -> torch.Tensor:
+        q = getattr(self, name)
+        return _bnb().functional.dequantize_4bit(q.data, q.quant_state).view(self.shapes[name]).to(self.compute_dtype)
+
+    def stacked_shape(self, name: str) -> torch.Size:
+        return self.shapes[name]
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``Experts.forward``: x (N, d), experts/weights (N, k) -> (y (N, d), tokens per expert)."""
+        y, counts = run_experts(self, x.to(self.compute_dtype), experts, weights)
+        return y.to(x.dtype), counts
+
+    def extra_repr(self) -> str:
+        return f"experts={self.n_experts}, nf4, compute_dtype={self.compute_dtype}"
+
+
 def quantize_model(model: nn.Module, targets: Targets = "all-linear", compute_dtype: torch.dtype = torch.float32,
                    double_quant: bool = True) -> list[str]:
-    """Swap the selected linear layers of ``model`` for NF4 Linear4bit in place; returns their names.
+    """Swap the selected linear layers of ``model`` for NF4 Linear4bit in place, and the selected
+    stacked experts for ``NF4Experts``; returns their names.
 
-    Call on the loaded base model, before ``apply_lora``. Embeddings, norms and lm_head
-    stay in full precision ("all-linear" excludes lm_head).
+    Call on the loaded base model, before ``apply_lora``. Embeddings, norms, lm_head and MoE
+    routers stay in full precision ("all-linear" leaves them out; routing reads its weight in fp32).
     """
     check_bnb(next(model.parameters()).device)
     names = match_linears(model, targets)
     for name in names:
         layer = model.get_submodule(name)
-        if not is_4bit(layer):
+        if name.split(".")[-1] in ("router", "shared_gate"):
+            raise UserError(f"{name} routes tokens and stays in full precision; leave it out of qlora.targets.")
+        if isinstance(layer, Experts):
+            set_module(model, name, NF4Experts(layer, compute_dtype, double_quant))
+        elif not is_quantized(layer):
             set_module(model, name, quantize_linear(layer, compute_dtype, double_quant))
     return names
 
@@ -114,10 +157,10 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     return bnb.functional.dequantize_4bit(layer.weight.data, qs).detach()
 
 
-def quantized_bytes(layer: nn.Module) -> int:
-    """Bytes a Linear4bit's weight occupies: packed codes + block scales (+ nested scales)."""
-    qs = layer.weight.quant_state
-    total = layer.weight.data.numel() * layer.weight.data.element_size()
+def _packed_bytes(q: torch.Tensor) -> int:
+    """Bytes one Params4bit occupies: packed codes + block scales (+ nested scales)."""
+    qs = q.quant_state
+    total = q.data.numel() * q.data.element_size()
     total += qs.absmax.numel() * qs.absmax.element_size() + qs.code.numel() * qs.code.element_size()
     if qs.nested:
         s2 = qs.state2
@@ -125,10 +168,23 @@ def quantized_bytes(layer: nn.Module) -> int:
     return total
 
 
+def quantized_bytes(layer: nn.Module) -> int:
+    """Bytes the 4-bit weights of a Linear4bit (or NF4Experts) occupy."""
+    if isinstance(layer, NF4Experts):
+        return sum(_packed_bytes(getattr(layer, p)) for p in PROJECTIONS)
+    return _packed_bytes(layer.weight)
+
+
+def quantized_params(layer: nn.Module) -> int:
+    """Logical parameter count of a Linear4bit's (or NF4Experts') 4-bit weights."""
+    if isinstance(layer, NF4Experts):
+        return sum(math.prod(layer.shapes[p]) for p in PROJECTIONS)
+    return layer.in_features * layer.out_features
+
+
 def base_bytes_per_param(model: nn.Module) -> Optional[float]:
     """Average storage of the quantized base weights in bytes per parameter (None if none are quantized)."""
-    layers = [m for m in model.modules() if is_4bit(m)]
+    layers = [m for m in model.modules() if is_quantized(m)]
     if not layers:
         return None
-    n = sum(m.in_features * m.out_features for m in layers)
-    return sum(quantized_bytes(m) for m in layers) / n
+    return sum(quantized_bytes(m) for m in layers) / sum(quantized_params(m) for m in layers)

@@ -107,11 +107,14 @@ class Transformer(nn.Module):
         positions: Optional[torch.Tensor] = None,
         cache=None,
         return_hidden: bool = False,
+        documents: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab) (or final hidden states (B, T, d_model)).
 
         ``positions`` (B, T) defaults to 0..T-1 after whatever the cache already holds.
         With a cache, the new keys/values are appended and the cache advances by T.
+        ``documents`` (B, T) (training on packed rows, no cache): a token attends only to earlier
+        tokens of its own document (``model.attention.document_ids`` of the restarting positions).
         """
         B, T = idx.shape
         if positions is None:
@@ -121,24 +124,32 @@ class Transformer(nn.Module):
             k_pos, k_valid = cache.key_positions(positions)
         else:
             k_pos, k_valid = positions, None
-        mask = AttnMask(positions, k_pos, k_valid)
-
-        x = self.embed(idx)
-        if self.cfg.embed_scale:  # Gemma scales by sqrt(d) in the activation dtype
-            x = x * torch.tensor(self.cfg.d_model**0.5, dtype=x.dtype)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed(positions)
-        x = self.drop(x)
-        rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
-        rope_local = self.rotary_local(positions, x.dtype) if self.rotary_local is not None else rope
-        for i, block in enumerate(self.layers):
-            x = block(x, rope_local if i in self.local_layers else rope, mask, cache)
+        mask = AttnMask(positions, k_pos, k_valid, documents)
+        x = self.run_blocks(self.embed_tokens(idx, positions), positions, mask, cache)
         if cache is not None:
             cache.advance(T)
         x = self.norm(x)
         if return_hidden:
             return x
         return self.logits(x)
+
+    def embed_tokens(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Token (and learned position) embeddings: idx (B, T) -> (B, T, d_model)."""
+        x = self.embed(idx)
+        if self.cfg.embed_scale:  # Gemma scales by sqrt(d) in the activation dtype
+            x = x * torch.tensor(self.cfg.d_model**0.5, dtype=x.dtype)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        return self.drop(x)
+
+    def run_blocks(self, x: torch.Tensor, positions: torch.Tensor, mask: AttnMask, cache=None,
+                   layers: Optional[range] = None) -> torch.Tensor:
+        """The blocks ``layers`` (default: all) over x (B, T, d_model); a pipeline stage runs its own range."""
+        rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
+        rope_local = self.rotary_local(positions, x.dtype) if self.rotary_local is not None else rope
+        for i in layers if layers is not None else range(len(self.layers)):
+            x = self.layers[i](x, rope_local if i in self.local_layers else rope, mask, cache)
+        return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)
@@ -167,6 +178,18 @@ class Transformer(nn.Module):
         for layer in moe_layers(self):
             layer.aux_loss = None
         return aux
+
+    def parallelize_tensors(self, tp_mesh) -> None:
+        """Tensor parallelism over ``tp_mesh`` in place (model/tensor_parallel.py's plan)."""
+        from model.tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(self, tp_mesh)
+
+    def pipeline_stage(self, index: int, n_stages: int) -> nn.Module:
+        """This model pruned in place to pipeline stage ``index`` of ``n_stages`` (model/pipeline.py)."""
+        from model.pipeline import PipelineStageModule
+
+        return PipelineStageModule(self, index, n_stages)
 
     @property
     def tied_weights(self) -> dict[str, str]:

@@ -25,6 +25,8 @@ class PretrainDataConfig:
     val_bin: Optional[str] = field(default=None, metadata={"path": "file?"})  # val loss / perplexity when set
     # the tokenizer.json the bins were made with (hash checked), copied beside each checkpoint
     tokenizer: Optional[str] = field(default=None, metadata={"path": "file?"})
+    # true: a window's documents attend only to themselves (positions restart at each EOS-opened document)
+    document_mask: bool = False
 
 
 @dataclass
@@ -41,6 +43,9 @@ class PretrainRecipe:
         elif self.model is None:
             raise UserError("the recipe needs a model section (the ModelConfig to train from scratch) or "
                             "init_from: <checkpoint dir> (continued pretraining).")
+        if self.train.parallel.pp > 1 and self.data.document_mask:
+            raise UserError("train.parallel.pp > 1 with data.document_mask: pipeline stages pass hidden states only, "
+                            "not the per-document positions; set one of them off.")
         if self.train.seq_len > self.model.max_seq_len:  # positions past the context were never meant to be seen
             raise UserError(f"train.seq_len={self.train.seq_len} exceeds the model's context max_seq_len="
                             f"{self.model.max_seq_len}; lower train.seq_len or raise model.max_seq_len.")

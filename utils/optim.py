@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from utils.errors import UserError
+from utils.grad_clip import AdaptiveClipConfig
 
 
 @dataclass
@@ -31,6 +32,8 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; <= 0 disables clipping (the norm is still logged)
+    adaptive_clip: Optional[AdaptiveClipConfig] = None  # {} or {z_threshold: 2.5}: also clip spikes against the
+    # recent norms (utils/grad_clip.py, ZClip-style), under the grad_clip ceiling
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # LR at the end of the decay, as a fraction of the peak

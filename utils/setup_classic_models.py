@@ -105,10 +105,14 @@ def pretrain(key: str, model: dict) -> dict:
     # ~2M tokens: 500 steps x 4096 tokens.
     return dict(
         model=model,
-        data=dict(train_bin="data/bins/pretrain/train.bin", val_bin="data/bins/pretrain/val.bin", tokenizer=TOKENIZER),
+        data=dict(train_bin="data/bins/pretrain/train.bin", val_bin="data/bins/pretrain/val.bin", tokenizer=TOKENIZER,
+                  document_mask=False),  # true: the stories of a window attend only to themselves
         train=train_section(key, "pretrain", 500, 8, 256, global_batch_tokens=4096, log_every=10, eval_every=100,
-                            eval_batches=10, save_every=100, keep_last=2, dtype="auto", distributed="none"),
-        optim=pretrain_optim(model),
+                            eval_batches=10, save_every=100, keep_last=2, dtype="auto", distributed="none",
+                            parallel=dict(tp=1, pp=1, dp=0, pp_schedule="1f1b")),
+        # grad_clip is the ceiling; adaptive_clip also clips a spike down to the recent norms (utils/grad_clip.py)
+        optim=dict(pretrain_optim(model), grad_clip=1.0,
+                   adaptive_clip=dict(z_threshold=2.5, ema_beta=0.97, warmup_steps=25)),
     )
 
 
@@ -117,7 +121,7 @@ def sft(key: str, mode: str) -> dict:
     lora = dict(r=16, alpha=32, dropout=0.05, targets="all-linear", modules_to_save=["embed", "lm_head"])
     recipe = dict(
         model=dict(init_from=final(key, "pretrain")),
-        data=dict(bin_dir="data/bins/sft", tokenizer=TOKENIZER),
+        data=dict(bin_dir="data/bins/sft", tokenizer=TOKENIZER, pack=True, document_mask=True),
         train=train_section(key, f"sft_{mode}", 300, 8, 256, eval_every=100, save_every=100),
         # adapters start at zero and take a larger LR than full fine-tuning
         optim=dict(lr=1.0e-3 if mode == "full" else 3.0e-3, weight_decay=0.0, warmup_steps=20),
@@ -245,7 +249,10 @@ MERGED = "1_sft_qlora's adapter, merged onto its NF4 base when loaded (then trai
 ALTERNATIVE = ("An alternative to 1_sft_qlora, whose output the later stages read; to continue from this one, "
                "pass model.init_from={out} to them.")
 ABOUT = {
-    "0_pretrain.yaml": "next-token pretraining on the token bins and tokenizer of the data_pipeline commands.",
+    "0_pretrain.yaml": "next-token pretraining on the token bins and tokenizer of the data_pipeline commands. "
+                       "Under torchrun, train.distributed (ddp | fsdp) and train.parallel (tp, pp; dp = the rest) "
+                       "lay the processes out, e.g. --nproc_per_node 4 train.distributed=fsdp train.parallel.tp=2 "
+                       "(README: Parallelism).",
     "1_sft_full.yaml": "full fine-tuning of 0_pretrain's checkpoint. " + ALTERNATIVE,
     "1_sft_lora.yaml": "LoRA adapters over 0_pretrain's checkpoint. " + ALTERNATIVE,
     "1_sft_qlora.yaml": "LoRA adapters over 0_pretrain's checkpoint quantized to NF4; the reward, DPO, ORPO and RL "
@@ -266,6 +273,11 @@ ABOUT = {
     "4_eval_perplexity.yaml": "perplexity of 0_pretrain's checkpoint on the held-out stories.",
     "4_eval_humaneval.yaml": "HumanEval-format pass@k of 3_rlhf_grpo's policy.",
     "5_serve.yaml": "serves 3_rlhf_grpo's policy (OpenAI-compatible API and chat page on port 8000).",
+}
+MOE_ADAPTERS = {  # targets: all-linear takes in the routed experts (model/linear_layers.py)
+    "1_sft_lora.yaml": " all-linear includes the routed experts: each expert gets its own adapters.",
+    "1_sft_qlora.yaml": " all-linear includes the routed experts: stored in NF4 and each given its own adapters "
+                        "(targets can name experts, shared_experts, gate (the router) or attn instead).",
 }
 DATA_FIRST = "the data_pipeline commands of the README (token bins, tokenizer, prompts)"
 
@@ -304,6 +316,8 @@ def generate() -> dict[str, str]:
         recipes = stage_recipes(key, arch.values)
         for name, before in run_first(recipes).items():
             about = ABOUT[name].format(out=final(key, name[2:-5]))
+            if arch.values.get("ffn") == "moe" and name in ("1_sft_lora.yaml", "1_sft_qlora.yaml"):
+                about += MOE_ADAPTERS[name]
             first = [f"Run first: {command(key, b)}" for b in before] or [f"Run first: {DATA_FIRST}"]
             files[f"{key}/{name}"] = render([f"{key} -- {arch.description}", f"Stage {name[:-5]}: {about}"],
                                             [*first, f"Run:       {command(key, name)}"], recipes[name])

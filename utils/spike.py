@@ -61,6 +61,15 @@ class SpikeConfig:
             raise UserError("train.spike.warmup_steps and max_rollbacks must be >= 0.")
 
 
+def ema_moments(mean: float, var: float, x: float, beta: float, first: bool = False) -> tuple[float, float]:
+    """One step of the exponential moving mean and variance (the first value only sets the mean):
+    mu <- b mu + (1-b) x,  var <- b (var + (1-b) (x - mu_old)^2)."""
+    if first:
+        return x, 0.0
+    delta = x - mean
+    return mean + (1 - beta) * delta, beta * (var + (1 - beta) * delta * delta)
+
+
 class SpikeDetector:
     def __init__(self, cfg: SpikeConfig):
         self.cfg = cfg
@@ -89,13 +98,7 @@ class SpikeDetector:
         return self.var / (1 - self.cfg.ema_beta**n) if n > 0 else 0.0
 
     def update(self, loss: float) -> None:
-        if self.count == 0:
-            self.mean, self.var = loss, 0.0
-        else:
-            b = self.cfg.ema_beta
-            delta = loss - self.mean
-            self.mean += (1 - b) * delta
-            self.var = b * (self.var + (1 - b) * delta * delta)
+        self.mean, self.var = ema_moments(self.mean, self.var, loss, self.cfg.ema_beta, first=self.count == 0)
         self.count += 1
         self.best = min(self.best, self.mean)
 

@@ -14,6 +14,35 @@ from utils.spike import SpikeConfig
 
 
 @dataclass
+class ParallelConfig:
+    """Recipe section ``train.parallel``: how the processes torchrun starts split the work, on a
+    DeviceMesh of (pp, dp, tp) = world size (utils/distributed.py).
+
+    tp: tensor parallelism, each block's matmuls split over tp ranks (model/tensor_parallel.py)
+    pp: pipeline parallelism, the blocks cut into pp stages run as a ``pp_schedule`` pipeline
+        whose micro-batches are the step's gradient-accumulation micro-batches (utils/pipeline.py)
+    dp: data parallelism over the rest (0: world / (tp * pp)), by train.distributed: fsdp shards
+        (with tp: FSDP2 x TP on a 2-D mesh), ddp replicates (tp: 1 only)
+    """
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 0
+    pp_schedule: Literal["1f1b", "gpipe"] = "1f1b"
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp"):
+            if getattr(self, name) < 1:
+                raise UserError(f"train.parallel.{name} must be >= 1 (1: off), got {getattr(self, name)}.")
+        if self.dp < 0:
+            raise UserError(f"train.parallel.dp must be >= 0 (0: the processes tp and pp leave), got {self.dp}.")
+
+    @property
+    def model_parallel(self) -> bool:
+        return self.tp > 1 or self.pp > 1
+
+
+@dataclass
 class TrainConfig:
     """Recipe section ``train``."""
 
@@ -32,7 +61,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N (utils/device.py); torchrun: one GPU per process
     dtype: DType = "auto"  # autocast dtype; auto: bf16 on CUDA, fp32 on CPU
     compile: bool = False
-    distributed: Literal["none", "ddp", "fsdp"] = "none"
+    distributed: Literal["none", "ddp", "fsdp"] = "none"  # the data-parallel engine (torchrun; see parallel.dp)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # tensor / pipeline parallelism
     resume: str = "auto"  # "auto" (latest in out_dir) | "never" | path to a step checkpoint
     spike: SpikeConfig = field(default_factory=SpikeConfig)
     tensorboard: bool = False

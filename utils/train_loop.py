@@ -8,7 +8,11 @@ Stages pass in what differs; the loop owns everything else:
 
 - ``batches``: iterator of micro-batches (tensors, tuples/lists or dicts of tensors) with
   ``state_dict()`` / ``load_state_dict()`` for exact resume; it must already be sharded by
-  rank (build it with ``utils.distributed.setup(...)``'s rank/world_size) and never run out.
+  data-parallel rank (build it with ``utils.distributed.setup(...)``'s dp_rank/dp_size: the
+  ranks of a tensor-parallel group and the pipeline stages read the same rows) and never run out.
+- ``train.parallel`` (tp, pp): tensor parallelism wraps the model like FSDP does; with pp > 1
+  the step runs the micro-batches through a pipeline (utils/pipeline.py) with the next-token
+  loss of (x, y) batches instead of ``loss_fn``, so only pretraining takes it.
 - ``loss_fn(model, batch) -> (loss, metrics)``: batch already on the device; ``loss`` is the
   MEAN loss of the micro-batch (scalar tensor); ``metrics`` a dict of floats / 0-d tensors,
   averaged over micro-batches and ranks and logged. Two optional keys steer the loop:
@@ -31,8 +35,11 @@ Stages pass in what differs; the loop owns everything else:
   ``{out_dir}/final`` (weights, config, recipe, tokenizer), ``metrics.jsonl``, ``loss.png``.
 
 Each optimizer step: accumulate gradients over micro-batches (DDP syncs only on the last),
-all-reduce loss/flags, normalise the gradient by the total loss weight, clip, then step
+all-reduce loss/flags, normalise the gradient by the total loss weight, clip (``optim.grad_clip``,
+and with ``optim.adaptive_clip`` against the recent norms: utils/grad_clip.py), then step
 only when loss and grad norm are finite and the spike detector is quiet (utils/spike.py).
+``train.dtype: fp16`` runs autocast with a GradScaler (CUDA or CPU): an overflowing step is
+skipped and lowers the scale, and is not counted as a bad step.
 ``train.spike.max_bad_steps`` skipped steps in a row mean the run diverged: ``Diverged`` (a
 UserError) is raised and no ``final/`` is written; step checkpoints record in meta.json whether
 the run was healthy when they were saved, and rollbacks and resumes go to the newest healthy one.
@@ -58,6 +65,8 @@ from utils.checkpoint import CheckpointManager
 from utils.device import TORCH_DTYPES, dtype_name
 from utils.errors import UserError
 from utils.fs import writable_dir
+from utils.grad_clip import GradClip
+from utils.pipeline import Pipeline
 from utils.logging import MetricsLogger, read_records
 from utils.optim import LRSchedule, OptimConfig, build_optimizer
 from utils.plots import plot_loss_curve
@@ -115,11 +124,6 @@ def _first_tensor(batch: Any) -> Optional[torch.Tensor]:
     return None
 
 
-def _resolve_dtype(cfg: TrainConfig, device: torch.device) -> str:
-    dtype = dtype_name(cfg.dtype, device, "train.dtype")
-    if dtype == "fp16" and device.type != "cuda":  # fp16 autocast + GradScaler are CUDA paths
-        raise UserError("train.dtype=fp16 needs a CUDA device; use bf16 or fp32 on CPU.")
-    return dtype
 
 
 class _Interrupt:
@@ -151,22 +155,22 @@ class _Interrupt:
             signal.signal(sig, prev)
 
 
-def _train_step(run: S.Run, stop_requested: Callable[[], bool]) -> tuple[dict, Optional[dict], bool, bool]:
-    """One optimizer step over ``accum`` micro-batches; returns (record, spike, bad, stop): why the
-    loss is a spike (or None), whether the step was skipped as non-finite or spiking, and whether a
-    process asked to stop."""
+def _next_batch(run: S.Run) -> Any:
+    try:
+        return to_device(next(run.batches), run.env.device)
+    except StopIteration:
+        raise UserError(f"the batch iterator ran out at step {run.step}; training loaders must cycle over epochs "
+                        "(or lower train.max_steps).") from None
+
+
+def _accumulate(run: S.Run) -> tuple[torch.Tensor, float, int, dict]:
+    """Forward and backward of ``accum`` micro-batches through ``loss_fn``; this rank's
+    (weighted loss sum, weight sum, tokens, weighted metric sums)."""
     env, model = run.env, run.model
-    model.train()
-    t0 = time.perf_counter()
     loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
     weight_sum, tokens, metric_sums = 0.0, 0, {}
     for i in range(run.accum):
-        try:
-            batch = next(run.batches)
-        except StopIteration:
-            raise UserError(f"the batch iterator ran out at step {run.step}; training loaders must cycle over epochs "
-                            "(or lower train.max_steps).") from None
-        batch = to_device(batch, env.device)
+        batch = _next_batch(run)
         last = i == run.accum - 1
         sync = contextlib.nullcontext() if last or env.kind != "ddp" else model.no_sync()
         with sync:
@@ -182,6 +186,22 @@ def _train_step(run: S.Run, stop_requested: Callable[[], bool]) -> tuple[dict, O
         tokens += int(n_tok) if n_tok is not None else (_first_tensor(batch).numel() if _first_tensor(batch) is not None else 0)
         for k, v in metrics.items():
             metric_sums[k] = metric_sums.get(k, 0.0) + (v.detach().double() if torch.is_tensor(v) else float(v)) * weight
+    return loss_sum, weight_sum, tokens, metric_sums
+
+
+def _train_step(run: S.Run, stop_requested: Callable[[], bool]) -> tuple[dict, Optional[dict], bool, bool]:
+    """One optimizer step over ``accum`` micro-batches; returns (record, spike, bad, stop): why the
+    loss is a spike (or None), whether the step was skipped as non-finite or spiking, and whether a
+    process asked to stop."""
+    env = run.env
+    run.raw.train()
+    t0 = time.perf_counter()
+    if run.pipeline is not None:  # the schedule runs the micro-batches through the stages (utils/pipeline.py)
+        with run.autocast():
+            loss_value, weight_sum, tokens = run.pipeline.step([_next_batch(run) for _ in range(run.accum)])
+        loss_sum, metric_sums = torch.tensor(loss_value * weight_sum, dtype=torch.float64, device=env.device), {}
+    else:
+        loss_sum, weight_sum, tokens, metric_sums = _accumulate(run)
 
     # One all-reduce carries the loss, weights, token count, metrics and the Ctrl-C flag.
     keys = sorted(metric_sums)
@@ -189,7 +209,7 @@ def _train_step(run: S.Run, stop_requested: Callable[[], bool]) -> tuple[dict, O
                          torch.tensor(float(tokens), dtype=torch.float64, device=env.device),
                          torch.tensor(float(stop_requested()), dtype=torch.float64, device=env.device)]
                         + [torch.as_tensor(metric_sums[k], dtype=torch.float64, device=env.device) for k in keys])
-    stats = D.all_reduce_sum(stats, env).tolist()
+    stats = [v / env.tp for v in D.all_reduce_sum(stats, env).tolist()]  # the tp ranks of a group agree: count once
     total_w = stats[1]
     if total_w <= 0:
         raise UserError(f"step {run.step + 1}: no micro-batch on any process holds a token to learn from (every "
@@ -198,20 +218,17 @@ def _train_step(run: S.Run, stop_requested: Callable[[], bool]) -> tuple[dict, O
     loss = stats[0] / total_w
     metrics = {k: v / total_w for k, v in zip(keys, stats[4:])}
 
-    # DDP/FSDP average gradients over ranks; rescale so the gradient is the weighted mean
-    # over every micro-batch of every rank: sum_i w_i grad(L_i) / sum_i w_i.
+    # DDP/FSDP average gradients over the data-parallel ranks; rescale so the gradient is the
+    # weighted mean over every micro-batch of every rank: sum_i w_i grad(L_i) / sum_i w_i.
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)
-    factor = env.world_size / total_w
+    factor = env.dp_size / total_w
     grads = [p.grad for p in run.params if p.grad is not None]
     if factor != 1.0:
         for g in grads:
             g.mul_(factor)
-    max_norm = run.optim_cfg.grad_clip if run.optim_cfg.grad_clip > 0 else math.inf
-    norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm, foreach=None)
-    if D.is_dtensor(norm):
-        norm = norm.full_tensor()
-    grad_norm = float(norm)
+    # fixed max norm, or adaptive (utils/grad_clip.py); a pipeline's norm covers every stage's gradients
+    grad_norm, applied_norm = run.clip.clip(run.params, run.pipeline.group if run.pipeline is not None else None)
 
     lr_mult = run.schedule.apply(run.optimizer, run.step)
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
@@ -223,8 +240,10 @@ def _train_step(run: S.Run, stop_requested: Callable[[], bool]) -> tuple[dict, O
         else:
             run.optimizer.step()
         run.spike.update(loss)
+        run.clip.update(applied_norm)
         _after_update(run.raw)
     if run.scaler is not None:
+        loss_scale = run.scaler.get_scale()  # the scale this step's gradients carried
         run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
 
@@ -233,6 +252,10 @@ def _train_step(run: S.Run, stop_requested: Callable[[], bool]) -> tuple[dict, O
     run.tokens_seen += global_tokens
     record = {"step": run.step + 1, "loss": loss, "lr": run.optim_cfg.lr * lr_mult, "grad_norm": grad_norm,
               "tok_per_s": global_tokens / dt, "tokens": run.tokens_seen, "dt_ms": 1000 * dt, **metrics}
+    if run.optim_cfg.adaptive_clip is not None:
+        record["grad_norm_clipped"] = applied_norm
+    if run.scaler is not None:
+        record["loss_scale"] = loss_scale
     if not finite:
         run.event("nonfinite", loss=loss, grad_norm=grad_norm, action="skipped update")
     elif spike is not None:
@@ -263,10 +286,11 @@ def _expert_load(model: nn.Module) -> dict:
 def _evaluate(run: S.Run, eval_fn: Optional[Callable]) -> dict:
     if eval_fn is None:
         return {}
-    run.raw.eval()
+    model = run.pipeline.whole_model() if run.pipeline is not None else run.raw  # a stage cannot evaluate alone
+    model.eval()
     with torch.no_grad(), run.autocast():
-        out = eval_fn(run.raw)
-    run.raw.train()
+        out = eval_fn(model)
+    model.train()
     return {k: float(v) for k, v in (out or {}).items()}
 
 
@@ -277,10 +301,10 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable, train_cfg: Tra
     """Train ``model`` for ``train_cfg.max_steps`` optimizer steps (see the module docstring)."""
     cfg = train_cfg
     writable_dir(cfg.out_dir, "train.out_dir")
-    env = D.setup(cfg.distributed, cfg.device)
-    dtype = _resolve_dtype(cfg, env.device)
-    accum = grad_accum_steps(cfg, env.world_size)
-    S.seed_everything(cfg.seed + env.rank)
+    env = D.setup(cfg.distributed, cfg.device, cfg.parallel)
+    dtype = dtype_name(cfg.dtype, env.device, "train.dtype")
+    accum = grad_accum_steps(cfg, env.dp_size)
+    S.seed_everything(cfg.seed + env.dp_rank)  # the ranks of a tp group (and the stages) draw the same dropout
     if env.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
@@ -307,27 +331,39 @@ def train(model: nn.Module, batches: Iterator, loss_fn: Callable, train_cfg: Tra
     if state is not None:  # weights go in before wrapping, so FSDP shards the resumed values
         S.load_weights_into(resume_path, raw, D.DistEnv(env.rank, env.world_size, env.local_rank, env.device, "none"), weights_fn)
 
-    wrapped = D.wrap_model(raw, env)
-    by_name = dict(raw.named_parameters())  # FSDP2 replaced the Parameters: look them up again
-    trainable = [by_name[n] for n in names]
+    fpt = flops_per_token if flops_per_token is not None else F.flops_per_token(raw, cfg.seq_len)  # the whole model's
+    pipeline = None
+    if env.pp > 1:  # this rank keeps its stage of the model (raw is pruned to it)
+        if cfg.compile:
+            raise UserError("train.compile with train.parallel.pp > 1 is not built; compile per stage is future work, "
+                            "set one of them off.")
+        pipeline = Pipeline(raw, env, accum, cfg.parallel.pp_schedule, keep_whole=eval_fn is not None)
+        wrapped = pipeline.module
+    else:
+        wrapped = D.wrap_model(raw, env)
+    by_name = dict(raw.named_parameters())  # FSDP2/TP replaced the Parameters (a stage dropped some): look them up
+    trainable = [by_name[n] for n in names if n in by_name]
     optimizer = build_optimizer(raw, trainable, optim_cfg, env.device)
     run = S.Run(cfg, optim_cfg, env, raw, torch.compile(wrapped) if cfg.compile else wrapped, trainable, optimizer,
-               LRSchedule(optim_cfg, cfg.max_steps), torch.amp.GradScaler("cuda") if dtype == "fp16" else None,
+               # fp16: autocast with a loss scale (GradScaler, on CUDA and on CPU), which skips the updates whose
+               # gradients overflowed, halves the scale then, and doubles it after a run of good steps.
+               LRSchedule(optim_cfg, cfg.max_steps), torch.amp.GradScaler(env.device.type) if dtype == "fp16" else None,
                SpikeDetector(cfg.spike), batches, loss_fn, accum, None if dtype == "fp32" else TORCH_DTYPES[dtype], manager,
-               MetricsLogger(cfg.out_dir, enabled=False))
+               MetricsLogger(cfg.out_dir, enabled=False), GradClip(optim_cfg.grad_clip, optim_cfg.adaptive_clip), pipeline)
     changed = S.resume(run, state) if state is not None else {}
     extra = {"weights_fn": weights_fn, "recipe": recipe, "meta": checkpoint_meta, "tokenizer_path": tokenizer_path}
 
     run.logger = MetricsLogger(cfg.out_dir, enabled=env.is_main, tensorboard=cfg.tensorboard, total_steps=cfg.max_steps,
                                start_step=run.step, progress=cfg.progress)
     history = read_records(Path(cfg.out_dir) / "metrics.jsonl", max_step=run.step) if state is not None else []
-    fpt = flops_per_token if flops_per_token is not None else F.flops_per_token(raw, cfg.seq_len)
     peak = cfg.peak_flops or F.device_peak_flops(env.device, dtype)
     n_train = sum(p.numel() for p in trainable)
+    layout = f" dp {env.dp_size} x tp {env.tp} x pp {env.pp}" if cfg.parallel.model_parallel else ""
     run.logger.print(
-        f"train: {env.world_size} process(es) [{env.kind}] on {env.device} | dtype {dtype}{' | compiled' if cfg.compile else ''} | "
+        f"train: {env.world_size} process(es) [{env.kind}{layout}] on {env.device} | dtype {dtype}"
+        f"{' | compiled' if cfg.compile else ''} | "
         f"micro-batch {cfg.batch_size}x{cfg.seq_len} | grad accum {accum} | "
-        f"{cfg.batch_size * cfg.seq_len * accum * env.world_size:,} tokens/step | trainable params {n_train:,} | "
+        f"{cfg.batch_size * cfg.seq_len * accum * env.dp_size:,} tokens/step | trainable params {n_train:,} | "
         f"FLOPs/token {fpt:.3g} | peak {'n/a' if not peak else f'{peak:.3g}'} FLOPs/s"
         + (f" | resumed from {resume_path} at step {run.step}" if state is not None else ""))
     if changed:  # applied from this step on, not ignored: said on the console and in metrics.jsonl

@@ -6,13 +6,15 @@ and from checkpoint directories.
 
 A step checkpoint (``utils.checkpoint`` layout) holds the weights plus ``train_state.pt``:
 
-    step, world_size, optimizer_name, optimizer, schedule, scaler, spike, tokens_seen, bad_streak,
+    step, world_size, optimizer_name, optimizer, schedule, scaler, spike, grad_clip, tokens_seen, bad_streak,
     ranks: [{"rng": {...}, "data": loader.state_dict()}, ...]   # one entry per rank
 
 Each rank has its own data position and RNG streams, so they are gathered to rank 0 and
-saved as a list; resuming with another process count is refused (the data shards would
-not line up). Under FSDP2 full (unsharded) weights and optimizer state are gathered with
-``torch.distributed.checkpoint.state_dict`` so a checkpoint does not depend on the sharding.
+saved as a list; resuming with another process count or ``train.parallel`` layout is refused
+(the data shards would not line up). Under FSDP2 and tensor parallelism full (unsharded) weights
+and optimizer state are gathered with ``torch.distributed.checkpoint.state_dict``; pipeline stages
+send their weights to rank 0 and keep their optimizer state in their own ``ranks`` entry. The
+weights of every checkpoint are the whole model, so any layout can start from them (``init_from``).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from utils.checkpoint import (
 )
 from utils.distributed import DistEnv, all_gather_object, barrier, full_tensor
 from utils.errors import UserError
+from utils.grad_clip import GradClip
 from utils.logging import MetricsLogger
 from utils.optim import LRSchedule, OptimConfig
 from utils.spike import Diverged, SpikeDetector
@@ -89,7 +92,7 @@ def gather_weights(model: nn.Module, env: DistEnv, weights_fn: Optional[Callable
     """Full CPU weights to save (collective under FSDP); None means "the model's own state"."""
     if weights_fn is not None:
         return {k: full_tensor(v) for k, v in weights_fn(model).items()}
-    if env.kind != "fsdp":
+    if not env.sharded:
         return None
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
@@ -100,7 +103,7 @@ def gather_weights(model: nn.Module, env: DistEnv, weights_fn: Optional[Callable
 
 
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv) -> dict:
-    if env.kind == "fsdp":
+    if env.sharded:  # DTensor moments (FSDP2 / TP) gathered into full tensors
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         return get_optimizer_state_dict(model, optimizer, options=_fsdp_options(cpu_offload=True))
@@ -118,7 +121,7 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     ones, and a resumed run would train with the old LR while logging the new. Returns what the
     recipe changed, as {recipe key: (saved, now)}."""
     fresh = [{k: g[k] for k in _RECIPE_GROUP_KEYS if k in g} for g in optimizer.param_groups]
-    if env.kind == "fsdp":
+    if env.sharded:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=_fsdp_options())
@@ -181,7 +184,10 @@ def load_weights_into(path: Path, model: nn.Module, env: DistEnv, weights_fn: Op
                     raise UserError(f"weights in {path}: {k} has shape {tuple(state[k].shape)}, expected {tuple(t.shape)}.")
                 _copy_into(t, state[k])
         return
-    if env.kind == "fsdp" and _is_sharded(model):
+    if env.pp > 1:  # a pipeline stage: its own part of the whole model's weights
+        own = model.state_dict()
+        state = {k: v for k, v in state.items() if k in own}
+    if env.sharded and _is_sharded(model):
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
         for alias, source in getattr(model, "tied_weights", {}).items():  # set_model_state_dict wants both
@@ -219,6 +225,13 @@ def read_resume_state(path: Path, model: nn.Module, env: DistEnv, optimizer_name
         raise UserError(f"checkpoint {str(path)!r} was written by {state.get('world_size')} process(es) but this run has "
                         f"{env.world_size}; each process's data position and RNG are saved, so resume with "
                         f"--nproc_per_node {state.get('world_size')} (or set train.resume=never).")
+    layout = {"tp": env.tp, "pp": env.pp, "dp": env.dp_size}
+    if state.get("layout", {"tp": 1, "pp": 1, "dp": env.world_size}) != layout:
+        saved = state.get("layout")
+        raise UserError(f"checkpoint {str(path)!r} was written with train.parallel {saved} but this run is {layout}; a "
+                        "step checkpoint resumes in its own layout (each data-parallel rank's data position is saved). "
+                        f"Resume with the same tp/pp, or start a new run from its weights ({path} holds the whole model: "
+                        "init_from / model.init_from) with fresh optimizer moments.")
     if state.get("optimizer_name") != optimizer_name:
         raise UserError(f"checkpoint {str(path)!r} was trained with optim.name={state.get('optimizer_name')!r}, "
                         f"this recipe says {optimizer_name!r}; use the same optimizer to resume.")
@@ -259,6 +272,8 @@ class Run:
     amp_dtype: Optional[torch.dtype]
     manager: CheckpointManager
     logger: MetricsLogger
+    clip: GradClip
+    pipeline: Optional[Any] = None  # utils/pipeline.py Pipeline when train.parallel.pp > 1 (model is its stage)
     step: int = 0
     tokens_seen: int = 0
     rollbacks: int = 0
@@ -275,16 +290,33 @@ class Run:
         self.logger.event(self.step, kind, **info)
 
 
+def full_weights(run: Run, weights_fn: Optional[Callable]) -> Optional[dict[str, torch.Tensor]]:
+    """The whole model's weights to save (gathered from the pipeline stages, or the FSDP/TP shards)."""
+    if run.pipeline is not None:
+        return run.pipeline.full_state()
+    return gather_weights(run.raw, run.env, weights_fn)
+
+
+def saved_optimizer(state: dict, run: Run) -> dict:
+    """The optimizer state this rank resumes: the run's, or (pipeline) its own stage's."""
+    return state["ranks"][run.env.rank]["optimizer"] if run.pipeline is not None else state["optimizer"]
+
+
 def save_step(run: Run, extra: dict) -> Optional[Path]:
     """Step checkpoint with full train state (collective; rank 0 writes)."""
-    weights = gather_weights(run.raw, run.env, extra["weights_fn"])
-    opt_state = optimizer_state(run.raw, run.optimizer, run.env)
-    ranks = all_gather_object({"rng": rng_state(run.env.device), "data": data_state(run.batches)}, run.env)
+    weights = full_weights(run, extra["weights_fn"])
+    mine = {"rng": rng_state(run.env.device), "data": data_state(run.batches)}
+    if run.pipeline is not None:  # each stage's own optimizer (the layout must match to resume)
+        mine["optimizer"], opt_state = run.optimizer.state_dict(), None
+    else:
+        opt_state = optimizer_state(run.raw, run.optimizer, run.env)
+    ranks = all_gather_object(mine, run.env)
     path = None
     if run.env.is_main:
-        train_state = {"step": run.step, "world_size": run.env.world_size, "optimizer_name": run.optim_cfg.name,
+        layout = {"tp": run.env.tp, "pp": run.env.pp, "dp": run.env.dp_size}
+        train_state = {"step": run.step, "world_size": run.env.world_size, "layout": layout, "optimizer_name": run.optim_cfg.name,
                        "optimizer": opt_state, "schedule": run.schedule.state_dict(), "spike": run.spike.state_dict(),
-                       "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+                       "grad_clip": run.clip.state_dict(), "scaler": run.scaler.state_dict() if run.scaler is not None else None,
                        "tokens_seen": run.tokens_seen, "bad_streak": run.bad_streak, "ranks": ranks}
         path = run.manager.save(run.step, run.raw, healthy=run.bad_streak == 0, recipe=extra["recipe"],
                                 train_state=train_state, weights=weights,
@@ -307,11 +339,13 @@ def rollback(run: Run, weights_fn) -> bool:
     # the spike are not replayed (PaLM's recipe: restart earlier and skip the bad data).
     state = load_train_state(latest)
     load_weights_into(latest, run.raw, run.env, weights_fn)
-    load_optimizer_state(run.raw, run.optimizer, state["optimizer"], run.env)
+    load_optimizer_state(run.raw, run.optimizer, saved_optimizer(state, run), run.env)
     run.step = int(state["step"])
     best = run.spike.best  # the loss statistics go back too, but not the best loss reached since
     run.spike.load_state_dict(state["spike"])
     run.spike.best = min(best, run.spike.best)
+    if state.get("grad_clip"):
+        run.clip.load_state_dict(state["grad_clip"])
     run.schedule.scale *= run.cfg.spike.lr_drop
     run.rollbacks += 1
     run.bad_streak = 0
@@ -349,11 +383,13 @@ def resume(run: Run, state: dict) -> dict:
     """Resume: optimizer (needs the wrapped params), schedule, spike, scaler, RNG, data, step.
     Returns the optimizer settings the recipe changed since the checkpoint ({key: (saved, now)}),
     which apply from here on."""
-    changed = load_optimizer_state(run.raw, run.optimizer, state["optimizer"], run.env)
+    changed = load_optimizer_state(run.raw, run.optimizer, saved_optimizer(state, run), run.env)
     run.step = int(state["step"])
     run.bad_streak = int(state.get("bad_streak", 0))
     run.schedule.load_state_dict(state["schedule"])
     run.spike.load_state_dict(state["spike"])
+    if state.get("grad_clip"):  # checkpoints from before adaptive clipping lack it
+        run.clip.load_state_dict(state["grad_clip"])
     if run.scaler is not None and state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
     run.tokens_seen = int(state.get("tokens_seen", 0))
@@ -365,7 +401,7 @@ def resume(run: Run, state: dict) -> dict:
 
 def save_final(run: Run, extra: dict) -> Path:
     """``{out_dir}/final``: weights + config + recipe + tokenizer, no train state."""
-    weights = gather_weights(run.raw, run.env, extra["weights_fn"])
+    weights = full_weights(run, extra["weights_fn"])
     path = Path(run.cfg.out_dir) / "final"
     if run.env.is_main:
         save_checkpoint(path, run.raw, recipe=extra["recipe"], weights=weights, tokenizer_path=extra["tokenizer_path"],

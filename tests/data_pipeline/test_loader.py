@@ -145,3 +145,48 @@ def test_preference_masks_cover_exactly_the_reply(pipeline_dir):
                 match = [r for r in rows if r[side] + "<|im_end|>" == text and r["prompt"][-1]["content"] in prompt]
                 assert match, f"{side} mask does not cover exactly one reply"
     check_resume(lambda: PreferenceLoader(pipeline_dir / "bins/preference", "val", 256, 4, seed=5))
+
+
+# Document masking in packed rows (model/attention.py AttnMask; tests/model/test_document_mask.py for the model)
+
+
+def test_packed_sft_loss_is_the_sum_of_each_example_alone(pipeline_dir):
+    """Through the real SFT bins and loss: a packed batch's assistant-token loss equals the
+    weighted sum of the losses of its examples run one by one."""
+    from finetune.sft import sft_loss
+    from model import ModelConfig, Transformer
+
+    loader = SFTLoader(pipeline_dir / "bins/sft", "val", seq_len=300, batch_size=2, seed=0, return_position_ids=True)
+    x, y, mask, pos = next(loader)
+    torch.manual_seed(0)
+    vocab = json.loads((pipeline_dir / "bins/sft/meta.json").read_text())["vocab_size"]
+    model = Transformer(ModelConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
+                                    max_seq_len=512)).eval()
+    with torch.no_grad():
+        packed, m = sft_loss(model, (x, y, mask, pos))
+        total, weight, n_examples = 0.0, 0.0, 0
+        for b in range(x.shape[0]):
+            starts = (pos[b] == 0).nonzero().flatten().tolist() + [x.shape[1]]
+            for s, e in zip(starts, starts[1:]):
+                if mask[b, s:e].sum() == 0:
+                    continue  # padding
+                loss, mi = sft_loss(model, (x[b:b + 1, s:e], y[b:b + 1, s:e], mask[b:b + 1, s:e]))
+                total, weight, n_examples = total + float(loss) * mi["loss_weight"], weight + mi["loss_weight"], n_examples + 1
+        assert n_examples > x.shape[0]  # rows really were packed
+        assert m["loss_weight"] == weight
+        assert abs(float(packed) - total / weight) <= 1e-5
+        unmasked, _ = sft_loss(model, (x, y, mask))
+        assert abs(float(unmasked) - total / weight) > 1e-4
+
+
+def test_pretrain_windows_restart_positions_at_each_document(pipeline_dir):
+    path = pipeline_dir / "bins/pretrain/train.bin"
+    eos = json.loads((pipeline_dir / "bins/pretrain/meta.json").read_text())["eos_id"]
+    plain = next(PretrainLoader(path, seq_len=64, batch_size=4, seed=1))
+    x, y, pos = next(PretrainLoader(path, seq_len=64, batch_size=4, seed=1, document_mask=True))
+    assert torch.equal(x, plain[0]) and torch.equal(y, plain[1])  # the same windows
+    assert ((x == eos) == ((pos == 0) & (torch.arange(64) > 0))).all()  # a document opens at its EOS
+    assert (x == eos).any()
+    for b in range(4):
+        for t in range(1, 64):
+            assert pos[b, t] == (0 if x[b, t] == eos else pos[b, t - 1] + 1)

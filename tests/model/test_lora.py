@@ -6,7 +6,7 @@ import torch
 
 from model import ModelConfig, Transformer
 from model.lora import (
-    LoRAConfig, apply_lora, base_fingerprint, load_lora, lora_layers, lora_state_dict, match_linears,
+    LoRAConfig, adapter_tensors, apply_lora, base_fingerprint, load_lora, lora_layers, lora_state_dict, match_linears,
     merge_and_unload, merge_lora, save_adapter, trainable_parameters, unmerge_lora,
 )
 from utils.errors import UserError
@@ -23,7 +23,9 @@ def randomize_adapters(model, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in lora_layers(model).values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.2)
+            for name, t in adapter_tensors(layer).items():  # routed experts: lora_B.gate_proj, ...
+                if name.startswith("lora_B"):
+                    t.copy_(torch.randn(t.shape, generator=g) * 0.2)
 
 
 IDX = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(5))
@@ -158,8 +160,8 @@ def test_merge_and_unload_exports_to_hf(tmp_path):
 
 
 def test_mla_moe_model_decode_with_adapters():
-    """DeepSeek-style parts: routers stay out of all-linear; MLA's absorbed decode path reads
-    ``kv_b_proj.weight`` directly and must see the adapted weight."""
+    """DeepSeek-style parts: routers stay out of all-linear, routed experts are in it; MLA's absorbed
+    decode path reads ``kv_b_proj.weight`` directly and must see the adapted weight."""
     from model.cache import KVCache
 
     mla = dict(q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
@@ -167,6 +169,7 @@ def test_mla_moe_model_decode_with_adapters():
     model = tiny_model(attention="mla", mla=mla, ffn="moe", moe=moe, n_kv_heads=None)
     names = apply_lora(model, "all-linear", r=2, alpha=4)
     assert "layers.0.attn.kv_b_proj" in names and not any("router" in n for n in names)
+    assert "layers.1.ffn.experts" in names
     randomize_adapters(model)
     with torch.no_grad():
         full = model(IDX)

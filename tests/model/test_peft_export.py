@@ -27,7 +27,10 @@ def test_exported_peft_adapter_loads_with_peft(tmp_path):
 
 # Every family's adapter through PEFT onto its exported base. DeepSeek-V3 adapts attention only: PEFT
 # reads its gate/up/down_proj targets as the fused experts (test_deepseek_mlp_adapters_are_refused).
-TARGETS = {"deepseek_v3": ["q_a_proj", "q_b_proj", "kv_a_proj", "kv_b_proj", "o_proj"]}
+# The other MoE families adapt every linear layer but the routed experts, which have no PEFT form
+# (test_routed_expert_adapters_are_refused); "all-linear" includes them.
+TARGETS = {"deepseek_v3": ["q_a_proj", "q_b_proj", "kv_a_proj", "kv_b_proj", "o_proj"],
+           "mixtral": ["attn"], "qwen2_moe": ["attn", "shared_experts"], "qwen3_moe": ["attn"]}
 RSLORA = {"phi3", "gpt2"}  # fused q|k|v (and gate|up): rank 3r with alpha scaled, checked with rsLoRA's sqrt too
 
 
@@ -95,6 +98,17 @@ def test_deepseek_mlp_adapters_are_refused(tmp_path):
     lora_cfg = LoRAConfig(r=2, alpha=4, targets="all-linear")
     apply_lora(model, lora_cfg.targets, lora_cfg.r, lora_cfg.alpha)
     with pytest.raises(UserError, match="hf_convert.py export"):
+        export_peft_adapter(model, lora_cfg, tmp_path / "adapter")
+
+
+def test_routed_expert_adapters_are_refused(tmp_path):
+    from model import Transformer
+    from tests.model.hf_check import FAMILY_CASES
+
+    model = Transformer(FAMILY_CASES["mixtral"])
+    lora_cfg = LoRAConfig(r=2, alpha=4, targets=["q_proj", "experts"])
+    apply_lora(model, lora_cfg.targets, lora_cfg.r, lora_cfg.alpha)
+    with pytest.raises(UserError, match="routed experts.*hf_convert.py export"):
         export_peft_adapter(model, lora_cfg, tmp_path / "adapter")
 
 

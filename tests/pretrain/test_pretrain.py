@@ -65,6 +65,21 @@ def test_pretrain_end_to_end_learns_and_writes_checkpoints(tmp_path, capsys):
     assert "grad accum 2" in err and "512 tokens/step" not in err and "256 tokens/step" in err
 
 
+def test_document_masked_pretraining_learns_and_needs_the_eos_id(tmp_path):
+    """data.document_mask: the documents of a window (each opened by its EOS, here token 1 of the
+    cycle) attend only to themselves; bins whose meta.json names no eos_id are refused up front."""
+    torch.set_num_threads(1)
+    over = tiny_overrides(tmp_path, **{"data.document_mask": True, "train.max_steps": 20, "train.save_every": 0})
+    with pytest.raises(UserError, match="eos_id"):
+        pretrain_script.main(["--config_path", str(ROOT / "configs/examples/pretrain_tiny.yaml")] + over)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    (tmp_path / "meta.json").write_text(json.dumps({**meta, "eos_id": 1}))
+    pretrain_script.main(["--config_path", str(ROOT / "configs/examples/pretrain_tiny.yaml")] + over)
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(x)]
+    assert len(losses) == 20 and losses[-1] < 0.5 * losses[0], losses
+
+
 @pytest.mark.parametrize("key,value,message", [
     ("train.eval_batches", 0, "eval_batches must be positive"),  # ZeroDivisionError before
     ("train.save_every", -1, "save_every must be >= 0"),  # each of these trained silently before

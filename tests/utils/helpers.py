@@ -6,6 +6,8 @@ grad-accum W sees exactly the rows that W processes see in one step.
 
 Run as a worker:  torchrun --nproc_per_node 2 tests/utils/helpers.py OUT ddp:adamw,fsdp:adamw STEPS GLOBAL_ROWS
 (``launch`` starts the same processes without the torchrun agent, to save an interpreter start-up).
+A run's flags choose model parallelism and the model: tp2 / pp2 (train.parallel), gpipe (the
+pipeline schedule), moe (the MoE config), and term / resume / long (see ``_worker``).
 """
 from __future__ import annotations
 
@@ -61,6 +63,12 @@ def ce_loss(model, batch):
     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()), {}
 
 
+def held_out_loss(model) -> dict:
+    """An eval_fn: the loss on fixed rows that training never reads (every rank sees the same rows)."""
+    x, y = next(StreamLoader(4, seed=99))
+    return {"val_loss": float(ce_loss(model, (x, y))[0])}
+
+
 def _worker() -> None:
     """argv: OUT RUNS STEPS GLOBAL_ROWS with RUNS like "ddp:adamw,fsdp:muon"; each run trains
     a fresh tiny model and rank 0 writes OUT/<kind>_<optim>/history.json."""
@@ -68,6 +76,7 @@ def _worker() -> None:
 
     from utils.distributed import setup
     from utils.optim import OptimConfig
+    from utils.train_config import ParallelConfig
     from utils.train_loop import TrainConfig, train
 
     out, runs, steps, global_rows = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]), int(sys.argv[4])
@@ -79,20 +88,27 @@ def _worker() -> None:
         # flags: "term" = SIGTERM on rank 1 in step 2; "resume" = continue the "term" run's
         # directory; both (and "long") train 2 steps more than the plain runs.
         kind, optim, *flags = run.split(":")
-        run_dir = Path(out) / "_".join([kind, optim, *(["term"] if "resume" in flags else flags)])
-        cfg = TrainConfig(out_dir=str(run_dir), max_steps=steps + 2 if flags else steps, batch_size=2, seq_len=SEQ,
-                          global_batch_size=global_rows, distributed=kind, device="cpu",
+        run_dir = Path(out) / "_".join([kind, optim, *[("term" if f == "resume" else f) for f in flags]])
+        lengthen = {"term", "resume", "long"} & set(flags)
+        parallel = ParallelConfig(tp=2 if "tp2" in flags else 1, pp=2 if "pp2" in flags else 1,
+                                  pp_schedule="gpipe" if "gpipe" in flags else "1f1b")
+        cfg = TrainConfig(out_dir=str(run_dir), max_steps=steps + 2 if lengthen else steps, batch_size=2, seq_len=SEQ,
+                          global_batch_size=global_rows, distributed=kind, device="cpu", parallel=parallel,
                           resume="auto" if "resume" in flags else "never", progress=False, log_every=100)
-        env = setup(cfg.distributed, cfg.device)
+        env = setup(cfg.distributed, cfg.device, cfg.parallel)
         loader_cls = TermOnRank1 if "term" in flags else StreamLoader
-        loader = loader_cls(cfg.batch_size, rank=env.rank, world_size=env.world_size)
+        loader = loader_cls(cfg.batch_size, rank=env.dp_rank, world_size=env.dp_size)
+        model = tiny_model(cfg=MOE if "moe" in flags else TINY)
+        eval_fn = held_out_loss if "eval" in flags else None
         try:
-            result = train(tiny_model(), loader, ce_loss, cfg, OptimConfig(name=optim, lr=1e-2, warmup_steps=1))
+            result = train(model, loader, ce_loss, cfg, OptimConfig(name=optim, lr=1e-2, warmup_steps=1), eval_fn=eval_fn)
         except KeyboardInterrupt:  # "term": every rank must stop at the same step
             (run_dir / f"stopped_rank{env.rank}").write_text(str(loader.i))
             continue
         if env.rank == 0:
             (run_dir / "history.json").write_text(json.dumps([h["loss"] for h in result.history]))
+            (run_dir / "final_eval.json").write_text(json.dumps(result.final_eval))
+            (run_dir / "grad_norms.json").write_text(json.dumps([h["grad_norm"] for h in result.history]))
 
 
 def _probe_process_group_at_exit(out: Path) -> None:
@@ -136,8 +152,9 @@ class TermOnRank1(StreamLoader):
     """Only rank 1 gets SIGTERM (as from a scheduler), while fetching its second micro-batch."""
 
     def __next__(self):
-        if self.rank == 1 and self.i == 1:
-            import os
+        import os
+
+        if os.environ.get("RANK") == "1" and self.i == 1:  # the process, not the data shard (tp ranks share one)
             import signal
 
             os.kill(os.getpid(), signal.SIGTERM)

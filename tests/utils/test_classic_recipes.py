@@ -144,3 +144,34 @@ def test_nano_model_trains_a_step(key):
 def test_published_model_yaml_is_the_named_architecture(key):
     cfg = config_from_dict(ModelConfig, yaml.safe_load(FILES[f"{key}/model.yaml"]), source=key)
     assert cfg == architectures.get(key)
+
+
+def test_v3_nano_qlora_recipe_quantizes_and_adapts_the_routed_experts():
+    """The seed's headline QLoRA recipe: its sections, applied as finetune/sft.py applies them, store the
+    routed experts in NF4 and give each expert its own adapters."""
+    pytest.importorskip("bitsandbytes")
+    from model.lora import apply_lora
+    from model.lora_experts import LoRAExperts
+    from model.quant import NF4Experts, QLoRAConfig, quantize_for_qlora
+
+    recipe = yaml.safe_load(FILES["deepseek/v3_nano/1_sft_qlora.yaml"])
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**yaml.safe_load(FILES["deepseek/v3_nano/0_pretrain.yaml"])["model"]))
+    quantize_for_qlora(model, QLoRAConfig(**recipe["qlora"]))
+    lora = recipe["lora"]
+    apply_lora(model, lora["targets"], lora["r"], lora["alpha"], modules_to_save=lora["modules_to_save"])
+    experts = [layer.ffn.experts for layer in model.layers[model.cfg.moe["first_k_dense"]:]]
+    assert experts and all(isinstance(e, LoRAExperts) and isinstance(e.base, NF4Experts) for e in experts)
+
+
+def test_pretrain_recipes_show_the_parallel_layout():
+    """Every 0_pretrain.yaml spells train.parallel (one process per model copy by default); the seed's
+    DeepSeek-V3 nano fits tensor parallelism over 2 and 4 ranks."""
+    from model.tensor_parallel import check_tensor_parallel
+
+    for key in NANO:
+        recipe = yaml.safe_load(FILES[f"{key}/0_pretrain.yaml"])
+        assert recipe["train"]["parallel"] == {"tp": 1, "pp": 1, "dp": 0, "pp_schedule": "1f1b"}
+    model = Transformer(ModelConfig(**yaml.safe_load(FILES["deepseek/v3_nano/0_pretrain.yaml"])["model"]))
+    for tp in (2, 4):
+        check_tensor_parallel(model, tp)
