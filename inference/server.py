@@ -26,13 +26,13 @@ in-flight requests finish (``shutdown_timeout``) before the engine thread stops.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # repo root
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -57,6 +57,8 @@ from inference.server_http import (  # noqa: F401  (ServerSettings and encode_pr
     check_token_ids,
     echo_texts,
     encode_prompts,
+    longest_token_chars,
+    text_chars,
     parse,
     read_json,
     sampling_params,
@@ -112,6 +114,20 @@ class Server:
         from data_pipeline.tokenizer.chat_template import generation_prompt_ids
 
         return generation_prompt_ids(self.tokenizer)
+
+    @functools.cached_property
+    def prompt_char_limit(self) -> int | None:
+        """Characters past which a prompt cannot fit the context, whatever it tokenizes to: a token
+        stands for at most the vocabulary's longest entry (doubled, for normalizers that drop
+        characters). Checked before tokenizing, so a 1 MB prompt for a small model costs nothing."""
+        longest = longest_token_chars(self.tokenizer)
+        return None if longest is None else 2 * self.settings.max_model_len * longest
+
+    def check_prompt_chars(self, n_chars: int, param: str) -> None:
+        limit = self.prompt_char_limit
+        if limit is not None and n_chars > limit:
+            raise ApiError(400, f"the prompt is {n_chars} characters; the {self.settings.max_model_len}-token context cannot "
+                                f"hold more than {limit} with this tokenizer; shorten it.", param=param, code="context_length_exceeded")
 
     def completion_stop_ids(self, req: P.CompletionRequest, prompt: list[int]) -> list[int]:
         """Stop ids of one /v1/completions prompt: the request's ``stop_token_ids``, plus the chat
@@ -273,8 +289,9 @@ async def chat_completions(request: Request) -> Any:
     render_chat, chat_stop_ids = chat_format()
     tok, name = srv.tokenizer, srv.settings.model_name
     messages, tools, grammar = chat_setup(req, tok)
-    try:
-        prompt_ids, _ = render_chat(tok, messages, add_generation_prompt=True, tools=tools)
+    srv.check_prompt_chars(text_chars(messages) + text_chars(tools), "messages")
+    try:  # off the event loop: a long chat takes a while to render and tokenize
+        prompt_ids, _ = await asyncio.to_thread(render_chat, tok, messages, add_generation_prompt=True, tools=tools)
     except UserError as err:
         raise ApiError(400, str(err), param="messages") from None
     stop_ids = ([] if req.ignore_eos else list(chat_stop_ids(tok))) + check_token_ids(req.stop_token_ids or [], tok, "stop_token_ids")
@@ -330,7 +347,8 @@ async def completions(request: Request) -> Any:
     if req.suffix:
         raise ApiError(400, "suffix is not supported by this server.", param="suffix")
     tok, name = srv.tokenizer, srv.settings.model_name
-    prompts = encode_prompts(req.prompt, tok)
+    srv.check_prompt_chars(text_chars(req.prompt), "prompt")
+    prompts = await asyncio.to_thread(encode_prompts, req.prompt, tok)
     if len(prompts) > srv.engine.max_concurrent:
         raise ApiError(400, f"{len(prompts)} prompts in one request; the limit is {srv.engine.max_concurrent}.", param="prompt")
     # echo + logprobs scores the prompt too (likelihood evaluation: lm-eval's loglikelihood requests)

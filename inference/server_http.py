@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect
 from pydantic import BaseModel, ValidationError
 
 from inference import api_protocol as P
@@ -68,11 +69,16 @@ async def read_json(request: Request, max_bytes: int) -> dict:
     if declared.isdigit() and int(declared) > max_bytes:
         raise too_big
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise too_big
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise too_big
+            chunks.append(chunk)
+    except ClientDisconnect:  # nobody is left to answer: one line in the log, no traceback
+        log.info("%s %s: the client disconnected while sending the body (%d bytes read)", request.method,
+                 request.url.path, size)
+        raise ApiError(400, "the client disconnected before the request body was complete.", code="client_disconnected") from None
     try:
         body = json.loads(b"".join(chunks))
     except (ValueError, RecursionError) as err:  # bad JSON, bad UTF-8, absurd nesting
@@ -185,6 +191,25 @@ def encode_prompts(prompt: Any, tokenizer: Any) -> list[list[int]]:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ApiError(400, "prompt is empty; send at least one token of text.", param="prompt")
     return [check_token_ids(p, tokenizer, "prompt") for p in prompts]
+
+
+def longest_token_chars(tokenizer: Any) -> int | None:
+    """The most characters one token stands for (the vocabulary's longest entry; byte-level
+    entries are one character per byte); None for a tokenizer that cannot list its vocabulary."""
+    if not hasattr(tokenizer, "id_to_token"):
+        return None
+    return max(len(tokenizer.id_to_token(i) or "") for i in range(tokenizer.vocab_size)) or 1
+
+
+def text_chars(value: Any) -> int:
+    """The characters of every string in a JSON value (a prompt, messages, tools)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(text_chars(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(text_chars(v) for v in value)
+    return 0
 
 
 def check_token_ids(ids: list[int], tokenizer: Any, param: str) -> list[int]:

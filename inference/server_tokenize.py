@@ -13,6 +13,7 @@ rendered by the chat template exactly as /v1/chat/completions renders them.
 """
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import Request
@@ -38,13 +39,13 @@ async def tokenize(request: Request) -> dict:
     if (req.prompt is None) == (req.messages is None):
         raise ApiError(400, "send either prompt (text) or messages (a chat), not both or neither.", param="prompt")
     if req.prompt is not None:
-        ids = (list(tok.document_prefix) if req.add_special_tokens else []) + tok.encode(req.prompt)
+        ids = (list(tok.document_prefix) if req.add_special_tokens else []) + await asyncio.to_thread(tok.encode, req.prompt)
     else:
         from data_pipeline.tokenizer.chat_template import render_chat
 
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         try:
-            ids, _ = render_chat(tok, messages, add_generation_prompt=req.add_generation_prompt)
+            ids, _ = await asyncio.to_thread(render_chat, tok, messages, add_generation_prompt=req.add_generation_prompt)
         except UserError as err:
             raise ApiError(400, str(err), param="messages") from None
     strs = [tok.id_to_token(t) for t in ids] if req.return_token_strs else None  # vocabulary entries, as vLLM
