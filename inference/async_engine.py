@@ -53,6 +53,8 @@ class RequestStream:
                     return
                 if isinstance(item, BaseException):
                     raise item
+                if self.owner.observer is not None:
+                    self.owner.observer.outputs(self, item)
                 for out in item:
                     if out.finished:
                         # "error" ends all n sequences of a request with one output.
@@ -89,6 +91,7 @@ class AsyncEngine:
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self.observer: Any = None  # e.g. inference.metrics.ServingMetrics: sees submissions and outputs
 
     # ------------------------------------------------------------------ event-loop side
 
@@ -126,6 +129,8 @@ class AsyncEngine:
         except BaseException:
             self._streams.pop(request_id, None)
             raise
+        if self.observer is not None:  # outputs reach the stream on this loop, after this returns
+            self.observer.submitted(stream, len(prompt_ids))
         self._wake.set()
         return stream
 

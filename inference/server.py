@@ -42,13 +42,14 @@ from typing import Any, Optional, Sequence
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inference import api_protocol as P
 from inference import server_tokenize
 from inference.async_engine import AsyncEngine, ChoiceEvent, EngineDead, EngineOverloaded, Generation, RequestStream
+from inference.metrics import ServingMetrics
 from inference.server_http import (  # noqa: F401  (ServerSettings and encode_prompts are part of this module's API)
     ApiError,
     GenerationResponse,
@@ -229,6 +230,12 @@ async def health(request: Request) -> JSONResponse:
     if rate is not None:
         body["speculative_acceptance_rate"] = round(rate, 4)
     return JSONResponse(body, status_code=200 if ok else 503)
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus exposition (inference/metrics.py); like /health, open without the API key."""
+    body, content_type = request.app.state.metrics.exposition()
+    return Response(body, media_type=content_type)
 
 
 async def list_models(request: Request) -> dict:
@@ -430,8 +437,10 @@ def build_app(engine: AsyncEngine, tokenizer: Any, settings: ServerSettings, *, 
 
     app = FastAPI(title="llm-framework", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = Server(engine, tokenizer, settings)
+    app.state.metrics = engine.observer = ServingMetrics(engine.engine)
     add_error_handlers(app)
     app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"])
     app.add_api_route("/v1/models", list_models, methods=["GET"])
     app.add_api_route("/v1/models/{name:path}", get_model, methods=["GET"])
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])

@@ -200,10 +200,13 @@ json_values = st.recursive(
     max_leaves=12,
 )
 FIELDS = ["model", "messages", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "logprobs",
-          "top_logprobs", "presence_penalty", "frequency_penalty", "max_completion_tokens", "stream_options", "prompt"]
+          "top_logprobs", "presence_penalty", "frequency_penalty", "max_completion_tokens", "stream_options", "prompt",
+          # added with tool calling, structured output and the eval-backend fields
+          "tools", "tool_choice", "response_format", "logit_bias", "stop_token_ids", "echo", "parallel_tool_calls",
+          "repetition_penalty", "ignore_eos", "suffix", "user"]
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(field=st.sampled_from(FIELDS), value=json_values, endpoint=st.sampled_from(["chat/completions", "completions"]))
 def test_fuzzed_fields_never_500(url, field, value, endpoint):
     base = GOOD_CHAT if endpoint == "chat/completions" else GOOD_COMPLETION
@@ -219,3 +222,33 @@ def test_fuzzed_fields_never_500(url, field, value, endpoint):
 def test_fuzzed_bytes_never_500(url, raw):
     r = httpx.post(url + "/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
     assert r.status_code == 400, (raw, r.status_code, r.text)
+
+
+# Shaped like the real thing, so the fuzz reaches the tool-call and grammar code past validation.
+schemas = st.recursive(
+    st.fixed_dictionaries({"type": st.sampled_from(["string", "integer", "number", "boolean", "null", "nope"])})
+    | json_values,
+    lambda children: st.fixed_dictionaries({"type": st.just("object"), "properties": st.dictionaries(st.text(max_size=6), children, max_size=3)},
+                                           optional={"required": st.lists(st.text(max_size=6), max_size=3)})
+    | st.fixed_dictionaries({"type": st.just("array"), "items": children}, optional={"maxItems": st.integers(-2, 5)}),
+    max_leaves=6,
+)
+tool = st.fixed_dictionaries({"type": st.sampled_from(["function", "other"]),
+                              "function": st.fixed_dictionaries({"name": st.text(max_size=10)}, optional={"parameters": schemas})})
+tool_choice = st.sampled_from(["auto", "none", "required", "bogus"]) | st.fixed_dictionaries(
+    {"type": st.just("function"), "function": st.fixed_dictionaries({"name": st.text(max_size=10)})})
+response_format = st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "json_schema", "xml"])},
+                                        optional={"json_schema": st.fixed_dictionaries({"name": st.text(max_size=8)}, optional={"schema": schemas, "strict": st.booleans()})})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tools=st.none() | st.lists(tool, max_size=3), choice=st.none() | tool_choice, fmt=st.none() | response_format,
+       stream=st.booleans())
+def test_fuzzed_tools_and_formats_never_500(url, tools, choice, fmt, stream):
+    body = with_(GOOD_CHAT, tools=tools, tool_choice=choice, response_format=fmt, stream=stream)
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code in (200, 400), (body, r.status_code, r.text)
+    if r.status_code != 200:
+        H.assert_error_shape(r, 400)
+    elif stream:
+        assert r.text.rstrip().endswith("data: [DONE]"), r.text[-300:]
