@@ -99,6 +99,10 @@ def plan(recipe: DemoRecipe, recipe_path: str) -> list[Stage]:
         [py, "eval/gsm8k.py", "--checkpoint", grpo_final, "--source", "local", "--data_path",
          str(data_dir / "eval" / "gsm8k_test.jsonl"), "--limit", str(recipe.eval_limit), "--n_shot", "0",
          "--out_dir", str(out / "eval")],
+        # the same model and problems, its "<<a*b=" answered by the calculator tool
+        [py, "eval/gsm8k.py", "--checkpoint", grpo_final, "--source", "local", "--data_path",
+         str(data_dir / "eval" / "gsm8k_test.jsonl"), "--limit", str(recipe.eval_limit), "--n_shot", "0",
+         "--calculator", "true", "--out_dir", str(out / "eval" / "calculator")],
         [py, "eval/mmlu.py", "--checkpoint", grpo_final, "--source", "local", "--data_path", str(data_dir / "eval" / "mmlu"),
          "--out_dir", str(out / "eval")],
         [py, "eval/perplexity.py", "--checkpoint", str(pathlib.Path(read_yaml_key(recipe.pretrain, "train", "out_dir")) / "final"),
@@ -229,6 +233,10 @@ def report_card(recipe: DemoRecipe, seconds: dict[str, float]) -> str:
         rows.append(("eval", f"GSM8K-format accuracy (synthetic, {gsm.get('n')} problems)", "", fmt(gsm.get("accuracy"), True)))
         if "format_rate" in gsm:
             rows.append(("eval", "GSM8K '#### <n>' format rate", "", fmt(gsm.get("format_rate"), True)))
+    calc = read_json(out / "eval" / "calculator" / "gsm8k_summary.json")
+    if gsm and calc:
+        rows.append(("eval", "GSM8K-format accuracy: without / with the calculator tool", fmt(gsm.get("accuracy"), True),
+                     fmt(calc.get("accuracy"), True)))
     mmlu = read_json(out / "eval" / "mmlu_summary.json")
     if mmlu:
         rows.append(("eval", "MMLU-format accuracy (synthetic, 4 choices; chance 25%)", "", fmt(mmlu.get("micro"), True)))

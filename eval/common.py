@@ -67,6 +67,7 @@ class EvalRecipe:
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
+    calculator: bool = False  # GSM8K: the model's "<<expression=" is answered by the calculator (inference/calculator.py)
     n_samples: int = 1  # HumanEval completions per task
     k_list: list[int] = field(default_factory=lambda: [1, 10, 100])
     engine: EngineSettings = field(default_factory=EngineSettings)

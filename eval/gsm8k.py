@@ -121,7 +121,8 @@ def engine_generate(recipe: EvalRecipe, tok) -> tuple[Generate, int]:
         params = [SamplingParams(max_tokens=max(1, min(recipe.max_new_tokens, ctx - len(p))),
                                  temperature=recipe.temperature, top_p=recipe.top_p,
                                  seed=recipe.seed + i if recipe.temperature > 0 else None,
-                                 stop_token_ids=chat_stop_ids(tok)) for i, p in enumerate(prompts)]
+                                 stop_token_ids=chat_stop_ids(tok), calculator=recipe.calculator)
+                  for i, p in enumerate(prompts)]
         completions = engine.generate(prompts, params, use_tqdm=recipe.progress)
         return [{"text": tok.decode(c.outputs[0].token_ids), "finish_reason": c.outputs[0].finish_reason,
                  "n_generated": len(c.outputs[0].token_ids), **({"error": c.outputs[0].error} if c.outputs[0].error else {})}
@@ -157,10 +158,11 @@ def run(recipe: EvalRecipe, generate: Optional[Generate] = None, context: Option
     summary = {**summary_header(NAME, recipe, started), **metrics, "n_shot": n_shot,
                "mean_shots_used": sum(used) / len(used), "prompts_with_fewer_shots": sum(k < n_shot for k in used),
                "errors": sum(1 for r in records if r.get("finish_reason") == "error"),
-               "generation_seconds": round(gen_seconds, 2), **engine_summary(generate)}
+               "generation_seconds": round(gen_seconds, 2), "calculator": recipe.calculator, **engine_summary(generate)}
     summary_path, _ = write_results(out_dir(recipe, NAME), NAME, summary, records)
     print(f"gsm8k: accuracy {metrics['accuracy']:.1%} ({metrics['n_correct']}/{metrics['n']}), "
-          f"format {metrics['format_rate']:.1%}, {n_shot}-shot ({summary['mean_shots_used']:.1f} used), "
+          f"format {metrics['format_rate']:.1%}, {n_shot}-shot ({summary['mean_shots_used']:.1f} used)"
+          f"{', calculator on' if recipe.calculator else ''}, "
           f"source {recipe.source} -> {summary_path}")
     return summary
 

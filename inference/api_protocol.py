@@ -137,6 +137,7 @@ class _SamplingFields(_Strict):
     ignore_eos: bool = False  # extension: benchmarks want a fixed number of tokens
     logit_bias: dict[str, float] | None = None  # token id (as text) -> [-100, 100]
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None  # extension (vLLM): stop at these ids too
+    calculator: bool = False  # extension: "<<expression=" is answered by the calculator (inference/calculator.py)
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

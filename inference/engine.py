@@ -196,12 +196,22 @@ class LLMEngine:
         self._pending_ids.add(request_id)
         seq = Sequence(next(self._seq_ids), request_id, prompt_ids, params, index=0, seed=params.seed)
         seq.pending_forks = params.n - 1
-        seq.matcher = self._grammar(params).matcher() if params.grammar is not None else None
-        if self.tokenizer is not None:
-            seq.detok = IncrementalDetokenizer(self.tokenizer, params.stop)
+        self._attach(seq)
         self._pending.append(("add", seq))
         self._try_apply_pending()
         return request_id
+
+    def _attach(self, seq: Sequence) -> None:
+        """A new sequence's text-side state: detokenizer, grammar position, calculator."""
+        params = seq.params
+        if self.tokenizer is not None:
+            seq.detok = IncrementalDetokenizer(self.tokenizer, params.stop)
+        if params.grammar is not None:
+            seq.matcher = self._grammar(params).matcher()
+        if params.calculator:
+            from inference.calculator import CalculatorWatcher
+
+            seq.calculator = CalculatorWatcher(self.tokenizer, seq.prompt_ids)
 
     def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         params.validate(self.max_model_len)
@@ -211,6 +221,8 @@ class LLMEngine:
             raise UserError(f"prompt token ids must be integers in [0, {V}); got {bad[:5]}.")
         if any(t >= V for t in params.logit_bias):
             raise UserError(f"logit_bias names token ids beyond the vocabulary ({V}): {[t for t in params.logit_bias if t >= V][:5]}.")
+        if (params.calculator or params.grammar is not None) and self.tokenizer is None:
+            raise UserError("calculator and grammars read the generated text: give the engine its tokenizer.")
 
     def _grammar(self, params: SamplingParams):
         """The compiled grammar of a constrained request (cached: requests repeat their schemas)."""
@@ -270,7 +282,7 @@ class LLMEngine:
             if batch is None:
                 return outputs
             self.stats["steps"] += 1
-            constrained = any(s.matcher is not None or s.params.logit_bias for s in batch.seqs)
+            constrained = any(s.matcher is not None or s.params.logit_bias or s.calculator for s in batch.seqs)
             if batch.is_prefill or self.draft_runner is None or constrained:  # drafts would ignore the constraint
                 outputs += self._run_plain(batch)
             else:
@@ -321,7 +333,8 @@ class LLMEngine:
             )
             lps = self._logprobs(row_logits, tokens, seqs)
             for j, (s, tok) in enumerate(zip(seqs, tokens.tolist())):
-                self._append(s, [tok], [lps[j]] if lps else None)
+                new = s.calculator.after(tok) if s.calculator is not None else [tok]  # a result replaces the token
+                self._append(s, new, [lps[j]] if lps else None)
                 outputs.append(self._emit(s))
         for s in batch.seqs:
             if not s.is_finished:
@@ -366,10 +379,7 @@ class LLMEngine:
         for i in range(1, leader.pending_forks + 1):
             seed = None if leader.params.seed is None else hash((leader.params.seed, i)) & 0x7FFF_FFFF_FFFF_FFFF
             child = Sequence(next(self._seq_ids), leader.request_id, leader.prompt_ids, leader.params, index=i, seed=seed)
-            if self.tokenizer is not None:
-                child.detok = IncrementalDetokenizer(self.tokenizer, leader.params.stop)
-            if leader.params.grammar is not None:
-                child.matcher = self._grammar(leader.params).matcher()
+            self._attach(child)
             child.prompt_logprobs = leader.prompt_logprobs  # the same prompt, computed once
             self.bm.fork(leader, child)
             self.runner.fork_state(leader.seq_id, child.seq_id)

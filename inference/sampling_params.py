@@ -44,6 +44,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     grammar: Optional[dict] = None
     prompt_logprobs: Optional[int] = None
+    calculator: bool = False  # answer "<<expression=" with the computed result (inference/calculator.py)
 
     @property
     def greedy(self) -> bool:
@@ -97,6 +98,8 @@ class SamplingParams:
             bad("top_logprobs needs logprobs=True.")
         if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int) or not 0 <= self.prompt_logprobs <= 20):
             bad(f"prompt_logprobs must be null or an integer between 0 and 20, got {self.prompt_logprobs!r}.")
+        if self.calculator and (self.logprobs or self.grammar is not None):
+            bad("calculator cannot be combined with logprobs or a grammar (its results are not sampled).")
         if self.max_tokens == 0 and self.n != 1:
             bad(f"max_tokens=0 scores the prompt only, so every choice would be the same; send n=1 (got n={self.n}).")
         return self

@@ -56,6 +56,7 @@ class Sequence:
         self.text = ""  # detokenized output (only when the engine has a tokenizer)
         self.detok = None  # incremental detokenizer state (inference/detokenizer.py)
         self.matcher = None  # grammar position when the output is constrained (inference/grammar.py)
+        self.calculator = None  # CalculatorWatcher when params.calculator (inference/calculator.py)
         # A generator per sequence makes a seeded request reproducible whatever else is in the batch.
         self.generator = torch.Generator()
         if seed is not None:

@@ -125,7 +125,7 @@ def sampling_params(req: P._SamplingFields, prompt_len: int, settings: ServerSet
         repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty, seed=req.seed, stop=req.stop_list(), stop_token_ids=list(stop_ids),
         n=req.n, logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=req.ignore_eos, prompt_logprobs=prompt_logprobs,
-        logit_bias=logit_bias(req.logit_bias), grammar=grammar,
+        logit_bias=logit_bias(req.logit_bias), grammar=grammar, calculator=req.calculator,
     )
     try:
         return params.validate(settings.max_model_len)

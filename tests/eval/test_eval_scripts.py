@@ -246,13 +246,16 @@ def test_gsm8k_script_generates_through_the_engine(synthetic, tmp_path, monkeypa
     real = LLMEngine.generate
 
     def spy(self, prompts, params=None, use_tqdm=False):
-        calls.append(len(prompts))
+        calls.append((len(prompts), {p.calculator for p in params}))
         return real(self, prompts, params, use_tqdm)
 
     monkeypatch.setattr(LLMEngine, "generate", spy)
     gsm8k.main(["--checkpoint", str(synthetic["ckpt"]), "--limit", "3", "--n_shot", "1", "max_new_tokens=8",
+                "--out_dir", str(tmp_path / "calc"), "progress=false", "--calculator", "true"])
+    gsm8k.main(["--checkpoint", str(synthetic["ckpt"]), "--limit", "3", "--n_shot", "1", "max_new_tokens=8",
                 "--out_dir", str(tmp_path / "out"), "progress=false"])
-    assert calls == [3]  # one batched call with every prompt
+    assert calls == [(3, {True}), (3, {False})]  # one batched call with every prompt, the calculator as asked
+    assert json.loads((tmp_path / "calc" / "gsm8k_summary.json").read_text())["calculator"] is True
     s, records = read_out(tmp_path, "gsm8k")
     assert s["n"] == 3 and s["n_shot"] == 1 and 0.0 <= s["accuracy"] <= 1.0
     assert all(0 < r["n_generated"] <= 8 and r["n_shot"] == 1 for r in records)
