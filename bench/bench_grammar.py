@@ -8,7 +8,8 @@
    The unconstrained run generates exactly as many tokens per request as the constrained one did, so
    both batches shrink the same way.
 2. The mask, engine against engine: the token sequences the constrained run produced are replayed
-   through llguidance and outlines-core (both from PyPI, no transformers needed), timing what the
+   through llguidance, outlines-core and xgrammar (all from PyPI; xgrammar also wants
+   apache-tvm-ffi, its runtime), timing what the
    engine needs per step: the set of allowed tokens as a (V,) bool tensor, then advancing by one
    token. Compile time of each schema is reported separately.
 """
@@ -121,6 +122,28 @@ def replay_outlines(tok, vocab, schema: dict, ids: list[int]) -> tuple[float, fl
     return build, (time.perf_counter() - t) / max(len(ids), 1)
 
 
+def replay_xgrammar(tok, schema: dict, ids: list[int]) -> tuple[float, float]:
+    import xgrammar as xgr
+    from inference.api_protocol import token_piece
+
+    t = time.perf_counter()
+    pieces = [b"" if i in tok.special_ids else bytes(token_piece(tok, i)[1]) for i in range(tok.vocab_size)]
+    info = xgr.TokenizerInfo(pieces, vocab_type=xgr.VocabType.RAW, vocab_size=tok.vocab_size,
+                             stop_token_ids=list(tok.chat_stop_ids))
+    compiled = xgr.GrammarCompiler(info, max_threads=1).compile_json_schema(json.dumps(schema), any_whitespace=False)
+    matcher = xgr.GrammarMatcher(compiled)
+    bitmask = xgr.allocate_token_bitmask(1, tok.vocab_size)
+    shifts = torch.arange(32, dtype=torch.int32)
+    build = time.perf_counter() - t
+    t = time.perf_counter()
+    for tid in ids:
+        matcher.fill_next_token_bitmask(bitmask)
+        allowed = ((bitmask[0].unsqueeze(1) >> shifts) & 1).flatten()[: tok.vocab_size].bool()  # noqa: F841
+        if tid not in tok.chat_stop_ids and not matcher.accept_token(tid):
+            break
+    return build, (time.perf_counter() - t) / max(len(ids), 1)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokenizer", default=None, help="a tokenizer.json (default: a small one trained here)")
@@ -143,13 +166,14 @@ def main(argv=None) -> None:
         plain, constrained, outs = engine_overhead(tok, args)
         print(f"tokenizer {path} (vocab {tok.vocab_size}); torch threads {args.threads}; median of {args.repeats}")
         print(f"engine, 8 concurrent requests: {plain:.2f} ms/token unconstrained, {constrained:.2f} ms/token with a JSON "
-              f"schema (+{constrained - plain:.2f} ms/token, {constrained / plain:.2f}x)")
+              f"schema ({constrained - plain:+.2f} ms/token, {constrained / plain:.2f}x)")
         vocab = token_bytes(tok)
-        rows = {"llguidance": [], "outlines-core": []}
+        rows = {"llguidance": [], "outlines-core": [], "xgrammar": []}
         for i, ids in enumerate(outs):
             schema = SCHEMAS[i % len(SCHEMAS)]
             rows["llguidance"].append(replay_llguidance(tok, schema, ids))
             rows["outlines-core"].append(replay_outlines(tok, vocab, schema, ids))
+            rows["xgrammar"].append(replay_xgrammar(tok, schema, ids))
         for name, vals in rows.items():
             build = statistics.median(v[0] for v in vals) * 1000
             step = statistics.median(v[1] for v in vals) * 1000
