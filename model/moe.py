@@ -99,7 +99,8 @@ def dispatch(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, n_ex
     The (token, expert) assignments are sorted by expert, so ``expert_ffn(e, h)`` runs once per
     expert on the contiguous block h (n_e, d) of its tokens; outputs are weighted by the gates and
     summed back per token. One loop over experts, never over tokens: on CPU at DeepSeek-V3 nano's
-    sizes this is faster than padding the groups into one batched matmul (bench/bench_moe.py)."""
+    sizes this is faster than padding the groups into one batched matmul and on a par with torch's
+    private grouped GEMM (``torch._grouped_mm``; bench/bench_moe.py, docs/BENCHMARKS.md)."""
     N, k = experts.shape
     flat = experts.reshape(-1)  # (N*k,) assignment a -> expert flat[a], token a // k
     order = flat.argsort(stable=True)
