@@ -112,6 +112,27 @@ def test_new_student_on_pretraining_windows_with_a_quantized_teacher(world, tmp_
     assert read_meta(result.checkpoint)["base_checkpoint"] == ""
 
 
+def test_hf_directory_teacher_and_moe_student(world, tmp_path):
+    """The teacher as an exported HF model directory (read through the one loader) is the same
+    teacher as our checkpoint; a new MoE student (another architecture, with its balance loss)
+    learns from it."""
+    from model.hf_convert import export
+
+    hf_dir = export(str(world["root"] / "teacher"), str(tmp_path / "hf_teacher"))
+    assert (hf_dir / "config.json").is_file() and not (hf_dir / "model_config.json").exists()
+    moe = {"config": {"vocab_size": world["vocab"], "d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64,
+                      "max_seq_len": 128, "ffn": "moe", "moe": {"n_routed_experts": 4, "n_experts_per_tok": 2,
+                                                               "moe_d_ff": 16, "seq_aux_loss_coef": 0.01}}}
+    runs = {name: run_distill(recipe(world, tmp_path / name, steps=12, model=moe, teacher={"init_from": str(path)}))
+            for name, path in (("ours", world["root"] / "teacher"), ("hf", hf_dir))}
+    for a, b in zip(runs["ours"].history, runs["hf"].history):
+        assert b["kd"] == pytest.approx(a["kd"], rel=1e-5)
+    kd = [h["kd"] for h in runs["hf"].history]
+    assert kd[-1] < 0.85 * kd[0], kd
+    assert all(h["aux_loss"] > 0 for h in runs["hf"].history)  # the MoE's balance loss is trained too
+    assert load_model(runs["hf"].checkpoint).cfg.ffn == "moe"
+
+
 def test_bf16_teacher_matches_fp32(world, tmp_path):
     """teacher.dtype=bf16 halves the teacher's memory; its divergence stays within bf16's rounding."""
     fp32 = run_distill(recipe(world, tmp_path / "fp32", steps=2))
