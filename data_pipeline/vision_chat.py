@@ -92,14 +92,14 @@ def drop_images(messages: list[dict]) -> list[dict]:
 
 
 def render_with_images(tok, messages: list[dict], n_images: int, image_token_id: Optional[int], image_tokens: int,
-                       add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+                       add_generation_prompt: bool = False, tools: Optional[list] = None) -> tuple[list[int], list[int]]:
     """``render_chat`` of messages carrying ``<image>`` markers, each marker's tokens replaced by
     ``image_tokens`` copies of ``image_token_id`` (assistant mask 0 there). A text-only model
     (``image_token_id`` None) refuses images."""
     if n_images and image_token_id is None:
         raise UserError("this model has no vision encoder, so it cannot read images; send text only, "
                         "or use a vision-language model (model.vision set).")
-    ids, mask = render_chat(tok, messages, add_generation_prompt)
+    ids, mask = render_chat(tok, messages, add_generation_prompt, tools)
     if not n_images:
         return ids, mask
     marker = tok.encode(IMAGE_MARKER)
