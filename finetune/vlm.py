@@ -153,6 +153,7 @@ def run_vlm(recipe: VLMRecipe, batches: Optional[Iterator] = None):
     """Build, freeze for the stage, train through the one loop, save; returns the TrainResult."""
     from model.load import load_tokenizer, tokenizer_path
     from data_pipeline.tokenizer.tokenizer import load_tokenizer as load_tok_file
+    from model.loss import with_aux_loss
     from utils.train_loop import train
 
     model = build_vlm(recipe)
@@ -173,5 +174,6 @@ def run_vlm(recipe: VLMRecipe, batches: Optional[Iterator] = None):
                                        with_images=recipe.stage != "text")]
         batches = ImageChatBatches(rows, recipe.train.batch_size, recipe.train.seed, tok.eos_id)
     meta = {"stage": f"vlm_{recipe.stage}", "base_checkpoint": recipe.model.init_from}
-    return train(model, batches, vlm_loss, recipe.train, recipe.optim, recipe=recipe, params=params,
+    loss_fn = with_aux_loss(vlm_loss, recipe.train.aux_loss)  # an MoE language model's balance loss
+    return train(model, batches, loss_fn, recipe.train, recipe.optim, recipe=recipe, params=params,
                  checkpoint_meta=meta, tokenizer_path=str(tok_path))
