@@ -52,11 +52,11 @@ def build_vlm(recipe: VLMRecipe) -> Transformer:
     return model
 
 
-def trainable(model: Transformer, stage: str) -> list[nn.Parameter]:
+def trainable(model: Transformer, stage: str, train_tower: bool = False) -> list[nn.Parameter]:
     """Set requires_grad for ``stage`` and return the parameters that train."""
     for name, p in model.named_parameters():
         if name.startswith("vision.tower."):
-            p.requires_grad_(False)  # LLaVA keeps the encoder frozen in both stages
+            p.requires_grad_(train_tower)  # LLaVA keeps its pretrained encoder frozen in both stages
         elif name.startswith("vision.projector."):
             p.requires_grad_(stage in ("align", "instruct"))
         else:
@@ -164,7 +164,7 @@ def run_vlm(recipe: VLMRecipe, batches: Optional[Iterator] = None):
         tok, tok_path = load_tokenizer(recipe.model.init_from), tokenizer_path(recipe.model.init_from)
     if tok.vocab_size > model.cfg.vocab_size:
         raise UserError(f"tokenizer {tok_path} has {tok.vocab_size} tokens but the model's vocab_size is {model.cfg.vocab_size}.")
-    params = trainable(model, recipe.stage)
+    params = trainable(model, recipe.stage, recipe.train_tower)
     n_train, n_all = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     print(f"vlm[{recipe.stage}]: {recipe.model.init_from or 'fresh model'} | {model.cfg.image_tokens} tokens per image | "
           f"trainable {n_train:,} of {n_all:,} params")

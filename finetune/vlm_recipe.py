@@ -9,7 +9,7 @@
 Stages (what trains; the vision tower is always frozen, as in LLaVA):
   text      the language model alone on the chats with their images removed (a text-only base)
   align     stage 1: the projector only, on image captions (LM and tower frozen)
-  instruct  stage 2: projector + language model, on visual instructions
+  instruct  stage 2: projector + language model, on visual instructions (train_tower: the tower too)
 """
 from __future__ import annotations
 
@@ -50,6 +50,9 @@ class VLMRecipe:
     train: TrainConfig
     model: VLMModelConfig = field(default_factory=VLMModelConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20, weight_decay=0.0))
+    # instruct: train the vision tower too (LLaVA keeps a pretrained tower frozen; a tower that starts
+    # from random weights, as in the from-scratch demo, has to learn)
+    train_tower: bool = False
 
     def __post_init__(self) -> None:
         if bool(self.model.init_from) == bool(self.model.config):
@@ -60,5 +63,7 @@ class VLMRecipe:
                             "vision section inside model.config.")
         if self.model.config is not None and not self.data.tokenizer:
             raise UserError("a fresh model (model.config) needs data.tokenizer: the tokenizer.json it reads with.")
+        if self.train_tower and self.stage != "instruct":
+            raise UserError(f"train_tower applies to stage instruct (stage 2); stage {self.stage} keeps the tower frozen.")
         if self.train.parallel.tp > 1 or self.train.parallel.pp > 1:
             raise UserError("vision-language training runs data parallel only; set train.parallel.tp and pp to 1.")

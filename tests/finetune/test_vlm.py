@@ -41,22 +41,24 @@ def task(tmp_path_factory):
     return root, tok
 
 
-def recipe(root, stage: str, **model) -> VLMRecipe:
+def recipe(root, stage: str, train_tower: bool = False, **model) -> VLMRecipe:
     return config_from_dict(VLMRecipe, {
-        "stage": stage, "model": model or {"init_from": str(root / "text"), "vision": VISION},
+        "stage": stage, "train_tower": train_tower, "model": model or {"init_from": str(root / "text"), "vision": VISION},
         "data": {"train_path": str(root / ("caption.jsonl" if stage == "align" else "qa.jsonl"))},
         "train": {"out_dir": str(root / f"run_{stage}"), "max_steps": 3, "batch_size": 4, "seq_len": 200, "progress": False,
                   "resume": "never"},
         "optim": {"lr": 1e-2, "warmup_steps": 0}})
 
 
-@pytest.mark.parametrize("stage, trains", [("text", {"lm"}), ("align", {"projector"}), ("instruct", {"lm", "projector"})])
-def test_each_stage_trains_only_its_part(task, stage, trains):
+@pytest.mark.parametrize("stage, tower, trains", [("text", False, {"lm"}), ("align", False, {"projector"}),
+                                                  ("instruct", False, {"lm", "projector"}),
+                                                  ("instruct", True, {"lm", "projector", "tower"})])
+def test_each_stage_trains_only_its_part(task, stage, tower, trains):
     from finetune.vlm import run_vlm
     from model.load import load_model
 
     root, _ = task
-    r = recipe(root, stage)
+    r = recipe(root, stage, tower)
     torch.manual_seed(0)  # the fresh vision part is drawn the same way in both builds
     before = build_vlm(r).state_dict()
     torch.manual_seed(0)
@@ -101,6 +103,8 @@ def test_recipe_refusals(task):
         build_vlm(recipe(root, "align", init_from=str(root / "text")))
     with pytest.raises(UserError, match="stage"):
         recipe(root, "pretrain")
+    with pytest.raises(UserError, match="train_tower applies to stage instruct"):
+        recipe(root, "align", train_tower=True)
     with pytest.raises(UserError, match="raise train.seq_len"):
         encode_rows(str(root / "caption.jsonl"), "", task[1], build_vlm(recipe(root, "align")).cfg, 20, True)
 
