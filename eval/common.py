@@ -58,6 +58,7 @@ class EvalRecipe:
     shots_path: Optional[str] = None  # GSM8K few-shot problems (jsonl question/answer); default per source
     out_dir: Optional[str] = None
     seed: int = 0
+    with_images: bool = True  # visual QA: false asks the questions without their images (a text-only baseline)
     progress: bool = True
     device: str = "auto"  # auto | cpu | cuda | cuda:N (auto: cuda when available)
     dtype: DType = "fp32"  # auto: bf16 on a GPU that has it

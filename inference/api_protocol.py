@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from data_pipeline.vision_chat import IMAGE_MARKER
+
 # ----------------------------------------------------------------------------- requests
 
 
@@ -42,6 +44,16 @@ class TextPart(_Strict):
     text: str
 
 
+class ImageURL(_Strict):
+    url: str  # a data URL (data:image/png;base64,...); remote URLs are refused when the image is decoded
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; every image is resized to the model's size
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class FunctionCall(_Strict):
     name: str
     arguments: str  # JSON text, as the API sends it
@@ -55,18 +67,25 @@ class ToolCall(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | ImagePart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant turn that called functions
     tool_call_id: str | None = None  # a tool turn: which call this is the result of
 
     def text(self) -> str:
-        """The message text; a list of text parts is joined (images etc. are rejected earlier)."""
+        """The message text; a list of parts is joined, each image a ``<image>`` marker line
+        (data_pipeline/vision_chat.py turns the markers into the image's placeholder tokens)."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text if isinstance(part, TextPart) else IMAGE_MARKER + "\n" for part in self.content)
+
+    def image_urls(self) -> list[str]:
+        """The URLs of the message's image parts, in order."""
+        if not isinstance(self.content, list):
+            return []
+        return [part.image_url.url for part in self.content if isinstance(part, ImagePart)]
 
     def as_dict(self) -> dict:
         """The message for the chat template: role, text, and the function-calling fields it has."""

@@ -108,7 +108,7 @@ class AsyncEngine:
     def healthy(self) -> bool:
         return self._error is None and self._thread is not None and self._thread.is_alive()
 
-    def submit(self, prompt_ids: list[int], params: Any, request_id: str | None = None) -> RequestStream:
+    def submit(self, prompt_ids: list[int], params: Any, request_id: str | None = None, images: Any = None) -> RequestStream:
         """Queue a request and return its stream. Raises UserError for a request that is invalid
         or can never fit (so the server answers 400 before sending anything), EngineOverloaded
         when full or shutting down, EngineDead after an engine crash."""
@@ -125,7 +125,7 @@ class AsyncEngine:
         stream = RequestStream(self, request_id, params.n)
         self._streams[request_id] = stream
         try:
-            self.engine.add_request(list(prompt_ids), params, request_id=request_id)
+            self.engine.add_request(list(prompt_ids), params, request_id=request_id, images=images)
         except BaseException:
             self._streams.pop(request_id, None)
             raise

@@ -32,6 +32,12 @@ def block_hash(prev_hash: int, tokens: tuple[int, ...]) -> int:
     return hash((prev_hash, tokens))
 
 
+def root_hash(seq: Sequence) -> int:
+    """Where a sequence's hash chain starts: the empty prefix, or for a prompt with images a digest
+    of their pixels (the placeholder ids are the same for every image; the cache must not be)."""
+    return ROOT_HASH if seq.images is None else hash((ROOT_HASH, seq.images.digest))
+
+
 class Block:
     __slots__ = ("block_id", "ref_count", "hash", "token_ids")
 
@@ -94,7 +100,7 @@ class BlockManager:
         matched, hashes = [], []
         if not self.enable_prefix_caching or seq.needs_prompt_logprobs:
             return matched, hashes
-        bs, h = self.block_size, ROOT_HASH
+        bs, h = self.block_size, root_hash(seq)
         for i in range((seq.num_tokens - 1) // bs):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             h = block_hash(h, tokens)
@@ -173,7 +179,7 @@ class BlockManager:
         num_computed = seq.num_computed if num_computed is None else num_computed
         for i in range(len(seq.block_hashes), num_computed // bs):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            h = block_hash(seq.block_hashes[-1] if seq.block_hashes else ROOT_HASH, tokens)
+            h = block_hash(seq.block_hashes[-1] if seq.block_hashes else root_hash(seq), tokens)
             seq.block_hashes.append(h)
             block = self.blocks[seq.block_table[i]]
             if block.hash is None and h not in self.hash_to_block:

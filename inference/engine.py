@@ -186,16 +186,21 @@ class LLMEngine:
             )
         return None
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: Optional[str] = None) -> str:
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: Optional[str] = None,
+                    images: Optional[torch.Tensor] = None) -> str:
         """Queue a request; returns its id. Bad sampling params or token ids raise UserError; a request
-        that can never fit finishes at the next step with finish_reason "error" and a message."""
+        that can never fit finishes at the next step with finish_reason "error" and a message.
+        ``images`` (n, C, H, W) in [-1, 1]: a vision-language model's images, whose placeholder tokens
+        the prompt holds (inference/images.py); encoded here, once."""
         self._validate(prompt_ids, params)
+        image_inputs = self._images(prompt_ids, images)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._pending_ids or request_id in self.requests:
             raise UserError(f"request id {request_id!r} is already in use by a running request; use a unique id.")
         self._pending_ids.add(request_id)
         seq = Sequence(next(self._seq_ids), request_id, prompt_ids, params, index=0, seed=params.seed)
         seq.pending_forks = params.n - 1
+        seq.images = image_inputs
         self._attach(seq)
         self._pending.append(("add", seq))
         self._try_apply_pending()
@@ -223,6 +228,13 @@ class LLMEngine:
             raise UserError(f"logit_bias names token ids beyond the vocabulary ({V}): {[t for t in params.logit_bias if t >= V][:5]}.")
         if (params.calculator or params.grammar is not None) and self.tokenizer is None:
             raise UserError("calculator and grammars read the generated text: give the engine its tokenizer.")
+
+    def _images(self, prompt_ids: list[int], images: Optional[torch.Tensor]):
+        from inference.images import prepare_images
+
+        if images is not None and len(images) and (self.draft_model is not None or self.model.cache_kind == "recurrent"):
+            raise UserError("images need a KV-cache model without speculative decoding; start the engine without a draft model.")
+        return prepare_images(self.model, prompt_ids, images)
 
     def _grammar(self, params: SamplingParams):
         """The compiled grammar of a constrained request (cached: requests repeat their schemas)."""
@@ -294,7 +306,7 @@ class LLMEngine:
         tables = [s.block_table for s in batch.seqs]
         scored = [i for i, s in enumerate(batch.seqs) if s.needs_prompt_logprobs] if batch.is_prefill else []
         logits = self.runner.run(toks, tables, batch.starts, copies=batch.copies, seq_ids=[s.seq_id for s in batch.seqs],
-                                 return_hidden=bool(scored))
+                                 return_hidden=bool(scored), images=[s.images for s in batch.seqs])
         if scored:
             logits, hidden = logits
             score_prefill([(batch.seqs[i], batch.starts[i], batch.q_lens[i]) for i in scored], hidden[scored], self.model)
@@ -381,6 +393,7 @@ class LLMEngine:
             child = Sequence(next(self._seq_ids), leader.request_id, leader.prompt_ids, leader.params, index=i, seed=seed)
             self._attach(child)
             child.prompt_logprobs = leader.prompt_logprobs  # the same prompt, computed once
+            child.images = leader.images  # recompute after preemption needs them
             self.bm.fork(leader, child)
             self.runner.fork_state(leader.seq_id, child.seq_id)
             self.scheduler.add_running(child)
@@ -482,8 +495,10 @@ class LLMEngine:
         prompts: list[list[int]],
         params: Union[SamplingParams, list[SamplingParams], None] = None,
         use_tqdm: bool = False,
+        images: Optional[list[Optional[torch.Tensor]]] = None,
     ) -> list[Completion]:
         """Generate for every prompt (continuously batched); returns completions in prompt order.
+        ``images``: per prompt, its images' pixels (n, C, H, W) or None (``add_request``).
 
         Drives ``step`` itself: do not run it while another thread steps the same engine.
         A request that cannot fit comes back with finish_reason "error" and the reason in ``error``.
@@ -494,7 +509,10 @@ class LLMEngine:
             raise UserError(f"generate: {len(prompts)} prompts but {len(plist)} sampling params.")
         for p, sp in zip(prompts, plist):  # all or nothing: a bad request queues none
             self._validate(list(p), sp)
-        ids = [self.add_request(list(p), sp) for p, sp in zip(prompts, plist)]
+        images = images or [None] * len(prompts)
+        if len(images) != len(prompts):
+            raise UserError(f"generate: {len(prompts)} prompts but {len(images)} image lists.")
+        ids = [self.add_request(list(p), sp, images=im) for p, sp, im in zip(prompts, plist, images)]
         n_of = {rid: sp.n for rid, sp in zip(ids, plist)}
         want_lp = {rid: sp.logprobs for rid, sp in zip(ids, plist)}
         results: dict[str, dict[int, CompletionOutput]] = {rid: {} for rid in ids}

@@ -49,6 +49,7 @@ class ModelRunner:
         copies: Optional[list[tuple[int, int]]] = None,
         seq_ids: Optional[list[int]] = None,
         return_hidden: bool = False,
+        images: Optional[list] = None,
     ):
         """Row b computes ``token_ids[b]`` at positions starts[b], starts[b]+1, ...
 
@@ -56,21 +57,31 @@ class ModelRunner:
         of every token (B, T, V) (padding columns hold garbage). ``seq_ids`` name the rows'
         sequences (needed for recurrent models). ``return_hidden`` also returns the final hidden
         states of every position, (logits, hidden (B, T, d)), for prompt log-probabilities.
+        ``images``: each row's ImageInputs or None (inference/images.py); the placeholders a row
+        computes get their image embeddings.
         """
         if copies:
             self.cache.copy_blocks(copies)
+        if images is not None and any(img is not None for img in images):
+            from inference.images import chunk_images
+
+            images = chunk_images(images, starts, [len(t) for t in token_ids], max(len(t) for t in token_ids))
+        else:
+            images = None
+        if self.recurrent and images is not None:  # refused at admission (engine.add_request)
+            raise ValueError("images with a recurrent (linear attention) model are not supported")
         if self.recurrent:
             logits, hidden = self._run_recurrent(token_ids, block_tables, starts, all_positions, seq_ids, return_hidden)
             return (logits, hidden) if return_hidden else logits
-        if (self.graphs is not None and not all_positions and not return_hidden
+        if (self.graphs is not None and not all_positions and not return_hidden and images is None
                 and all(len(t) == 1 for t in token_ids)):
             logits = self.graphs.run([t[0] for t in token_ids], block_tables, starts)
             if logits is not None:
                 return logits
-        logits, hidden = self._forward(token_ids, block_tables, starts, all_positions, None)
+        logits, hidden = self._forward(token_ids, block_tables, starts, all_positions, None, images)
         return (logits, hidden) if return_hidden else logits
 
-    def _forward(self, token_ids, block_tables, starts, all_positions, states) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, token_ids, block_tables, starts, all_positions, states, images=None) -> tuple[torch.Tensor, torch.Tensor]:
         q_lens = [len(t) for t in token_ids]
         B, T = len(token_ids), max(q_lens)
         idx = [toks + [0] * (T - len(toks)) for toks in token_ids]
@@ -80,7 +91,10 @@ class ModelRunner:
         view = self.cache.view(block_tables, starts, q_lens, key_mask=states is None, decode_kernel=self.decode_kernel)
         if states is not None:
             view.states = states
-        hidden = self.model(idx, positions=positions, cache=view, return_hidden=True)  # (B, T, d)
+        extra = {}
+        if images is not None:  # (image_mask (B, T), image_embeds (N, d)) of this forward's placeholders
+            extra = {"image_mask": images[0].to(self.device), "image_embeds": images[1]}
+        hidden = self.model(idx, positions=positions, cache=view, return_hidden=True, **extra)  # (B, T, d)
         if states is not None:
             states.update(view.states)
         if all_positions:

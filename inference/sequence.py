@@ -57,6 +57,7 @@ class Sequence:
         self.detok = None  # incremental detokenizer state (inference/detokenizer.py)
         self.matcher = None  # grammar position when the output is constrained (inference/grammar.py)
         self.calculator = None  # CalculatorWatcher when params.calculator (inference/calculator.py)
+        self.images = None  # ImageInputs (inference/images.py): the prompt's image embeddings, encoded once
         # A generator per sequence makes a seeded request reproducible whatever else is in the batch.
         self.generator = torch.Generator()
         if seed is not None:

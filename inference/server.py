@@ -95,14 +95,14 @@ class Server:
             raise ApiError(404, f"model {model!r} does not exist; this server serves {self.settings.model_name!r} "
                                 "(GET /v1/models).", param="model", code="model_not_found")
 
-    def start(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> Generation:
-        """Submit one engine request per prompt (``params`` one for all, or one per prompt);
-        on failure none is left running."""
+    def start(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], images=None) -> Generation:
+        """Submit one engine request per prompt (``params`` one for all, or one per prompt; ``images``
+        the pixels of a single chat prompt's images); on failure none is left running."""
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)
         streams: list[RequestStream] = []
         try:
             for ids, p in zip(prompts, per_prompt, strict=True):
-                streams.append(self.engine.submit(ids, p))
+                streams.append(self.engine.submit(ids, p, images=images))
         except BaseException:
             for stream in streams:
                 stream.close()
@@ -284,6 +284,27 @@ def chat_setup(req: P.ChatCompletionRequest, tok: Any) -> tuple[list[dict], list
     return for_template(messages), tools, grammar
 
 
+def chat_prompt(srv: Any, req: P.ChatCompletionRequest, messages: list[dict], tools: list | None):
+    """(prompt ids, pixels of the request's images or None): images arrive as image_url parts
+    holding data URLs, decoded and checked (data_pipeline/images.py) before anything is queued."""
+    render_chat, _ = chat_format()
+    urls = [url for m in req.messages for url in m.image_urls()]
+    if not urls:
+        return render_chat(srv.tokenizer, messages, add_generation_prompt=True, tools=tools)[0], None
+    from data_pipeline.images import decode_image_url, to_pixels
+    from data_pipeline.vision_chat import render_with_images
+
+    cfg = srv.engine.engine.model.cfg
+    v = cfg.vision
+    if v is not None and len(urls) * cfg.image_tokens > srv.settings.max_model_len:
+        raise UserError(f"{len(urls)} images take {len(urls) * cfg.image_tokens} tokens, more than the model's "
+                        f"context of {srv.settings.max_model_len}; send fewer images.")
+    ids, _ = render_with_images(srv.tokenizer, messages, len(urls), v["image_token_id"] if v else None,
+                                cfg.image_tokens, add_generation_prompt=True, tools=tools)
+    images = [decode_image_url(url, f"image {i}") for i, url in enumerate(urls)]
+    return ids, to_pixels(images, v["image_size"])
+
+
 async def chat_completions(request: Request) -> Any:
     from inference.tool_calls import CallSplitter, parse_tool_calls
 
@@ -296,15 +317,15 @@ async def chat_completions(request: Request) -> Any:
     render_chat, chat_stop_ids = chat_format()
     tok, name = srv.tokenizer, srv.settings.model_name
     messages, tools, grammar = chat_setup(req, tok)
-    srv.check_prompt_chars(text_chars(messages) + text_chars(tools), "messages")
-    try:  # off the event loop: a long chat takes a while to render and tokenize
-        prompt_ids, _ = await asyncio.to_thread(render_chat, tok, messages, add_generation_prompt=True, tools=tools)
+    srv.check_prompt_chars(text_chars(messages) + text_chars(tools), "messages")  # images are counted as markers
+    try:  # off the event loop: rendering and tokenizing a long chat, decoding images, take a while
+        prompt_ids, pixels = await asyncio.to_thread(chat_prompt, srv, req, messages, tools)
     except UserError as err:
         raise ApiError(400, str(err), param="messages") from None
     stop_ids = ([] if req.ignore_eos else list(chat_stop_ids(tok))) + check_token_ids(req.stop_token_ids or [], tok, "stop_token_ids")
     params = sampling_params(req, len(prompt_ids), srv.settings, stop_ids, req.logprobs, req.top_logprobs or 0,
                              req.max_completion_tokens or req.max_tokens, "messages", grammar)
-    gen = srv.start([list(prompt_ids)], params)
+    gen = srv.start([list(prompt_ids)], params, images=pixels)
     rid, created = P.new_id("chatcmpl"), P.now()
     splitters = [CallSplitter() for _ in range(gen.num_choices)] if tools else None
 

@@ -44,6 +44,22 @@ MOE_DEFAULTS: dict[str, Any] = {
     "aux_free_bias_update_rate": 0.0,  # DeepSeek-V3 gamma; 0 disables bias balancing
     "seq_aux_loss_coef": 0.0,  # DeepSeek-V3 alpha of the sequence-wise balance loss
 }
+# The vision part of a vision-language model (model/vision.py): a SigLIP-style ViT whose patch
+# features a projector maps into the LM's embedding space, spliced in at placeholder tokens.
+VISION_DEFAULTS: dict[str, Any] = {
+    "image_size": None,  # square images of image_size x image_size pixels
+    "patch_size": None,
+    "n_channels": 3,
+    "d_model": None,  # the ViT's width, heads, depth and MLP width
+    "n_heads": None,
+    "n_layers": None,
+    "d_ff": None,
+    "norm_eps": 1e-6,
+    "activation": "gelu_tanh",  # SigLIP's MLP; the projector uses exact GELU (LLaVA)
+    "post_norm": False,  # a final LayerNorm on the ViT's output (SigLIP's last_hidden_state; LLaVA reads before it)
+    "pool": 1,  # average-pool k x k patch features before the projector (fewer image tokens); 1: off
+    "image_token_id": None,  # the placeholder id the image's tokens replace in the prompt
+}
 
 
 def _fill(block: Optional[dict], defaults: dict[str, Any], name: str) -> Optional[dict]:
@@ -53,7 +69,7 @@ def _fill(block: Optional[dict], defaults: dict[str, Any], name: str) -> Optiona
     if unknown:
         raise UserError(f"model: {name} has unknown keys {unknown}; known keys: {sorted(defaults)}.")
     out = {**defaults, **block}
-    missing = [k for k, v in out.items() if v is None and k != "q_lora_rank"]
+    missing = [k for k, v in out.items() if v is None and k != "q_lora_rank"]  # the only optional None
     if missing:
         raise UserError(f"model: {name} needs values for {missing}.")
     return out
@@ -104,6 +120,8 @@ class ModelConfig:
     moe: Optional[dict] = None
     # MLA (DeepSeek-V2/V3)
     mla: Optional[dict] = None
+    # vision encoder + projector (a vision-language model); None: text only
+    vision: Optional[dict] = None
     # The HuggingFace model_type to export as (an import sets it, so Phi-3 goes back out as Phi-3, not
     # as the Mistral that holds the same math); None: the first family that holds this config exactly.
     hf_family: Optional[str] = None
@@ -112,6 +130,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         self.mla = _fill(self.mla, MLA_DEFAULTS, "mla") if self.attention == "mla" else self.mla
         self.moe = _fill(self.moe, MOE_DEFAULTS, "moe") if self.ffn == "moe" else self.moe
+        self.vision = _fill(self.vision, VISION_DEFAULTS, "vision")
         if self.attention == "mla" and self.mla is not None:
             # MLA has one latent shared by every head, so there are no KV heads to choose, and
             # the query/key head size is fixed by the mla block.
@@ -200,6 +219,8 @@ class ModelConfig:
                     bad(f"attention='linear' has no attention matrix to apply {what} to; remove one of them.")
         if self.ffn == "moe":
             self._validate_moe(bad)
+        if self.vision is not None:
+            self._validate_vision(bad)
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("type")
             if kind not in ("linear", "yarn", "llama3"):
@@ -248,6 +269,30 @@ class ModelConfig:
             bad("moe.shared_expert_gate gates the shared experts, but n_shared_experts is 0.")
         if m["aux_free_bias_update_rate"] < 0 or m["seq_aux_loss_coef"] < 0:
             bad("moe.aux_free_bias_update_rate and moe.seq_aux_loss_coef must be >= 0.")
+
+    def _validate_vision(self, bad) -> None:
+        v = self.vision
+        for key in ("image_size", "patch_size", "n_channels", "d_model", "n_heads", "n_layers", "d_ff", "pool"):
+            if not isinstance(v[key], int) or v[key] <= 0:
+                bad(f"vision.{key} must be a positive integer, got {v[key]!r}.")
+        if v["image_size"] % v["patch_size"]:
+            bad(f"vision.image_size={v['image_size']} is not a multiple of vision.patch_size={v['patch_size']}.")
+        if (v["image_size"] // v["patch_size"]) % v["pool"]:
+            bad(f"vision.pool={v['pool']} does not divide the {v['image_size'] // v['patch_size']} patches per side.")
+        if v["d_model"] % v["n_heads"]:
+            bad(f"vision.d_model={v['d_model']} is not divisible by vision.n_heads={v['n_heads']}.")
+        if v["activation"] not in ACTIVATIONS:
+            bad(f"vision.activation={v['activation']!r} is not one of {', '.join(ACTIVATIONS)}.")
+        if not isinstance(v["image_token_id"], int) or not 0 <= v["image_token_id"] < self.vocab_size:
+            bad(f"vision.image_token_id={v['image_token_id']!r} must be a token id below vocab_size={self.vocab_size}.")
+
+    @property
+    def image_tokens(self) -> int:
+        """Tokens one image occupies in the LM's sequence (0 for a text-only model)."""
+        if self.vision is None:
+            return 0
+        side = self.vision["image_size"] // self.vision["patch_size"] // self.vision["pool"]
+        return side * side
 
     @property
     def rotary_dim(self) -> int:

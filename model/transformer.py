@@ -85,6 +85,12 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        # a vision-language model: image -> tokens spliced in at placeholder ids (model/vision.py)
+        self.vision = None
+        if cfg.vision is not None:
+            from model.vision import VisionEncoder
+
+            self.vision = VisionEncoder(cfg)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -108,6 +114,8 @@ class Transformer(nn.Module):
         cache=None,
         return_hidden: bool = False,
         documents: Optional[torch.Tensor] = None,
+        image_embeds: Optional[torch.Tensor] = None,
+        image_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab) (or final hidden states (B, T, d_model)).
 
@@ -115,6 +123,8 @@ class Transformer(nn.Module):
         With a cache, the new keys/values are appended and the cache advances by T.
         ``documents`` (B, T) (training on packed rows, no cache): a token attends only to earlier
         tokens of its own document (``model.attention.document_ids`` of the restarting positions).
+        ``image_embeds`` (N, d_model) (a vision-language model; ``encode_images``) replace, in order,
+        the token embeddings where ``image_mask`` (B, T) is true (default: idx == vision.image_token_id).
         """
         B, T = idx.shape
         if positions is None:
@@ -125,7 +135,7 @@ class Transformer(nn.Module):
         else:
             k_pos, k_valid = positions, None
         mask = AttnMask(positions, k_pos, k_valid, documents)
-        x = self.run_blocks(self.embed_tokens(idx, positions), positions, mask, cache)
+        x = self.run_blocks(self.embed_tokens(idx, positions, image_embeds, image_mask), positions, mask, cache)
         if cache is not None:
             cache.advance(T)
         x = self.norm(x)
@@ -133,11 +143,18 @@ class Transformer(nn.Module):
             return x
         return self.logits(x)
 
-    def embed_tokens(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Token (and learned position) embeddings: idx (B, T) -> (B, T, d_model)."""
+    def embed_tokens(self, idx: torch.Tensor, positions: torch.Tensor, image_embeds: Optional[torch.Tensor] = None,
+                     image_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token (and learned position) embeddings: idx (B, T) -> (B, T, d_model), image tokens spliced in."""
         x = self.embed(idx)
         if self.cfg.embed_scale:  # Gemma scales by sqrt(d) in the activation dtype
             x = x * torch.tensor(self.cfg.d_model**0.5, dtype=x.dtype)
+        if image_embeds is not None:
+            from model.vision import splice_images
+
+            if image_mask is None:
+                image_mask = idx == self.cfg.vision["image_token_id"]
+            x = splice_images(x, image_mask, image_embeds)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         return self.drop(x)
@@ -159,6 +176,13 @@ class Transformer(nn.Module):
         return logits
 
     # ---- what the stages and the engine ask of a model, so none of them branches on its parts
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (n_images, C, H, W) in [-1, 1] -> image tokens (n_images * cfg.image_tokens, d_model),
+        in the order ``forward``'s ``image_embeds`` takes them."""
+        if self.vision is None:
+            raise ValueError("this model has no vision encoder (model.vision is not set)")
+        return self.vision(pixels).flatten(0, 1)
 
     @property
     def cache_kind(self) -> str:

@@ -11,6 +11,8 @@ writes the whole staged pipeline, each stage reading an earlier stage's output b
     1_sft_full.yaml / 1_sft_lora.yaml                   (from pretrain; alternatives to 1_sft_qlora)
     1_distill_pretrain.yaml   a new student of half the layers, distilled from pretrain on the pretraining bins
     2_distill.yaml            that student distilled from sft_qlora on the SFT data (logit KD + on-policy samples)
+    2_vlm_align.yaml          a vision tower + projector in front of sft_qlora's model; the projector on captions
+    3_vlm_instruct.yaml       then projector + LM on visual questions; 4_eval_visual_qa.yaml scores it
     2_reward.yaml / 2_dpo.yaml / 2_orpo.yaml            (from sft_qlora)
     3_rlhf_ppo.yaml   (policy from sft_qlora; reward model and critic from 2_reward)
     3_rlhf_grpo.yaml / 3_rlhf_gspo.yaml   (policy from sft_qlora; verifiable GSM8K-format reward)
@@ -65,6 +67,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "1_sft_qlora.yaml": ("finetune.recipe:SFTRecipe", "finetune/peft/qlora/sft_qlora_train.py"),
     "1_distill_pretrain.yaml": ("finetune.distill_recipe:DistillRecipe", "finetune/distill_train.py"),
     "2_distill.yaml": ("finetune.distill_recipe:DistillRecipe", "finetune/distill_train.py"),
+    "2_vlm_align.yaml": ("finetune.vlm_recipe:VLMRecipe", "finetune/vlm_train.py"),
+    "3_vlm_instruct.yaml": ("finetune.vlm_recipe:VLMRecipe", "finetune/vlm_train.py"),
     "2_reward.yaml": ("align.recipe:OfflineRecipe", "align/train_offline.py"),
     "2_dpo.yaml": ("align.recipe:OfflineRecipe", "align/train_offline.py"),
     "2_orpo.yaml": ("align.recipe:OfflineRecipe", "align/train_offline.py"),
@@ -75,6 +79,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "4_eval_mmlu.yaml": ("eval.common:EvalRecipe", "eval/mmlu.py"),
     "4_eval_perplexity.yaml": ("eval.common:EvalRecipe", "eval/perplexity.py"),
     "4_eval_humaneval.yaml": ("eval.common:EvalRecipe", "eval/humaneval.py"),
+    "4_eval_visual_qa.yaml": ("eval.common:EvalRecipe", "eval/visual_qa.py"),
     "5_serve.yaml": ("inference.server:parse_serve_args", "inference/server.py"),  # flags as YAML keys
 }
 
@@ -165,6 +170,22 @@ def distill(key: str) -> dict:
     )
 
 
+# The vision part a nano model gets (data/visual's 24 x 24 scenes: 3 x 3 patches of 8 pixels).
+VLM_VISION = dict(image_size=24, patch_size=8, d_model=64, n_heads=4, n_layers=2, d_ff=128, image_token_id=4)
+
+
+def vlm(key: str, stage: str) -> dict:
+    """LLaVA's two stages over the SFT model (data_pipeline/download/make_visual_task.py's data)."""
+    align = stage == "align"
+    return dict(
+        stage=stage,
+        model=dict(init_from=final(key, CHAIN_SFT), vision=VLM_VISION) if align else dict(init_from=final(key, "vlm_align")),
+        data=dict(train_path="data/visual/caption_train.jsonl" if align else "data/visual/qa_train.jsonl"),
+        train=train_section(key, f"vlm_{stage}", 300 if align else 600, 32, 128, log_every=50),
+        optim=dict(lr=3.0e-3 if align else 1.0e-3, weight_decay=0.0, warmup_steps=40),
+    )
+
+
 def offline(key: str, algorithm: str) -> dict:
     lr = {"reward": 1.0e-4, "dpo": 5.0e-5, "orpo": 5.0e-5}[algorithm]
     loss = {"reward": {}, "dpo": dict(beta=0.1), "orpo": dict(orpo_lambda=0.1)}[algorithm]
@@ -210,13 +231,16 @@ def online(key: str, algorithm: str) -> dict:
 def evaluation(key: str, name: str) -> dict:
     # The aligned policy answers GSM8K; MMLU and HumanEval score the same model; perplexity
     # measures the pretrained model on the held-out stories.
-    checkpoint = final(key, "pretrain" if name == "perplexity" else "rlhf_grpo")
+    checkpoint = final(key, {"perplexity": "pretrain", "visual_qa": "vlm_instruct"}.get(name, "rlhf_grpo"))
     recipe = dict(checkpoint=checkpoint, source="synthetic", out_dir=f"runs/classic/{key}/eval/{name}")
+    if name == "visual_qa":
+        recipe.pop("source")
     recipe.update({
         "gsm8k": dict(n_shot=0, max_new_tokens=96),
         "mmlu": dict(n_shot=5),
         "perplexity": dict(bin_path="data/bins/pretrain/val.bin"),
         "humaneval": dict(n_samples=10, temperature=0.8, k_list=[1, 10]),
+        "visual_qa": dict(data_path="data/visual/qa_eval.jsonl", max_new_tokens=16),
     }[name])
     return recipe
 
@@ -234,13 +258,15 @@ def stage_recipes(key: str, model: dict) -> dict[str, dict]:
         "1_sft_qlora.yaml": sft(key, "qlora"),
         "1_distill_pretrain.yaml": distill_pretrain(key, model),
         "2_distill.yaml": distill(key),
+        "2_vlm_align.yaml": vlm(key, "align"),
+        "3_vlm_instruct.yaml": vlm(key, "instruct"),
         "2_reward.yaml": offline(key, "reward"),
         "2_dpo.yaml": offline(key, "dpo"),
         "2_orpo.yaml": offline(key, "orpo"),
         "3_rlhf_ppo.yaml": online(key, "ppo"),
         "3_rlhf_grpo.yaml": online(key, "grpo"),
         "3_rlhf_gspo.yaml": online(key, "gspo"),
-        **{f"4_eval_{name}.yaml": evaluation(key, name) for name in ("gsm8k", "mmlu", "perplexity", "humaneval")},
+        **{f"4_eval_{name}.yaml": evaluation(key, name) for name in ("gsm8k", "mmlu", "perplexity", "humaneval", "visual_qa")},
         "5_serve.yaml": serve(key),
     }
 
@@ -262,6 +288,9 @@ ABOUT = {
     "2_distill.yaml": "1_distill_pretrain's student distilled from 1_sft_qlora's model on the SFT data (forward KL "
                       "mixed with the next-token loss), a quarter of the batches being its own samples scored by the "
                       "teacher (on-policy distillation).",
+    "2_vlm_align.yaml": f"LLaVA stage 1: a new vision tower and projector in front of {MERGED}; the projector alone "
+                        "trains, on image captions (data: python data_pipeline/download/make_visual_task.py).",
+    "3_vlm_instruct.yaml": "LLaVA stage 2: 2_vlm_align's projector and language model on visual questions (tower frozen).",
     "2_reward.yaml": f"a reward model (scalar head) on preference pairs, from {MERGED}; 3_rlhf_ppo's reward and critic.",
     "2_dpo.yaml": f"DPO on preference pairs, from {MERGED}.",
     "2_orpo.yaml": f"ORPO on preference pairs, from {MERGED}.",
@@ -272,6 +301,7 @@ ABOUT = {
     "4_eval_mmlu.yaml": "MMLU-format accuracy of 3_rlhf_grpo's policy.",
     "4_eval_perplexity.yaml": "perplexity of 0_pretrain's checkpoint on the held-out stories.",
     "4_eval_humaneval.yaml": "HumanEval-format pass@k of 3_rlhf_grpo's policy.",
+    "4_eval_visual_qa.yaml": "held-out visual-question accuracy of 3_vlm_instruct's model.",
     "5_serve.yaml": "serves 3_rlhf_grpo's policy (OpenAI-compatible API and chat page on port 8000).",
 }
 MOE_ADAPTERS = {  # targets: all-linear takes in the routed experts (model/linear_layers.py)

@@ -24,10 +24,16 @@ function headers() {
   return h;
 }
 
-function addMessage(role, text) {
+function addMessage(role, text, imageUrl) {
   const div = document.createElement("div");
   div.className = "msg " + role;
   div.textContent = text;
+  if (imageUrl) {
+    const img = document.createElement("img");
+    img.src = imageUrl;
+    img.className = "thumb";
+    div.prepend(img);
+  }
   $("messages").appendChild(div);
   div.scrollIntoView({ block: "end" });
   return div;
@@ -112,12 +118,26 @@ function dropOld(why) {
   return true;
 }
 
+// The attached image as a data URL (null when none), read once and then cleared from the form.
+function takeImage() {
+  const file = $("image").files[0];
+  if (!file) return Promise.resolve(null);
+  $("image").value = "";
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
 async function send(text) {
   if (!modelName) await loadModel();
   if (!modelName) return;
+  const imageUrl = await takeImage();
   if (nearlyFull(lastUsage, maxModelLen, MIN_REPLY)) dropOld("(older turns dropped to leave the reply room in the context)");
-  history.push({ role: "user", content: text });
-  addMessage("user", text);
+  history.push({ role: "user", content: userContent(text, imageUrl) });
+  addMessage("user", text, imageUrl);
   const bubble = addMessage("assistant", "");
   bubble.dataset.state = "streaming";
   controller = new AbortController();

@@ -20,4 +20,11 @@ function nearlyFull(usage, maxModelLen, minReply) {
   return usage.prompt_tokens + usage.completion_tokens + minReply > maxModelLen;
 }
 
-if (typeof module !== "undefined") module.exports = { dropOldestTurn, nearlyFull };
+// A user turn's content: the text alone, or (an attached image, as a data URL) OpenAI content parts
+// with the image first, which the server turns into the model's image tokens.
+function userContent(text, imageUrl) {
+  if (!imageUrl) return text;
+  return [{ type: "image_url", image_url: { url: imageUrl } }, { type: "text", text: text }];
+}
+
+if (typeof module !== "undefined") module.exports = { dropOldestTurn, nearlyFull, userContent };

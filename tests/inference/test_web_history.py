@@ -38,3 +38,9 @@ def test_nearly_full_leaves_the_reply_room():
         h.nearlyFull({prompt_tokens: 200, completion_tokens: 30}, 256, 16),
         h.nearlyFull(null, 256, 16), h.nearlyFull({prompt_tokens: 9, completion_tokens: 9}, null, 16)]));""")
     assert got == [True, False, False, False]
+
+
+def test_an_attached_image_becomes_openai_content_parts():
+    got = run("""console.log(JSON.stringify([h.userContent("hi", null), h.userContent("How many?", "data:image/png;base64,AAA")]));""")
+    assert got == ["hi", [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAA"}},
+                          {"type": "text", "text": "How many?"}]]

@@ -126,6 +126,8 @@ FIELD_VALUES = {
     "post_norms": [True, False], "attn_logit_softcap": [None, 20.0], "final_logit_softcap": [None, 15.0],
     "query_pre_attn_scalar": [None, 24.0], "dropout": [0.1], "kernels": [True], "init_std": [0.05],
     "moe": ["per key"], "mla": ["per key"], "hf_family": ["llama", "phi3", "gemma2"], "extra": [{"note": 1}],
+    "vision": [{"image_size": 8, "patch_size": 4, "d_model": 16, "n_heads": 2, "n_layers": 1, "d_ff": 32,
+                "image_token_id": 4}],  # no text-model family holds a vision tower: refused
 }
 MOE_VALUES = {"n_routed_experts": [16], "n_shared_experts": [0, 1, 2], "shared_expert_gate": [True, False],
               "n_experts_per_tok": [1, 3], "moe_d_ff": [24], "scoring": ["softmax", "sigmoid"], "norm_topk_prob": [True, False],

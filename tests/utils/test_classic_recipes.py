@@ -125,7 +125,7 @@ def test_missing_input_names_the_command_the_header_runs_first(key, tmp_path, mo
         named = re.findall(r"run `([^`]+)` first", str(err.value))
         assert first and set(named) == set(first), (name, str(err.value))
         checked += 1
-    assert checked == 11
+    assert checked == 13
 
 
 @pytest.mark.parametrize("key", sorted(NANO))

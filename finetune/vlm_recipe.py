@@ -1,0 +1,69 @@
+"""The vision-language recipe (LLaVA-style training, finetune/vlm_train.py): one dataclass, three stages.
+
+    stage: align                        # text | align | instruct
+    model: {init_from: runs/vlm/text/final}   # a checkpoint; a text-only one gets model.vision added
+    data: {train_path: data/visual/caption_train.jsonl}   # JSONL of messages referencing image files
+    train: {out_dir: runs/vlm/align, max_steps: 300, batch_size: 16, seq_len: 128}
+    optim: {lr: 1e-3}
+
+Stages (what trains; the vision tower is always frozen, as in LLaVA):
+  text      the language model alone on the chats with their images removed (a text-only base)
+  align     stage 1: the projector only, on image captions (LM and tower frozen)
+  instruct  stage 2: projector + language model, on visual instructions (train_tower: the tower too)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from utils.errors import UserError
+from utils.optim import OptimConfig
+from utils.train_config import TrainConfig
+
+STAGES = ("text", "align", "instruct")
+
+
+@dataclass
+class VLMDataConfig:
+    """Recipe section ``data``: rows ``{"messages": [...], "images": [files]}`` (content parts
+    ``{"type": "image", "image": file}`` or ``<image>`` markers); files relative to ``image_dir``."""
+
+    train_path: str = field(default="", metadata={"path": "file"})
+    extra_paths: list[str] = field(default_factory=list)  # more files of the same layout, mixed in
+    image_dir: str = ""  # "" -> the folder of train_path
+    tokenizer: str = field(default="", metadata={"path": "file?"})  # "" -> the checkpoint's tokenizer
+
+
+@dataclass
+class VLMModelConfig:
+    """Recipe section ``model``: a checkpoint to start from, or a fresh model's ModelConfig."""
+
+    init_from: str = field(default="", metadata={"path": "dir?"})  # a text LM or a VLM checkpoint
+    vision: Optional[dict] = None  # the vision section to add to a text-only init_from (fresh tower + projector)
+    config: Optional[dict] = None  # a fresh model (init_from ""): its ModelConfig, vision section included
+
+
+@dataclass
+class VLMRecipe:
+    stage: Literal["text", "align", "instruct"]
+    data: VLMDataConfig
+    train: TrainConfig
+    model: VLMModelConfig = field(default_factory=VLMModelConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20, weight_decay=0.0))
+    # instruct: train the vision tower too (LLaVA keeps a pretrained tower frozen; a tower that starts
+    # from random weights, as in the from-scratch demo, has to learn)
+    train_tower: bool = False
+
+    def __post_init__(self) -> None:
+        if bool(self.model.init_from) == bool(self.model.config):
+            raise UserError("the recipe needs exactly one of model.init_from (a checkpoint) and model.config "
+                            "(a fresh model's ModelConfig with a vision section).")
+        if self.model.config is not None and self.model.vision is not None:
+            raise UserError("model.vision adds a vision part to init_from's text model; with model.config put the "
+                            "vision section inside model.config.")
+        if self.model.config is not None and not self.data.tokenizer:
+            raise UserError("a fresh model (model.config) needs data.tokenizer: the tokenizer.json it reads with.")
+        if self.train_tower and self.stage != "instruct":
+            raise UserError(f"train_tower applies to stage instruct (stage 2); stage {self.stage} keeps the tower frozen.")
+        if self.train.parallel.tp > 1 or self.train.parallel.pp > 1:
+            raise UserError("vision-language training runs data parallel only; set train.parallel.tp and pp to 1.")

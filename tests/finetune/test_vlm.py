@@ -1,0 +1,125 @@
+"""LLaVA-style stages (finetune/vlm.py): what each stage trains (and what it must not touch),
+the batches, the loss with images, the recipe's refusals."""
+from __future__ import annotations
+
+import base64
+
+import pytest
+import torch
+
+from data_pipeline.images import encode_png_data_url
+from data_pipeline.jsonl import write_jsonl
+from data_pipeline.synthetic import visual
+from finetune.vlm import ImageChatBatches, build_vlm, encode_rows, vlm_loss
+from finetune.vlm_recipe import VLMRecipe
+from model import ModelConfig, Transformer
+from tests.inference import test_server_helpers as H
+from utils.checkpoint import save_checkpoint
+from utils.config import config_from_dict
+from utils.errors import UserError
+
+VISION = {"image_size": 24, "patch_size": 8, "d_model": 32, "n_heads": 4, "n_layers": 1, "d_ff": 64, "image_token_id": 4}
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    """A tokenizer, a text-only checkpoint, and caption / question files in the local layout."""
+    root = tmp_path_factory.mktemp("vlm")
+    tok_path = H.train_tokenizer(root / "tokenizer.json")
+    tok = H.load_tokenizer(tok_path)
+    (root / "images").mkdir()
+    for kind in ("caption", "qa"):
+        rows = []
+        for i, row in enumerate(visual.make_examples(6, "train", kind)):
+            png = base64.b64decode(encode_png_data_url(row["image"]).split(",", 1)[1])
+            (root / f"images/{kind}{i}.png").write_bytes(png)
+            rows.append({"messages": row["messages"], "images": [f"images/{kind}{i}.png"]})
+        write_jsonl(root / f"{kind}.jsonl", rows)
+    torch.manual_seed(0)
+    text = Transformer(ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, max_seq_len=256))
+    save_checkpoint(root / "text", text, tokenizer_path=tok_path)
+    return root, tok
+
+
+def recipe(root, stage: str, train_tower: bool = False, **model) -> VLMRecipe:
+    return config_from_dict(VLMRecipe, {
+        "stage": stage, "train_tower": train_tower, "model": model or {"init_from": str(root / "text"), "vision": VISION},
+        "data": {"train_path": str(root / ("caption.jsonl" if stage == "align" else "qa.jsonl"))},
+        "train": {"out_dir": str(root / f"run_{stage}"), "max_steps": 3, "batch_size": 4, "seq_len": 200, "progress": False,
+                  "resume": "never"},
+        "optim": {"lr": 1e-2, "warmup_steps": 0}})
+
+
+@pytest.mark.parametrize("stage, tower, trains", [("text", False, {"lm"}), ("align", False, {"projector"}),
+                                                  ("instruct", False, {"lm", "projector"}),
+                                                  ("instruct", True, {"lm", "projector", "tower"})])
+def test_each_stage_trains_only_its_part(task, stage, tower, trains):
+    from finetune.vlm import run_vlm
+    from model.load import load_model
+
+    root, _ = task
+    r = recipe(root, stage, tower)
+    torch.manual_seed(0)  # the fresh vision part is drawn the same way in both builds
+    before = build_vlm(r).state_dict()
+    torch.manual_seed(0)
+    run_vlm(r)
+    after = load_model(root / f"run_{stage}" / "final").state_dict()
+    for name, old in before.items():
+        part = "tower" if name.startswith("vision.tower.") else "projector" if name.startswith("vision.projector.") else "lm"
+        changed = not torch.equal(old, after[name])
+        if part in trains and name.endswith("weight") and "norm" not in name:
+            assert changed, f"{stage}: {name} did not train"
+        if part not in trains:
+            assert not changed, f"{stage}: {name} changed but is frozen"
+
+
+def test_batches_and_loss_see_the_images(task):
+    root, tok = task
+    cfg = build_vlm(recipe(root, "instruct")).cfg
+    rows = encode_rows(str(root / "qa.jsonl"), "", tok, cfg, 200, with_images=True)
+    assert all(r["ids"].count(4) == 9 and r["pixels"].shape == (1, 3, 24, 24) for r in rows)
+    batches = ImageChatBatches(rows, 4, seed=0, pad_id=tok.eos_id)
+    batch = next(batches)
+    assert batch["pixels"].shape[0] == 4 and int((batch["x"] == 4).sum()) == 36
+    counted = batch["y"] != -100
+    assert 0 < int(counted.sum()) < counted.numel()  # the answers only
+    model = build_vlm(recipe(root, "instruct"))
+    loss, metrics = vlm_loss(model, batch)
+    blank = {**batch, "pixels": torch.zeros_like(batch["pixels"])}
+    assert metrics["loss_weight"] == int(counted.sum()) and float(vlm_loss(model, blank)[0].detach()) != float(loss.detach())
+    state = batches.state_dict()
+    nxt = next(batches)
+    batches.load_state_dict(state)
+    assert torch.equal(next(batches)["x"], nxt["x"])  # resumable
+    text_rows = encode_rows(str(root / "qa.jsonl"), "", tok, cfg, 200, with_images=False)
+    assert all(4 not in r["ids"] and r["pixels"].shape[0] == 0 for r in text_rows)
+
+
+def test_recipe_refusals(task):
+    root, _ = task
+    with pytest.raises(UserError, match="exactly one of model.init_from"):
+        recipe(root, "align", init_from=str(root / "text"), config={"vocab_size": 10})
+    with pytest.raises(UserError, match="text-only model; add model.vision"):
+        build_vlm(recipe(root, "align", init_from=str(root / "text")))
+    with pytest.raises(UserError, match="stage"):
+        recipe(root, "pretrain")
+    with pytest.raises(UserError, match="train_tower applies to stage instruct"):
+        recipe(root, "align", train_tower=True)
+    with pytest.raises(UserError, match="raise train.seq_len"):
+        encode_rows(str(root / "caption.jsonl"), "", task[1], build_vlm(recipe(root, "align")).cfg, 20, True)
+
+
+def test_example_recipes_validate(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from utils.config import load_config
+
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(tmp_path)
+    for f in ("qa_train.jsonl", "caption_train.jsonl", "tokenizer/tokenizer.json"):
+        (tmp_path / "data/visual" / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data/visual" / f).write_text("{}\n")
+    for d in ("text", "align"):
+        (tmp_path / "runs/vlm" / d / "final").mkdir(parents=True)
+    stages = [load_config(VLMRecipe, p).stage for p in sorted((repo / "configs/examples/vlm").glob("*.yaml"))]
+    assert stages == ["text", "align", "instruct"]

@@ -1,0 +1,106 @@
+"""Images through the OpenAI-compatible server with the official openai client: image_url parts with
+data URLs reach the engine; remote URLs, corrupt images, images for a text-only model and more
+images than the context holds are 400s in the OpenAI error shape."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import openai
+import pytest
+import torch
+
+from data_pipeline.images import encode_png_data_url, to_pixels
+from data_pipeline.synthetic import visual
+from data_pipeline.tokenizer.chat_template import chat_stop_ids
+from data_pipeline.vision_chat import IMAGE_MARKER, render_with_images
+from inference import server
+from inference.async_engine import AsyncEngine
+from inference.engine import LLMEngine
+from inference.sampling_params import SamplingParams
+from model import ModelConfig, Transformer
+from tests.inference import test_server_helpers as H
+from tests.model.test_vision import randomize
+
+MODEL = "tiny-vlm"
+VISION = {"image_size": 24, "patch_size": 8, "d_model": 32, "n_heads": 4, "n_layers": 1, "d_ff": 64, "image_token_id": 4}
+
+
+def start(tok, vision: dict | None, max_len: int = 64):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, max_seq_len=max_len,
+                                    vision=vision)).eval()
+    randomize(model)
+    engine = LLMEngine(model, tokenizer=tok, max_num_seqs=4)
+    settings = server.ServerSettings(model_name=MODEL, max_model_len=max_len, max_tokens_cap=16, n_cap=2)
+    return engine, server.build_app(AsyncEngine(engine, max_concurrent=8), tok, settings)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return H.load_tokenizer(H.train_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def live(tok):
+    engine, app = start(tok, VISION)
+    with H.LiveServer(app) as url:
+        yield url, engine
+
+
+def client_of(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+IMAGE = visual.render(visual.random_scene(random.Random(3)))
+
+
+def ask(url_or_image, text: str = "How many shapes are there?") -> list[dict]:
+    url = url_or_image if isinstance(url_or_image, str) else encode_png_data_url(url_or_image)
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}]
+
+
+def test_an_image_reaches_the_model(live, tok):
+    url, engine = live
+    reply = client_of(url).chat.completions.create(model=MODEL, messages=ask(IMAGE), temperature=0, max_tokens=8)
+    # the same request straight into the engine
+    ids, _ = render_with_images(tok, [{"role": "user", "content": IMAGE_MARKER + "\nHow many shapes are there?"}], 1, 4, 9,
+                                add_generation_prompt=True)
+    want = engine.generate([ids], SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=chat_stop_ids(tok)),
+                           images=[to_pixels([IMAGE], 24)])[0].outputs[0]
+    assert reply.usage.prompt_tokens == len(ids)
+    assert reply.choices[0].message.content == tok.decode(want.token_ids)
+    other = client_of(url).chat.completions.create(model=MODEL, messages=ask(255 - IMAGE), temperature=0, max_tokens=8,
+                                                   logprobs=True)
+    first = client_of(url).chat.completions.create(model=MODEL, messages=ask(IMAGE), temperature=0, max_tokens=8,
+                                                   logprobs=True)
+    # another picture, another distribution over the first token (the image is read, not ignored)
+    assert other.choices[0].logprobs.content[0].logprob != first.choices[0].logprobs.content[0].logprob
+
+
+@pytest.mark.parametrize("messages, match", [
+    (ask("https://example.com/cat.png"), "does not fetch remote images"),
+    (ask("data:image/png;base64,iVBORw0KGgoAAAAA"), "could not be decoded"),
+    (ask("data:text/plain;base64,aGk="), "base64 image data URL"),
+    (ask(IMAGE) + [{"role": "assistant", "content": "1"}] + ask(IMAGE) + ask(IMAGE) + ask(IMAGE) + ask(IMAGE)
+     + ask(IMAGE) + ask(IMAGE) + ask(IMAGE), "more than the model's context"),
+])
+def test_bad_images_are_400s(live, messages, match):
+    with pytest.raises(openai.BadRequestError) as err:
+        client_of(live[0]).chat.completions.create(model=MODEL, messages=messages, max_tokens=4)
+    assert match in err.value.body["message"] and err.value.body["param"] == "messages"
+
+
+def test_an_image_for_a_text_only_model_is_a_400(tok):
+    _, app = start(tok, None)
+    with H.LiveServer(app) as url:
+        with pytest.raises(openai.BadRequestError, match="no vision encoder"):
+            client_of(url).chat.completions.create(model=MODEL, messages=ask(IMAGE), max_tokens=4)
+        ok = client_of(url).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_huge_image_is_a_400(live):
+    big = np.zeros((4097, 4097, 3), np.uint8)
+    with pytest.raises(openai.BadRequestError, match="pixels"):
+        client_of(live[0]).chat.completions.create(model=MODEL, messages=ask(big), max_tokens=4)
