@@ -46,7 +46,11 @@ def _jsonl(path: Path, rows: Sequence[dict]) -> None:
 
 def _task(directory: Path, final: Path, name: str, config: dict, splits: dict[str, Sequence[dict]]) -> None:
     """``name``.yaml plus a JSONL per split, written into ``directory`` but naming the files where
-    they will be once ``directory`` is renamed to ``final``."""
+    they will be once ``directory`` is renamed to ``final``. An empty few-shot split is left out
+    (datasets cannot read an empty JSON file), and the task then names none."""
+    splits = {split: rows for split, rows in splits.items() if rows or split == config["test_split"]}
+    if config["fewshot_split"] not in splits:
+        config = {k: v for k, v in config.items() if k not in ("fewshot_split", "fewshot_config")}
     for split, rows in splits.items():
         _jsonl(directory / f"{name}_{split}.jsonl", rows)
     files = {split: str(final / f"{name}_{split}.jsonl") for split in splits}
@@ -67,7 +71,7 @@ def mmlu_tasks(directory: Path, final: Path, dev: Sequence[dict], test: Sequence
             "doc_to_text": MMLU_QUESTION, "doc_to_choice": list(LETTERS), "doc_to_target": "answer",
             "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
         }
-        _task(directory, final, name, config, {"dev": shots or rows[:0], "test": rows})
+        _task(directory, final, name, config, {"dev": shots, "test": rows})
         names.append(name)
     return names
 
@@ -85,7 +89,7 @@ def gsm8k_task(directory: Path, final: Path, problems: Sequence[dict], shots: Se
         "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True, "ignore_case": True,
                          "regexes_to_ignore": [",", "\\$", "(?s).*#### ", "\\.$"]}],
     }
-    _task(directory, final, "local_gsm8k", config, {"train": shots or problems[:0], "test": problems})
+    _task(directory, final, "local_gsm8k", config, {"train": shots, "test": problems})
     return "local_gsm8k"
 
 

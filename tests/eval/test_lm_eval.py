@@ -64,6 +64,22 @@ def lm_eval(world, name: str, *args: str) -> dict:
     return samples, results
 
 
+def test_zero_shot_tasks_load_in_lm_eval(tmp_path, monkeypatch):
+    """The README's `--gsm8k_shots 0` (and MMLU with no dev questions): lm-eval must load the tasks.
+    An empty few-shot split file made datasets' JSON reader raise StopIteration inside lm_eval."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    dev, test = synthetic_mmlu(seed=0, n_test=5, dev_per_subject=1)
+    _, _, problems = synthetic_math(seed=0, n_train=1, n_rl_test=0, n_gsm8k=3)
+    names = write_tasks(tmp_path / "tasks", ([], test), (problems, []), 0, 8)
+    tasks = get_task_dict(names, TaskManager(include_path=str(tmp_path / "tasks")))
+    assert sorted(tasks) == sorted(names)
+    assert len(list(tasks["local_gsm8k"].test_docs())) == 3
+    assert sum(len(list(tasks[n].test_docs())) for n in names if n.startswith("local_mmlu")) == 5
+
+
 @pytest.mark.slow
 def test_lm_eval_multiple_choice_equals_eval_mmlu(world):
     url, model, tok = world["url"], world["model"], world["tok"]
