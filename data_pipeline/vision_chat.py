@@ -43,7 +43,7 @@ def split_images(messages: list, row_images: Optional[list] = None, base_dir: Op
             return ref
         if isinstance(ref, dict):  # {"url": ...} of an image_url part
             ref = ref.get("url")
-        if isinstance(ref, str) and ref.startswith("data:") or not allow_files:
+        if (isinstance(ref, str) and ref.startswith("data:")) or not allow_files:
             return decode_image_url(ref, what)
         if not isinstance(ref, str):
             raise UserError(f"{what} must be a file path or a data URL, got {type(ref).__name__}.")

@@ -284,27 +284,6 @@ def chat_setup(req: P.ChatCompletionRequest, tok: Any) -> tuple[list[dict], list
     return for_template(messages), tools, grammar
 
 
-def chat_prompt(srv: Any, req: P.ChatCompletionRequest, messages: list[dict], tools: list | None):
-    """(prompt ids, pixels of the request's images or None): images arrive as image_url parts
-    holding data URLs, decoded and checked (data_pipeline/images.py) before anything is queued."""
-    render_chat, _ = chat_format()
-    urls = [url for m in req.messages for url in m.image_urls()]
-    if not urls:
-        return render_chat(srv.tokenizer, messages, add_generation_prompt=True, tools=tools)[0], None
-    from data_pipeline.images import decode_image_url, to_pixels
-    from data_pipeline.vision_chat import render_with_images
-
-    cfg = srv.engine.engine.model.cfg
-    v = cfg.vision
-    if v is not None and len(urls) * cfg.image_tokens > srv.settings.max_model_len:
-        raise UserError(f"{len(urls)} images take {len(urls) * cfg.image_tokens} tokens, more than the model's "
-                        f"context of {srv.settings.max_model_len}; send fewer images.")
-    ids, _ = render_with_images(srv.tokenizer, messages, len(urls), v["image_token_id"] if v else None,
-                                cfg.image_tokens, add_generation_prompt=True, tools=tools)
-    images = [decode_image_url(url, f"image {i}") for i, url in enumerate(urls)]
-    return ids, to_pixels(images, v["image_size"])
-
-
 async def chat_completions(request: Request) -> Any:
     from inference.tool_calls import CallSplitter, parse_tool_calls
 
@@ -314,7 +293,9 @@ async def chat_completions(request: Request) -> Any:
     srv.check_model(req.model)
     if req.top_logprobs and not req.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs=true.", param="top_logprobs")
-    render_chat, chat_stop_ids = chat_format()
+    from inference.server_images import chat_prompt
+
+    _, chat_stop_ids = chat_format()
     tok, name = srv.tokenizer, srv.settings.model_name
     messages, tools, grammar = chat_setup(req, tok)
     srv.check_prompt_chars(text_chars(messages) + text_chars(tools), "messages")  # images are counted as markers
