@@ -9,6 +9,9 @@ set; the demo's card uses the first 200 of them). Reported: each model's exact-a
 95% Wilson interval, and for each student against the SFT-only one the paired counts (right only
 with distillation, right only with SFT alone) with the exact two-sided McNemar p-value: both
 students answer the same prompts, so the paired test is the one that sees the difference.
+Then the token-level view: each model's cross-entropy on the assistant tokens of the first
+``--val_rows`` SFT validation rows, on tokens holding a digit (the arithmetic the exact answer
+depends on) and on the rest (names and wording).
 """
 from __future__ import annotations
 
@@ -56,12 +59,31 @@ def answers_right(path: str, tokenizer, problems: list[dict]) -> list[bool]:
             for o, p in zip(outs, problems)]
 
 
+@torch.no_grad()
+def token_ce(path: str, tokenizer, rows: int) -> dict:
+    """Mean next-token cross-entropy on the assistant tokens of the first ``rows`` SFT val rows,
+    over target tokens that hold a digit and over the others."""
+    import torch.nn.functional as F
+
+    from data_pipeline.loader import SFTLoader
+    from model.load import load_model
+
+    model = load_model(path)
+    digit = torch.tensor([any(ch.isdigit() for ch in tokenizer.id_to_token(i) or "") for i in range(tokenizer.vocab_size)])
+    x, y, mask = next(SFTLoader("data/bins/sft", "val", 256, rows, shuffle=False))
+    ce = F.cross_entropy(model(x)[..., :tokenizer.vocab_size].flatten(0, 1), y.flatten(), reduction="none")
+    counted, is_digit = mask.flatten().bool(), digit[y.flatten()]
+    return {"digits": ce[counted & is_digit].mean().item(), "other": ce[counted & ~is_digit].mean().item(),
+            "digit_tokens": int((counted & is_digit).sum()), "other_tokens": int((counted & ~is_digit).sum())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=1000, help="held-out prompts")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--students", nargs="*", default=[], metavar="NAME=DIR",
                     help="more distilled students to compare with SFT alone (e.g. other recipe settings)")
+    ap.add_argument("--val_rows", type=int, default=64, help="SFT val rows for the token-level cross-entropy")
     ap.add_argument("--out", default="out/bench/distill_demo.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -91,8 +113,14 @@ def main() -> None:
             paired = " | "
         rows.append(row)
         print(f"| {name} | {row['accuracy']:.1%} | {lo:.1%}-{hi:.1%} | {paired} |")
+    ce = {name: token_ce(path, tokenizer, args.val_rows) for name, path in models.items()}
+    first = next(iter(ce.values()))
+    print(f"\ncross-entropy on the assistant tokens of {args.val_rows} SFT val rows ({first['digit_tokens']} targets with a "
+          f"digit, {first['other_tokens']} others)\n| model | digit tokens | other tokens |\n|---|---|---|")
+    for name, r in ce.items():
+        print(f"| {name} | {r['digits']:.4f} | {r['other']:.4f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"n": args.n, "threads": args.threads, "rows": rows}, indent=2))
+    Path(args.out).write_text(json.dumps({"n": args.n, "threads": args.threads, "rows": rows, "token_ce": ce}, indent=2))
     print(f"\nwrote {args.out}")
 
 
