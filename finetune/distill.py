@@ -260,6 +260,10 @@ def run_distill(recipe: DistillRecipe, batches: Optional[Iterator] = None, eval_
         f"d_model {student_cfg.d_model}) | trainable {info['trainable']:,} of {info['total']:,} params | "
         f"{recipe.loss.divergence} T={recipe.loss.temperature} kd_weight={recipe.loss.kd_weight} "
         f"on-policy ratio {recipe.onpolicy.ratio}")
+    if cache is not None and recipe.loss.divergence == "reverse_kl":
+        say("distill: note: reverse KL against a top-k teacher underestimates the full divergence (it weighs the "
+            "student's mass outside the teacher's top k, which the cache lumps together: -22% at k=64 for a "
+            "fresh student in docs/BENCHMARKS.md); prefer teacher.logits: online for reverse_kl")
     loss_fn = make_loss_fn(teacher, recipe.loss, vocab)
     if batches is None:
         batches = make_batches(recipe, env, student, tokenizer, cache)

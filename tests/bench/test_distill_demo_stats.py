@@ -1,0 +1,24 @@
+"""bench/bench_distill_demo.py's statistics against scipy: the exact McNemar test is a two-sided
+binomial test on the discordant pairs, and the Wilson interval is scipy's."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location("bench_distill_demo", Path(__file__).resolve().parents[2] / "bench/bench_distill_demo.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+@pytest.mark.parametrize("b,c", [(34, 22), (139, 121), (5, 0), (0, 0), (10, 10), (1, 30)])
+def test_mcnemar_exact_is_scipys_binomial_test(b, c):
+    stats = pytest.importorskip("scipy.stats")
+    expected = stats.binomtest(min(b, c), b + c, 0.5).pvalue if b + c else 1.0
+    assert bench.mcnemar_exact(b, c) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("k,n", [(309, 1000), (0, 50), (50, 50), (53, 200)])
+def test_wilson_interval_is_scipys(k, n):
+    stats = pytest.importorskip("scipy.stats")
+    ci = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    assert bench.wilson(k, n) == pytest.approx((ci.low, ci.high), abs=1e-9)
