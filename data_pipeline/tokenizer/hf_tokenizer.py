@@ -18,8 +18,8 @@ from typing import Any, Optional
 import tokenizers
 
 from data_pipeline.tokenizer.jinja_chat import render_template, token_mask
+from data_pipeline.tokenizer.tokenizer_file import TokenizerFile, read_tokenizer_file
 from utils.errors import UserError
-from utils.fs import file_hash
 
 CONFIG, SPECIAL_MAP, GENERATION, TEMPLATE_FILE = (
     "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
@@ -63,21 +63,18 @@ def read_chat_template(directory: Path, config: dict) -> Optional[str]:
     return template if isinstance(template, str) else None
 
 
-class HFTokenizer:
+class HFTokenizer(TokenizerFile):
     """A HuggingFace model's tokenizer and chat format (see the module docstring)."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    def __init__(self, path: Path, hf: Optional[tokenizers.Tokenizer] = None):
+        if hf is None:
+            path, hf = read_tokenizer_file(path, "restore the model's tokenizer.json.")
+        super().__init__(hf, path)
         directory = self.path.parent
-        try:
-            self._hf = tokenizers.Tokenizer.from_file(str(self.path))
-        except Exception as err:  # noqa: BLE001  (the Rust loader raises a plain Exception)
-            raise UserError(f"cannot read tokenizer {self.path} ({err}); restore the model's tokenizer.json.") from None
         config = _read_json(directory / CONFIG)
         special = {**_read_json(directory / SPECIAL_MAP), **{k: v for k, v in config.items() if k in SPECIAL_KEYS}}
         self.special_tokens = {k: t for k, v in special.items() if k in SPECIAL_KEYS and (t := _token_text(v)) is not None}
         self.chat_template = read_chat_template(directory, config)
-        self.hash = file_hash(self.path)
         self.eos_id = self._id_of("eos_token")
         self.bos_id = self._id_of("bos_token")
         pad = self._id_of("pad_token")
@@ -92,27 +89,6 @@ class HFTokenizer:
     def _id_of(self, key: str) -> Optional[int]:
         text = self.special_tokens.get(key)
         return None if text is None else self._hf.token_to_id(text)
-
-    @property
-    def vocab_size(self) -> int:
-        return self._hf.get_vocab_size(with_added_tokens=True)
-
-    def encode(self, text: str) -> list[int]:
-        if not isinstance(text, str):
-            raise UserError(f"can only encode str, got {type(text).__name__}")
-        return self._hf.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self._hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def token_to_id(self, token: str) -> Optional[int]:
-        return self._hf.token_to_id(token)
-
-    def id_to_token(self, idx: int) -> Optional[str]:
-        return self._hf.id_to_token(idx)
 
     def save_hf(self, out: Path) -> None:
         """The model's tokenizer files as they came (tokenizer.json and its companions)."""

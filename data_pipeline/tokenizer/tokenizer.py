@@ -20,6 +20,7 @@ from pathlib import Path
 
 import tokenizers
 
+from data_pipeline.tokenizer.tokenizer_file import TokenizerFile, read_tokenizer_file
 from utils.errors import UserError
 from utils.fs import file_hash  # noqa: F401  (part of this module's API: bins record the tokenizer's hash)
 
@@ -27,7 +28,7 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|bos|>", "<|im_start|>", "<|im_end|>", "<|p
 EOS, BOS, IM_START, IM_END, PAD = SPECIAL_TOKENS
 
 
-class Tokenizer:
+class Tokenizer(TokenizerFile):
     """Byte-level BPE tokenizer with the project's special tokens.
 
     Attributes: path (the tokenizer.json), hash (``file_hash`` of it, stored in
@@ -35,11 +36,9 @@ class Tokenizer:
     bos_id, pad_id (== eos_id), im_start_id, im_end_id.
     """
 
-    def __init__(self, hf: tokenizers.Tokenizer, path: Path, hash_: str):
-        self._hf = hf
+    def __init__(self, hf: tokenizers.Tokenizer, path: Path):
+        super().__init__(hf, path)
         self._hf.encode_special_tokens = True  # special-token text in input stays plain text
-        self.path = path
-        self.hash = hash_
         ids = [hf.token_to_id(t) for t in SPECIAL_TOKENS]
         if ids != list(range(len(SPECIAL_TOKENS))):
             raise UserError(f"{path} does not have the special tokens {SPECIAL_TOKENS} at ids "
@@ -55,40 +54,8 @@ class Tokenizer:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Tokenizer:
         """Load a tokenizer.json; UserError if it is missing or unreadable."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "tokenizer.json"
-        if not path.is_file():
-            raise UserError(f"tokenizer file {path} does not exist; train it with "
-                            "python data_pipeline/tokenizer/train_tokenizer.py --vocab_size 4096")
-        try:
-            hf = tokenizers.Tokenizer.from_file(str(path))
-        except Exception as err:  # noqa: BLE001  (the Rust loader raises a plain Exception)
-            raise UserError(f"cannot read tokenizer {path} ({err}); retrain it with "
-                            "python data_pipeline/tokenizer/train_tokenizer.py") from None
-        return cls(hf, path, file_hash(path))
-
-    @property
-    def vocab_size(self) -> int:
-        return self._hf.get_vocab_size(with_added_tokens=True)
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; no special tokens added."""
-        if not isinstance(text, str):
-            raise UserError(f"can only encode str, got {type(text).__name__}")
-        try:
-            return self._hf.encode(text, add_special_tokens=False).ids
-        except TypeError:
-            raise UserError("text is not valid Unicode (it holds a lone surrogate, e.g. from "
-                            "decoding bytes with errors='surrogateescape'); fix the input text") from None
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """``encode`` for many texts at once."""
-        return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        """Text of ``ids``; special tokens are dropped unless ``skip_special_tokens=False``."""
-        return self._hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        path, hf = read_tokenizer_file(path, "train it with python data_pipeline/tokenizer/train_tokenizer.py")
+        return cls(hf, path)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = False,
                     tools: list | None = None) -> tuple[list[int], list[int]]:
@@ -106,12 +73,6 @@ class Tokenizer:
         hf_config_files(Path(out))
         generation = {"bos_token_id": self.bos_id, "eos_token_id": self.chat_stop_ids, "pad_token_id": self.pad_id}
         (Path(out) / "generation_config.json").write_text(json.dumps(generation, indent=1))
-
-    def token_to_id(self, token: str) -> int | None:
-        return self._hf.token_to_id(token)
-
-    def id_to_token(self, idx: int) -> str | None:
-        return self._hf.id_to_token(idx)
 
     def __repr__(self) -> str:
         return f"Tokenizer(path={str(self.path)!r}, vocab_size={self.vocab_size}, hash={self.hash!r})"
@@ -136,15 +97,7 @@ def load_tokenizer(path: str | os.PathLike):
     else an imported model's HFTokenizer (its own special tokens and Jinja chat template)."""
     from data_pipeline.tokenizer.hf_tokenizer import HFTokenizer
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    if not path.is_file():
-        raise UserError(f"tokenizer file {path} does not exist; train one with "
-                        "python data_pipeline/tokenizer/train_tokenizer.py, or point at a model's tokenizer.json")
-    try:
-        hf = tokenizers.Tokenizer.from_file(str(path))
-    except Exception as err:  # noqa: BLE001  (the Rust loader raises a plain Exception)
-        raise UserError(f"cannot read tokenizer {path} ({err}); retrain or restore it") from None
+    path, hf = read_tokenizer_file(path, "train one with python data_pipeline/tokenizer/train_tokenizer.py, "
+                                         "or point at a model's tokenizer.json (restore it if it is damaged)")
     ours = [hf.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
-    return Tokenizer(hf, path, file_hash(path)) if ours else HFTokenizer(path)
+    return Tokenizer(hf, path) if ours else HFTokenizer(path, hf)
