@@ -5,12 +5,15 @@
                     frozen LM's embedding language
     stage instruct  (LLaVA stage 2) projector + LM on visual questions
 
-The vision tower stays frozen throughout. The loss is the assistant-only next-token loss of SFT
+The vision tower stays frozen throughout (``train_tower`` lets stage 2 train it). With a ``lora``
+section stage 2 trains adapters on the language model's linear layers and the projector in full,
+and saves those alone (an adapter checkpoint over the stage-1 model; the loader merges it). The loss is the assistant-only next-token loss of SFT
 with the image embeddings spliced in at the placeholder ids (``Transformer.forward``).
 """
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -22,6 +25,7 @@ from data_pipeline.jsonl import iter_jsonl
 from data_pipeline.vision_chat import drop_images, render_with_images, split_images
 from finetune.vlm_recipe import VLMRecipe
 from model import ModelConfig, Transformer
+from model.lora import LoRAConfig
 from model.kernels import linear_cross_entropy
 from utils.errors import UserError
 
@@ -52,6 +56,23 @@ def build_vlm(recipe: VLMRecipe) -> Transformer:
     return model
 
 
+def apply_vlm_lora(model: Transformer, recipe: VLMRecipe) -> LoRAConfig:
+    """Adapters on the language model's linear layers that ``lora.targets`` selects (never the
+    vision tower's: its q/k/v share the names), the projector (and the tower with train_tower)
+    trained in full beside them; returns the LoRA settings the adapter checkpoint records."""
+    from model.linear_layers import match_linears
+    from model.lora import apply_lora
+
+    lc = recipe.lora
+    names = [n for n in match_linears(model, lc.targets) if not n.startswith("vision.")]
+    if not names:
+        raise UserError(f"lora.targets {lc.targets!r} selects no layer of the language model (only vision layers).")
+    full = ["vision.projector"] + (["vision.tower"] if recipe.train_tower else [])
+    lc = replace(lc, modules_to_save=[*lc.modules_to_save, *[m for m in full if m not in lc.modules_to_save]])
+    apply_lora(model, names, lc.r, lc.alpha, lc.dropout, lc.rslora, lc.modules_to_save)
+    return lc
+
+
 def trainable(model: Transformer, stage: str, train_tower: bool = False) -> list[nn.Parameter]:
     """Set requires_grad for ``stage`` and return the parameters that train."""
     for name, p in model.named_parameters():
@@ -80,6 +101,10 @@ def encode_rows(path: str, image_dir: str, tok, cfg: ModelConfig, seq_len: int, 
         if len(ids) > seq_len + 1:
             raise UserError(f"{where} is {len(ids)} tokens ({len(images)} image(s) of {cfg.image_tokens}); "
                             f"raise train.seq_len to at least {len(ids) - 1}.")
+        if len(ids) > cfg.max_seq_len + 1:
+            raise UserError(f"{where} is {len(ids)} tokens ({len(images)} image(s) of {cfg.image_tokens}) but the model's "
+                            f"context (max_seq_len) is {cfg.max_seq_len}; shorten the row or start from a model with a "
+                            "longer context.")
         rows.append({"ids": ids, "mask": mask, "pixels": to_pixels(images, v["image_size"])})
     if not rows:
         raise UserError(f"{path} holds no rows.")
@@ -164,7 +189,17 @@ def run_vlm(recipe: VLMRecipe, batches: Optional[Iterator] = None):
         tok, tok_path = load_tokenizer(recipe.model.init_from), tokenizer_path(recipe.model.init_from)
     if tok.vocab_size > model.cfg.vocab_size:
         raise UserError(f"tokenizer {tok_path} has {tok.vocab_size} tokens but the model's vocab_size is {model.cfg.vocab_size}.")
-    params = trainable(model, recipe.stage, recipe.train_tower)
+    meta = {"stage": f"vlm_{recipe.stage}", "base_checkpoint": recipe.model.init_from}
+    weights_fn = None
+    if recipe.lora is not None:
+        from model.lora import adapter_meta, live_adapter_weights, trainable_parameters
+
+        lc = apply_vlm_lora(model, recipe)
+        params = trainable_parameters(model)
+        weights_fn = live_adapter_weights(lc.modules_to_save)
+        meta = adapter_meta(model, lc, **meta)
+    else:
+        params = trainable(model, recipe.stage, recipe.train_tower)
     n_train, n_all = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     print(f"vlm[{recipe.stage}]: {recipe.model.init_from or 'fresh model'} | {model.cfg.image_tokens} tokens per image | "
           f"trainable {n_train:,} of {n_all:,} params")
@@ -173,7 +208,6 @@ def run_vlm(recipe: VLMRecipe, batches: Optional[Iterator] = None):
                 for row in encode_rows(path, recipe.data.image_dir, tok, model.cfg, recipe.train.seq_len,
                                        with_images=recipe.stage != "text")]
         batches = ImageChatBatches(rows, recipe.train.batch_size, recipe.train.seed, tok.eos_id)
-    meta = {"stage": f"vlm_{recipe.stage}", "base_checkpoint": recipe.model.init_from}
     loss_fn = with_aux_loss(vlm_loss, recipe.train.aux_loss)  # an MoE language model's balance loss
     return train(model, batches, loss_fn, recipe.train, recipe.optim, recipe=recipe, params=params,
-                 checkpoint_meta=meta, tokenizer_path=str(tok_path))
+                 weights_fn=weights_fn, checkpoint_meta=meta, tokenizer_path=str(tok_path))

@@ -9,13 +9,15 @@
 Stages (what trains; the vision tower is always frozen, as in LLaVA):
   text      the language model alone on the chats with their images removed (a text-only base)
   align     stage 1: the projector only, on image captions (LM and tower frozen)
-  instruct  stage 2: projector + language model, on visual instructions (train_tower: the tower too)
+  instruct  stage 2: projector + language model, on visual instructions (train_tower: the tower too);
+            with a ``lora`` section the language model trains as LoRA adapters (the projector in full)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from model.lora import LoRAConfig
 from utils.errors import UserError
 from utils.optim import OptimConfig
 from utils.train_config import TrainConfig
@@ -53,6 +55,9 @@ class VLMRecipe:
     # instruct: train the vision tower too (LLaVA keeps a pretrained tower frozen; a tower that starts
     # from random weights, as in the from-scratch demo, has to learn)
     train_tower: bool = False
+    # instruct: adapters on the language model's linear layers instead of training it in full (LLaVA's
+    # LoRA variant); the projector (and a trained tower) train in full and are saved with the adapters
+    lora: Optional[LoRAConfig] = None
 
     def __post_init__(self) -> None:
         if bool(self.model.init_from) == bool(self.model.config):
@@ -65,5 +70,8 @@ class VLMRecipe:
             raise UserError("a fresh model (model.config) needs data.tokenizer: the tokenizer.json it reads with.")
         if self.train_tower and self.stage != "instruct":
             raise UserError(f"train_tower applies to stage instruct (stage 2); stage {self.stage} keeps the tower frozen.")
+        if self.lora is not None and self.stage != "instruct":
+            raise UserError(f"lora applies to stage instruct (stage 2), where the language model trains; stage {self.stage} "
+                            "trains " + ("the projector only." if self.stage == "align" else "the language model in full."))
         if self.train.parallel.tp > 1 or self.train.parallel.pp > 1:
             raise UserError("vision-language training runs data parallel only; set train.parallel.tp and pp to 1.")

@@ -4,7 +4,8 @@
 
 Type a message and the reply streams token by token. The conversation is kept (oldest turns
 are dropped when it outgrows the context); ``/reset`` starts over, ``/exit`` or Ctrl-D quits,
-Ctrl-C stops a reply mid-way. Prompts go through the project's one chat template and
+Ctrl-C stops a reply mid-way. With a vision-language model, ``/image PATH`` attaches an image
+file (PNG, JPEG, ...) to the next message. Prompts go through the project's one chat template and
 generation through the engine, exactly as the server does.
 """
 from __future__ import annotations
@@ -19,13 +20,15 @@ from typing import Any, Optional, Sequence, TextIO
 
 from inference.sampling_params import SamplingParams
 from inference.serve_recipe import ChatRecipe, load_serving, parse_serving_args
+from data_pipeline.vision_chat import IMAGE_MARKER, render_with_images
 from inference.server import chat_format
 from utils.errors import UserError
 
 
 def fit_history(tok: Any, render_chat: Any, messages: list[dict], max_model_len: int, min_reply: int) -> list[int]:
     """Render ``messages``, dropping the oldest non-system turns until at least ``min_reply``
-    tokens of context are left for the answer. Returns the prompt ids (messages is trimmed in place)."""
+    tokens of context are left for the answer. Returns the prompt ids (messages is trimmed in place).
+    ``render_chat(tok, messages, add_generation_prompt=True)`` -> (ids, mask)."""
     while True:
         ids, _ = render_chat(tok, messages, add_generation_prompt=True)
         if len(ids) + min_reply <= max_model_len:
@@ -36,9 +39,10 @@ def fit_history(tok: Any, render_chat: Any, messages: list[dict], max_model_len:
         del messages[first : first + 2 if len(messages) - first > 2 else first + 1]
 
 
-def reply(engine: Any, prompt_ids: list[int], params: SamplingParams, out: TextIO) -> tuple[str, int]:
+def reply(engine: Any, prompt_ids: list[int], params: SamplingParams, out: TextIO,
+          images: Optional[Any] = None) -> tuple[str, int]:
     """Generate and stream one answer to ``out``. Returns (text, generated tokens)."""
-    request_id = engine.add_request(prompt_ids, params)
+    request_id = engine.add_request(prompt_ids, params, images=images)
     text, n_tokens = "", 0
     try:
         while engine.has_unfinished():
@@ -59,10 +63,56 @@ def reply(engine: Any, prompt_ids: list[int], params: SamplingParams, out: TextI
     return text, n_tokens
 
 
+class ChatImages:
+    """The images of a terminal chat: ``/image PATH`` loads one for the next message, which then
+    carries an ``<image>`` marker per image; the history's images are the markers still in it."""
+
+    def __init__(self, model: Any):
+        self.cfg = model.cfg
+        self.pending: list = []  # loaded, waiting for the next message
+        self.sent: list = []  # in the history, in marker order
+
+    def attach(self, path: str) -> str:
+        from data_pipeline.images import load_image_file
+
+        if self.cfg.vision is None:
+            raise UserError("this model has no vision encoder, so it cannot read images; chat with a vision-language model.")
+        if not path:
+            raise UserError("/image needs a file: /image pics/cat.png")
+        self.pending.append(load_image_file(path))
+        return f"(image {path} attached to your next message)"
+
+    def user_message(self, text: str) -> dict:
+        """The next user turn, a marker per pending image first (each on its own line)."""
+        markers = "".join(IMAGE_MARKER + "\n" for _ in self.pending)
+        self.sent += self.pending
+        self.pending = []
+        return {"role": "user", "content": markers + text}
+
+    def forget(self, message: dict) -> None:
+        """A refused last message: its images leave with it."""
+        n = message["content"].count(IMAGE_MARKER)
+        self.sent = self.sent[: len(self.sent) - n]
+
+    def render(self, tok: Any, messages: list[dict], add_generation_prompt: bool = True):
+        """render_chat with the images still in ``messages`` (dropped turns take theirs along)."""
+        n = sum(m["content"].count(IMAGE_MARKER) for m in messages if isinstance(m["content"], str))
+        self.sent = self.sent[len(self.sent) - n:]
+        v = self.cfg.vision
+        return render_with_images(tok, messages, n, v["image_token_id"] if v else None, self.cfg.image_tokens,
+                                  add_generation_prompt=add_generation_prompt)
+
+    def pixels(self):
+        from data_pipeline.images import to_pixels
+
+        return to_pixels(self.sent, self.cfg.vision["image_size"]) if self.sent else None
+
+
 def chat_loop(engine: Any, tok: Any, args: ChatRecipe, stdin: TextIO, out: TextIO, err: TextIO) -> None:
-    render_chat, chat_stop_ids = chat_format()
+    _, chat_stop_ids = chat_format()
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
+    images = ChatImages(engine.model)
     interactive = stdin.isatty()
     while True:
         if interactive:
@@ -75,16 +125,22 @@ def chat_loop(engine: Any, tok: Any, args: ChatRecipe, stdin: TextIO, out: TextI
         if text.strip() == "/exit":
             break
         if text.strip() == "/reset":
-            messages = list(system)
+            messages, images = list(system), ChatImages(engine.model)
             out.write("(conversation reset)\n")
+            continue
+        if text.strip() == "/image" or text.startswith("/image "):
+            try:
+                out.write(images.attach(text[len("/image"):].strip()) + "\n")
+            except UserError as e:
+                err.write(f"error: {e}\n")
             continue
         if not text.strip():
             continue
-        messages.append({"role": "user", "content": text})
+        messages.append(images.user_message(text))
         try:
-            prompt_ids = fit_history(tok, render_chat, messages, engine.max_model_len, min(args.max_tokens, 16))
+            prompt_ids = fit_history(tok, images.render, messages, engine.max_model_len, min(args.max_tokens, 16))
         except UserError as e:
-            messages.pop()
+            images.forget(messages.pop())
             err.write(f"error: {e}\n")
             continue
         params = SamplingParams(
@@ -93,7 +149,7 @@ def chat_loop(engine: Any, tok: Any, args: ChatRecipe, stdin: TextIO, out: TextI
             stop_token_ids=list(chat_stop_ids(tok)),
         ).validate(engine.max_model_len)
         t0 = time.perf_counter()
-        answer, n_tokens = reply(engine, prompt_ids, params, out)
+        answer, n_tokens = reply(engine, prompt_ids, params, out, images.pixels())
         out.write("\n")
         out.flush()
         messages.append({"role": "assistant", "content": answer})
@@ -110,7 +166,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                           "a flag (--max-tokens 64) and a YAML key (--config_path chat.yaml).", argv)
     engine, tok = load_serving(args)
     if sys.stdin.isatty():
-        print(f"chatting with {args.checkpoint} ({engine.max_model_len}-token context). /reset starts over, /exit quits.")
+        images = " /image PATH attaches an image." if engine.model.cfg.vision is not None else ""
+        print(f"chatting with {args.checkpoint} ({engine.max_model_len}-token context). /reset starts over, /exit quits.{images}")
     chat_loop(engine, tok, args, sys.stdin, sys.stdout, sys.stderr)
 
 

@@ -63,8 +63,10 @@ def match_linears(model: nn.Module, targets: Targets) -> list[str]:
     patterns; a pattern selects a layer when it matches the layer's full name
     (``layers.*.attn.q_proj``), its trailing part (``q_proj``, ``attn.*``) or a module the layer
     sits in (``shared_experts``: all three projections of the shared experts; ``experts``: the
-    routed experts; ``gate``, HF's name, is the ``router``). A pattern that matches no target is
-    a UserError.
+    routed experts; ``gate``, HF's name, is the ``router``). A pattern that is a layer's full name
+    selects that layer alone (``layers.0.attn.q_proj`` is not also the vision tower's
+    ``vision.tower.layers.0.attn.q_proj``; adapter checkpoints record full names). A pattern that
+    matches no target is a UserError.
     """
     linears = [n for n, m in model.named_modules() if is_linear(m) or is_expert_stack(m)]
     if targets == "all-linear":
@@ -76,6 +78,9 @@ def match_linears(model: nn.Module, targets: Targets) -> list[str]:
         targets = [targets]
     picked: set[str] = set()
     for pattern in targets:
+        if pattern in linears:
+            picked.add(pattern)
+            continue
         hits = [n for n in linears if _selected(n, HF_TARGET_NAMES.get(pattern, pattern))]
         if not hits:
             kinds = sorted({n.split(".")[-1] for n in linears})

@@ -73,6 +73,46 @@ def test_each_stage_trains_only_its_part(task, stage, tower, trains):
             assert not changed, f"{stage}: {name} changed but is frozen"
 
 
+def test_stage_2_with_lora_adapts_the_language_model_only(task):
+    """lora in stage 2: adapters on the LM's linear layers (none in the tower, whose q/k/v share the
+    names), the projector trained in full, an adapter checkpoint the loader merges over stage 1."""
+    from finetune.vlm import run_vlm
+    from model.load import load_model
+    from model.lora import lora_layers
+    from utils.checkpoint import read_meta
+
+    root, _ = task
+    align = recipe(root, "align")
+    align.train.out_dir = str(root / "lora_base")
+    torch.manual_seed(0)
+    run_vlm(align)
+    base_dir = root / "lora_base" / "final"
+    r = config_from_dict(VLMRecipe, {
+        "stage": "instruct", "model": {"init_from": str(base_dir)}, "lora": {"r": 4, "alpha": 8},
+        "data": {"train_path": str(root / "qa.jsonl")},
+        "train": {"out_dir": str(root / "lora_run"), "max_steps": 3, "batch_size": 4, "seq_len": 200, "progress": False,
+                  "resume": "never"},
+        "optim": {"lr": 1e-2, "warmup_steps": 0}})
+    run_vlm(r)
+    out = root / "lora_run" / "final"
+    meta = read_meta(out)
+    assert meta["kind"] == "adapter" and "vision.projector" in meta["lora"]["modules_to_save"]
+    assert meta["lora_layers"] and not [n for n in meta["lora_layers"] if n.startswith("vision.")]
+    live = load_model(out, merge=False)
+    assert set(lora_layers(live)) == set(meta["lora_layers"])
+    before, after = load_model(base_dir).state_dict(), load_model(out).state_dict()  # merged on load
+    for name, old in before.items():
+        changed = not torch.equal(old, after[name])
+        if name.startswith("vision.tower."):
+            assert not changed, name
+        elif name.startswith("vision.projector.") or (name.endswith("proj.weight") and not name.startswith("vision.")):
+            assert changed, name
+    with pytest.raises(UserError, match="lora applies to stage instruct"):
+        config_from_dict(VLMRecipe, {"stage": "align", "model": {"init_from": str(base_dir)}, "lora": {"r": 4},
+                                     "data": {"train_path": str(root / "caption.jsonl")},
+                                     "train": {"out_dir": str(root / "x"), "max_steps": 1, "batch_size": 1, "seq_len": 8}})
+
+
 def test_batches_and_loss_see_the_images(task):
     root, tok = task
     cfg = build_vlm(recipe(root, "instruct")).cfg
@@ -107,6 +147,10 @@ def test_recipe_refusals(task):
         recipe(root, "align", train_tower=True)
     with pytest.raises(UserError, match="raise train.seq_len"):
         encode_rows(str(root / "caption.jsonl"), "", task[1], build_vlm(recipe(root, "align")).cfg, 20, True)
+    with pytest.raises(UserError, match="context \\(max_seq_len\\) is 16"):
+        cfg = build_vlm(recipe(root, "align")).cfg
+        cfg.max_seq_len = 16
+        encode_rows(str(root / "caption.jsonl"), "", task[1], cfg, 200, True)
 
 
 def test_example_recipes_validate(tmp_path, monkeypatch):

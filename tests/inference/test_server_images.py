@@ -104,3 +104,43 @@ def test_a_huge_image_is_a_400(live):
     big = np.zeros((4097, 4097, 3), np.uint8)
     with pytest.raises(openai.BadRequestError, match="pixels"):
         client_of(live[0]).chat.completions.create(model=MODEL, messages=ask(big), max_tokens=4)
+
+
+def test_terminal_chat_attaches_images(tok, tmp_path):
+    """inference/chat.py's /image: the file's pixels reach the engine with the next message (the reply
+    equals the engine's own on that prompt and image), history keeps them, trimming drops a turn's
+    image with it, and bad files or a text-only model are one-line errors."""
+    import io
+
+    from data_pipeline.images import load_image_file
+    from inference.chat import chat_loop, reply
+    from inference.serve_recipe import ChatRecipe
+
+    files = []
+    for seed in (3, 4):
+        path = tmp_path / f"scene{seed}.png"
+        path.write_bytes(__import__("base64").b64decode(encode_png_data_url(visual.render(visual.random_scene(random.Random(seed)))).split(",", 1)[1]))
+        files.append(path)
+    engine, _ = start(tok, VISION, max_len=48)
+    args = ChatRecipe(checkpoint="unused", temperature=0.0, max_tokens=6, stats=True)
+
+    def expected(image_path, text: str) -> str:
+        ids, _ = render_with_images(tok, [{"role": "user", "content": f"{IMAGE_MARKER}\n{text}"}], 1, 4, 9, add_generation_prompt=True)
+        params = SamplingParams(max_tokens=6, temperature=0.0, stop_token_ids=list(chat_stop_ids(tok)))
+        return reply(engine, ids, params, io.StringIO(), to_pixels([load_image_file(image_path)], 24))[0]
+
+    stdin = (f"/image {files[0]}\nHow many?\n/image {tmp_path / 'missing.png'}\n/image\n"
+             f"/image {files[1]}\nAnd this?\n/exit\n")
+    out, err = io.StringIO(), io.StringIO()
+    chat_loop(engine, tok, args, io.StringIO(stdin), out, err)
+    replies = [line for line in out.getvalue().split("\n") if line and not line.startswith("(image")]
+    assert out.getvalue().count("attached to your next message") == 2
+    assert replies[0] == expected(files[0], "How many?")
+    assert "does not exist" in err.getvalue() and "/image needs a file" in err.getvalue()
+    prompts = [int(n) for n in __import__("re").findall(r"\[(\d+) prompt tokens", err.getvalue())]
+    assert len(prompts) == 2 and prompts[1] <= 48  # the second turn fits by dropping the first (and its image)
+    assert replies[1] == expected(files[1], "And this?")  # alone now, with its own image
+    text_engine, _ = start(tok, None)
+    err = io.StringIO()
+    chat_loop(text_engine, tok, args, io.StringIO(f"/image {files[0]}\n"), io.StringIO(), err)
+    assert "no vision encoder" in err.getvalue()
