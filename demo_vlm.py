@@ -8,6 +8,7 @@ Each step is the command a user would run (printed before it runs, its output in
   finetune/vlm_train.py configs/examples/vlm/0_text      the LM alone, on the chats without their images
   finetune/vlm_train.py configs/examples/vlm/1_align     stage 1: the projector on captions
   finetune/vlm_train.py configs/examples/vlm/2_instruct  stage 2: projector + LM on questions
+  finetune/vlm_train.py configs/examples/vlm/2_instruct_lora   stage 2 again, the LM as LoRA adapters
   eval/visual_qa.py after each, on held-out scenes, through the engine
 
 and writes the held-out accuracy of each to out/demo_vlm/report.md. Steps whose output exists are
@@ -29,11 +30,13 @@ from utils.cli import main_guard  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent
-STAGES = [("text", "0_text", None), ("align", "1_align", "text"), ("instruct", "2_instruct", "align")]
+STAGES = [("text", "0_text", None), ("align", "1_align", "text"), ("instruct", "2_instruct", "align"),
+          ("instruct_lora", "2_instruct_lora", "align")]
 # (row of the report, checkpoint stage, with images)
 EVALS = [("text-only base (no images)", "text", False), ("untrained projector", "text", True),
          ("after stage 1 (projector on captions)", "align", True),
-         ("after stage 2 (projector + LM on questions)", "instruct", True)]
+         ("after stage 2 (projector + LM on questions)", "instruct", True),
+         ("after stage 2 with LoRA (projector + LM adapters)", "instruct_lora", True)]
 
 
 def run(cmd: list[str], log: pathlib.Path) -> float:

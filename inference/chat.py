@@ -84,6 +84,8 @@ class ChatImages:
 
     def user_message(self, text: str) -> dict:
         """The next user turn, a marker per pending image first (each on its own line)."""
+        if IMAGE_MARKER in text:
+            raise UserError(f"the text {IMAGE_MARKER} marks where an image goes; attach images with /image PATH instead.")
         markers = "".join(IMAGE_MARKER + "\n" for _ in self.pending)
         self.sent += self.pending
         self.pending = []
@@ -136,11 +138,12 @@ def chat_loop(engine: Any, tok: Any, args: ChatRecipe, stdin: TextIO, out: TextI
             continue
         if not text.strip():
             continue
-        messages.append(images.user_message(text))
         try:
+            messages.append(images.user_message(text))
             prompt_ids = fit_history(tok, images.render, messages, engine.max_model_len, min(args.max_tokens, 16))
         except UserError as e:
-            images.forget(messages.pop())
+            if messages and messages[-1]["role"] == "user":
+                images.forget(messages.pop())
             err.write(f"error: {e}\n")
             continue
         params = SamplingParams(

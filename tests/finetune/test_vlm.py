@@ -166,4 +166,4 @@ def test_example_recipes_validate(tmp_path, monkeypatch):
     for d in ("text", "align"):
         (tmp_path / "runs/vlm" / d / "final").mkdir(parents=True)
     stages = [load_config(VLMRecipe, p).stage for p in sorted((repo / "configs/examples/vlm").glob("*.yaml"))]
-    assert stages == ["text", "align", "instruct"]
+    assert stages == ["text", "align", "instruct", "instruct"]  # 2_instruct and 2_instruct_lora

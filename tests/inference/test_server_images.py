@@ -129,7 +129,7 @@ def test_terminal_chat_attaches_images(tok, tmp_path):
         params = SamplingParams(max_tokens=6, temperature=0.0, stop_token_ids=list(chat_stop_ids(tok)))
         return reply(engine, ids, params, io.StringIO(), to_pixels([load_image_file(image_path)], 24))[0]
 
-    stdin = (f"/image {files[0]}\nHow many?\n/image {tmp_path / 'missing.png'}\n/image\n"
+    stdin = (f"/image {files[0]}\nHow many?\n/image {tmp_path / 'missing.png'}\n/image\nsee <image>\n"
              f"/image {files[1]}\nAnd this?\n/exit\n")
     out, err = io.StringIO(), io.StringIO()
     chat_loop(engine, tok, args, io.StringIO(stdin), out, err)
@@ -137,6 +137,7 @@ def test_terminal_chat_attaches_images(tok, tmp_path):
     assert out.getvalue().count("attached to your next message") == 2
     assert replies[0] == expected(files[0], "How many?")
     assert "does not exist" in err.getvalue() and "/image needs a file" in err.getvalue()
+    assert "attach images with /image PATH" in err.getvalue()
     prompts = [int(n) for n in __import__("re").findall(r"\[(\d+) prompt tokens", err.getvalue())]
     assert len(prompts) == 2 and prompts[1] <= 48  # the second turn fits by dropping the first (and its image)
     assert replies[1] == expected(files[1], "And this?")  # alone now, with its own image
