@@ -1,6 +1,6 @@
 """The vision-language demo: a tiny LLaVA-style model learns the synthetic visual task on CPU in minutes.
 
-    python demo_vlm.py [--data_dir data] [--runs_dir runs/vlm] [--out out/demo_vlm]
+    python demo_vlm.py [--data_dir data] [--runs_dir runs/vlm] [--out out/demo_vlm] [--lora]
 
 Each step is the command a user would run (printed before it runs, its output in out/demo_vlm/logs):
 
@@ -8,7 +8,7 @@ Each step is the command a user would run (printed before it runs, its output in
   finetune/vlm_train.py configs/examples/vlm/0_text      the LM alone, on the chats without their images
   finetune/vlm_train.py configs/examples/vlm/1_align     stage 1: the projector on captions
   finetune/vlm_train.py configs/examples/vlm/2_instruct  stage 2: projector + LM on questions
-  finetune/vlm_train.py configs/examples/vlm/2_instruct_lora   stage 2 again, the LM as LoRA adapters
+  finetune/vlm_train.py configs/examples/vlm/2_instruct_lora   (--lora) stage 2 again, the LM as LoRA adapters
   eval/visual_qa.py after each, on held-out scenes, through the engine
 
 and writes the held-out accuracy of each to out/demo_vlm/report.md. Steps whose output exists are
@@ -56,6 +56,7 @@ def main() -> None:
     p.add_argument("--runs_dir", default="runs/vlm")
     p.add_argument("--out", default="out/demo_vlm")
     p.add_argument("--fresh", action="store_true", help="rerun every step")
+    p.add_argument("--lora", action="store_true", help="also stage 2 with LoRA adapters on the LM (a second stage-2 run)")
     args = p.parse_args()
     data, runs, out = pathlib.Path(args.data_dir) / "visual", pathlib.Path(args.runs_dir), pathlib.Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -63,7 +64,9 @@ def main() -> None:
     if args.fresh or not (data / "qa_eval.jsonl").is_file():
         seconds["data"] = run([str(REPO / "data_pipeline/download/make_visual_task.py"), "--data_dir", args.data_dir],
                               out / "logs/data.log")
-    for stage, recipe, prev in STAGES:
+    stages = STAGES if args.lora else [s for s in STAGES if s[0] != "instruct_lora"]
+    evals = EVALS if args.lora else [e for e in EVALS if e[1] != "instruct_lora"]
+    for stage, recipe, prev in stages:
         if args.fresh and (runs / stage).exists():
             shutil.rmtree(runs / stage)
         if (runs / stage / "final").is_dir():
@@ -78,7 +81,7 @@ def main() -> None:
             cmd.append(f"model.init_from={runs / prev / 'final'}")
         seconds[stage] = run(cmd, out / f"logs/{stage}.log")
     rows = []
-    for i, (label, stage, with_images) in enumerate(EVALS):
+    for i, (label, stage, with_images) in enumerate(evals):
         eval_dir = out / f"eval_{i}"
         seconds[f"eval {i}"] = run([str(REPO / "eval/visual_qa.py"), "--checkpoint", str(runs / stage / "final"),
                                     "--data_path", str(data / "qa_eval.jsonl"), "--with_images", str(with_images).lower(),

@@ -53,7 +53,7 @@ def load_rows(path: str, limit=None) -> list[dict]:
         if len(messages) < 2 or messages[-1]["role"] != "assistant":
             raise UserError(f"{path} line {i + 1}: the last message must be the assistant's reference answer.")
         rows.append({"messages": messages[:-1], "images": images, "answer": messages[-1]["content"],
-                     "question": messages[-2]["content"].split("\n")[-1]})
+                     "question": drop_images(messages[-2:-1])[0]["content"].strip()})  # the image before or after
     if not rows:
         raise UserError(f"{path} holds no rows.")
     return rows

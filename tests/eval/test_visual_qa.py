@@ -62,3 +62,17 @@ def test_a_text_only_model_needs_with_images_false(setup):
     assert out.returncode == 2 and "no vision encoder" in out.stderr and "Traceback" not in out.stderr
     out = run(setup, "text", "--with_images", "false")
     assert out.returncode == 0, out.stderr
+
+
+def test_the_question_is_found_before_or_after_the_image(tmp_path):
+    import random
+
+    from eval.visual_qa import load_rows, question_kind
+
+    image = visual.render(visual.random_scene(random.Random(0)))
+    (tmp_path / "a.png").write_bytes(base64.b64decode(encode_png_data_url(image).split(",", 1)[1]))
+    q = "How many red shapes are there?"
+    rows = [{"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": "1"}], "images": ["a.png"]}
+            for parts in ([{"type": "image"}, {"type": "text", "text": q}], [{"type": "text", "text": q}, {"type": "image"}])]
+    write_jsonl(tmp_path / "qa.jsonl", rows)
+    assert [question_kind(r["question"]) for r in load_rows(str(tmp_path / "qa.jsonl"))] == ["count colour"] * 2
