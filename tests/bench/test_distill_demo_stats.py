@@ -22,3 +22,13 @@ def test_wilson_interval_is_scipys(k, n):
     stats = pytest.importorskip("scipy.stats")
     ci = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
     assert bench.wilson(k, n) == pytest.approx((ci.low, ci.high), abs=1e-9)
+
+
+def test_paired_pools_seeds_run_by_run():
+    """Run i of an arm meets run i of SFT alone (same seed), and the seeds' pairs add up."""
+    arm = [[True, True, False, False], [True, False, False, True]]
+    sft = [[True, False, True, False], [False, False, True, True]]
+    assert bench.paired(arm[:1], sft[:1]) == (1, 1)
+    assert bench.paired(arm[1:], sft[1:]) == (1, 1)
+    assert bench.paired(arm, sft) == (2, 2)
+    assert bench.paired(arm, [sft[1], sft[0]]) != bench.paired(arm, sft)  # pairs follow the order of the runs
