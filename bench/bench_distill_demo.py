@@ -16,7 +16,9 @@ depends on) and on the rest (names and wording).
 Training seeds: an arm may name several runs (``kd=runs/a,runs/b,runs/c``, and ``sft_alone=...``
 replaces the demo's SFT-only student by its seeds). Run i of an arm is paired with run i of
 sft_alone (same seed, same batches), and the pairs of all seeds are pooled into one McNemar test;
-each run is also listed on its own. Greedy answers are deterministic, so each run's answers are
+each run is also listed on its own. The McNemar test sees only which prompts were drawn, not how
+much a student depends on its seed; for that, each seed's difference in accuracy and an exact
+sign-flip test over the seeds. Greedy answers are deterministic, so each run's answers are
 kept in ``--cache`` (keyed by path, checkpoint time and n) and not recomputed.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ import sys, pathlib  # noqa: E401
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # repo root
 
 import argparse
+import itertools
 import json
 import math
 from pathlib import Path
@@ -58,6 +61,14 @@ def checkpoint_key(path: str, n: int) -> str:
     """Where a run's answers live in the cache: its path, when its files were written, and n."""
     mtime = max(f.stat().st_mtime for f in Path(path).iterdir())
     return f"{Path(path).resolve()}|{mtime:.0f}|{n}"
+
+
+def sign_flip_p(diffs: list[float]) -> float:
+    """Two-sided exact sign-flip test that paired per-seed differences have mean 0: the share of the
+    2^k sign patterns whose |sum| is at least the observed one (k seeds: never below 2 / 2^k)."""
+    observed = abs(sum(diffs))
+    sums = [abs(sum(s * d for s, d in zip(signs, diffs))) for signs in itertools.product((1, -1), repeat=len(diffs))]
+    return sum(x >= observed - 1e-12 for x in sums) / len(sums)
 
 
 def answers_right(path: str, tokenizer, problems: list[dict]) -> list[bool]:
@@ -163,6 +174,15 @@ def main() -> None:
                     b, c = paired([r], [right["sft_alone"][i]])
                     cells = f"{b} / {c} | {mcnemar_exact(b, c):.3f}"
                 print(f"| {name} | {path} | {sum(r) / args.n:.1%} | {cells} |")
+        print("\nseed by seed: accuracy minus SFT alone's with the same seed\n"
+              "| model | per seed (points) | mean | sign-flip p |\n|---|---|---|---|")
+        for row, (name, runs) in zip(rows, right.items()):
+            if name in ("teacher", "sft_alone") or len(runs) < 2:
+                continue
+            diffs = [100 * (sum(r) - sum(base)) / args.n for r, base in zip(runs, right["sft_alone"])]
+            row.update(seed_diffs=diffs, sign_flip_p=sign_flip_p(diffs))
+            print(f"| {name} | {', '.join(f'{d:+.1f}' for d in diffs)} | {sum(diffs) / len(diffs):+.1f} | "
+                  f"{row['sign_flip_p']:.3f} |")
     ce = {}
     for name, runs in arms.items():  # the mean over an arm's runs
         each = [token_ce(path, tokenizer, args.val_rows) for path in runs]
