@@ -272,6 +272,9 @@ def distill_card(recipe: DemoRecipe, seconds: dict[str, float]) -> str:
              "", "| model | size | exact answers | '#### <n>' format |", "|---|---|---|---|"]
     lines += [f"| {name} | {size} | {fmt(r and r['accuracy'], True)} | {fmt(r and r['format_rate'], True)} |"
               for name, size, r in rows]
+    lines += ["", ("One training seed per student: from seed to seed the same student's exact answers move by several "
+                   "points, so `python bench/bench_distill_demo.py` pairs the students prompt by prompt, and "
+                   "docs/BENCHMARKS.md repeats them over training seeds.")]
     lines += ["", "| stage | wall time |", "|---|---|"] + [f"| {k} | {v:.0f} s |" for k, v in seconds.items()]
     return "\n".join(lines) + "\n"
 
