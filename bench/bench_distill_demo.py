@@ -197,5 +197,6 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({"n": args.n, "threads": args.threads, "rows": rows, "token_ce": ce}, indent=2))
     print(f"\nwrote {args.out}")
 
+
 if __name__ == "__main__":
     main_guard(main)

@@ -7,8 +7,9 @@
 
 The vision tower stays frozen throughout (``train_tower`` lets stage 2 train it). With a ``lora``
 section stage 2 trains adapters on the language model's linear layers and the projector in full,
-and saves those alone (an adapter checkpoint over the stage-1 model; the loader merges it). The loss is the assistant-only next-token loss of SFT
-with the image embeddings spliced in at the placeholder ids (``Transformer.forward``).
+and saves those alone (an adapter checkpoint over the stage-1 model; the loader merges it). The
+loss is the assistant-only next-token loss of SFT with the image embeddings spliced in at the
+placeholder ids (``Transformer.forward``).
 """
 from __future__ import annotations
 

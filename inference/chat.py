@@ -18,9 +18,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # repo roo
 import time
 from typing import Any, Optional, Sequence, TextIO
 
+from data_pipeline.vision_chat import IMAGE_MARKER, render_with_images
 from inference.sampling_params import SamplingParams
 from inference.serve_recipe import ChatRecipe, load_serving, parse_serving_args
-from data_pipeline.vision_chat import IMAGE_MARKER, render_with_images
 from inference.server import chat_format
 from utils.errors import UserError
 

@@ -77,8 +77,9 @@ def match_linears(model: nn.Module, targets: Targets) -> list[str]:
     if isinstance(targets, str):
         targets = [targets]
     picked: set[str] = set()
+    full_names = set(linears)
     for pattern in targets:
-        if pattern in linears:
+        if pattern in full_names:
             picked.add(pattern)
             continue
         hits = [n for n in linears if _selected(n, HF_TARGET_NAMES.get(pattern, pattern))]
