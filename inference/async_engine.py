@@ -98,6 +98,7 @@ class AsyncEngine:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self.engine.driven_by = "an AsyncEngine's loop thread"
         self._thread.start()
 
     @property
@@ -156,6 +157,8 @@ class AsyncEngine:
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10.0)
+            if not self._thread.is_alive():
+                self.engine.driven_by = None
 
     def _deliver(self, stream: RequestStream, item: Any) -> None:
         """Called on the engine thread; the queue put runs on the event loop."""

@@ -123,6 +123,7 @@ class LLMEngine:
         self._pending: deque = deque()  # ("add", seq) / ("abort", request_id), from any thread
         self._pending_ids: set[str] = set()
         self._lock = threading.Lock()
+        self.driven_by: Optional[str] = None  # set by a loop that steps this engine on its own thread
         self._early: list[RequestOutput] = []  # outputs decided outside a forward (errors, aborts)
         self._seq_ids = itertools.count()
         self._grammars: dict[str, object] = {}  # compiled grammars by spec (inference/grammar.py)
@@ -503,6 +504,9 @@ class LLMEngine:
         Drives ``step`` itself: do not run it while another thread steps the same engine.
         A request that cannot fit comes back with finish_reason "error" and the reason in ``error``.
         """
+        if self.driven_by is not None:
+            raise UserError(f"generate: this engine is stepped by {self.driven_by}, which would take its outputs; "
+                            "build a second LLMEngine over the same model for direct calls.")
         params = params or SamplingParams()
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):

@@ -21,6 +21,7 @@ from inference.sampling_params import SamplingParams
 from model import ModelConfig, Transformer
 from tests.inference import test_server_helpers as H
 from tests.model.test_vision import randomize
+from utils.errors import UserError
 
 MODEL = "tiny-vlm"
 VISION = {"image_size": 24, "patch_size": 8, "d_model": 32, "n_heads": 4, "n_layers": 1, "d_ff": 64, "image_token_id": 4}
@@ -63,10 +64,12 @@ def ask(url_or_image, text: str = "How many shapes are there?") -> list[dict]:
 def test_an_image_reaches_the_model(live, tok):
     url, engine = live
     reply = client_of(url).chat.completions.create(model=MODEL, messages=ask(IMAGE), temperature=0, max_tokens=8)
-    # the same request straight into the engine
+    # the same request straight into an engine of its own over the same weights: the server's loop thread
+    # steps the live engine, and a second thread stepping it would take that thread's outputs
     ids, _ = render_with_images(tok, [{"role": "user", "content": IMAGE_MARKER + "\nHow many shapes are there?"}], 1, 4, 9,
                                 add_generation_prompt=True)
-    want = engine.generate([ids], SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=chat_stop_ids(tok)),
+    direct = LLMEngine(engine.model, tokenizer=tok, max_num_seqs=4)
+    want = direct.generate([ids], SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=chat_stop_ids(tok)),
                            images=[to_pixels([IMAGE], 24)])[0].outputs[0]
     assert reply.usage.prompt_tokens == len(ids)
     assert reply.choices[0].message.content == tok.decode(want.token_ids)
@@ -145,3 +148,11 @@ def test_terminal_chat_attaches_images(tok, tmp_path):
     err = io.StringIO()
     chat_loop(text_engine, tok, args, io.StringIO(f"/image {files[0]}\n"), io.StringIO(), err)
     assert "no vision encoder" in err.getvalue()
+
+
+def test_a_direct_generate_on_the_served_engine_is_refused(live):
+    """The server's loop thread steps the engine; a direct generate() would take its outputs (and
+    wait forever for its own), so it is refused with a message that says what to do instead."""
+    _, engine = live
+    with pytest.raises(UserError, match="second LLMEngine"):
+        engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2))
