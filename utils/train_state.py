@@ -365,7 +365,7 @@ def resume_point(manager: CheckpointManager, say: bool) -> Optional[Path]:
     return newest
 
 
-def diverged(run: S.Run, loss: float, what: str) -> Diverged:
+def diverged(run: Run, loss: float, what: str) -> Diverged:
     """The error that stops a diverged run (logged as an event first); no final/ is written."""
     healthy = run.manager.latest(healthy=True)
     run.event("diverged", loss=loss, best=run.spike.best, bad_steps=run.bad_streak, healthy_checkpoint=str(healthy))

@@ -14,7 +14,6 @@ provides a Triton version with the same signature that works in place.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch

@@ -45,8 +45,10 @@ def test_scoring_known_logits():
     vocab, letter_ids = 10, [3, 5, 7, 9]
     logits = torch.full((3, vocab), -1.0)
     logits[0, 5] = 4.0                       # B clearly
-    logits[1, 9] = 2.0; logits[1, 0] = 50.0  # D: a non-letter token's mass must not matter
-    logits[2, 3] = 1.0; logits[2, 7] = 1.0   # tie A/C -> first (A)
+    logits[1, 9] = 2.0                       # D: a non-letter token's mass must not matter
+    logits[1, 0] = 50.0
+    logits[2, 3] = 1.0                       # tie A/C -> first (A)
+    logits[2, 7] = 1.0
     lp = letter_logprobs_from_logits(logits, letter_ids)
     assert lp.shape == (3, 4)
     # Row 0 by hand: log softmax over all 10 tokens.

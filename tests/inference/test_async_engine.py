@@ -169,7 +169,7 @@ def test_shutdown_timeout_aborts_what_is_still_running(gated, model):
         closing = asyncio.ensure_future(ae.shutdown(timeout=0.1))
         # shutdown gives up: the stream ends with an error its client can report, not a silent cut
         with pytest.raises(EngineDead, match="shutting down"):
-            rest = [out async for out in it]
+            [out async for out in it]
         aborted = all_blocks_free(gated)
         gated.allow()  # let the thread see the stop flag
         await closing

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from model import ModelConfig, Transformer, architectures
+from model import ModelConfig, Transformer
 from model.hf_interop import forward_math, from_hf, to_hf
 from tests.model.test_hf_parity import CASES, CONFIGS, hf_model, randomize
 from utils.errors import UserError

@@ -9,11 +9,11 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 
-from model import ModelConfig, architectures
-from model.config import MLA_DEFAULTS, MOE_DEFAULTS
-from tests.model.hf_check import FAMILY_CASES, TOL, base_config, export_outcome, import_outcome
-from tests.model.test_hf_parity import CONFIGS
-from utils.errors import UserError
+from model import ModelConfig, architectures  # noqa: E402 (after the importorskip)
+from model.config import MLA_DEFAULTS, MOE_DEFAULTS  # noqa: E402 (after the importorskip)
+from tests.model.hf_check import FAMILY_CASES, TOL, base_config, export_outcome, import_outcome  # noqa: E402 (after the importorskip)
+from tests.model.test_hf_parity import CONFIGS  # noqa: E402 (after the importorskip)
+from utils.errors import UserError  # noqa: E402 (after the importorskip)
 
 LLAMA = CONFIGS["llama3"]
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0}

@@ -3,7 +3,6 @@ validates against its stage's recipe class, stages chain by path, nano models ru
 published size's model.yaml is its entry in model/architectures.py (whose tests check the
 parameter counts)."""
 import importlib
-import os
 import re
 from pathlib import Path
 
@@ -115,7 +114,7 @@ def test_missing_input_names_the_command_the_header_runs_first(key, tmp_path, mo
         text = FILES[f"{key}/{name}"]
         first = [c for c in header_commands(text, "Run first") if c.startswith("python ")]
         assert header_commands(text, "Run") == [f"python {STAGES[name][1]} --config_path {OUT_DIR}/{key}/{name}"]
-        if not name[0] in "123":  # pretrain reads data only; eval and serving load their checkpoint later
+        if name[0] not in "123":  # pretrain reads data only; eval and serving load their checkpoint later
             continue
         data = yaml.safe_load(text)
         _stub_inputs({k: v for k, v in data.items() if k in ("data", "rollout")}, tmp_path)  # data, not runs
