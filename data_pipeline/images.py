@@ -21,8 +21,9 @@ MAX_IMAGE_PIXELS = 4096 * 4096  # width * height; Pillow reads the size from the
 
 
 def decode_image(data: bytes, where: str = "image") -> np.ndarray:
-    """Encoded image bytes (PNG, JPEG, GIF, WebP, BMP...) -> (H, W, 3) uint8 RGB."""
-    from PIL import Image, UnidentifiedImageError
+    """Encoded image bytes (PNG, JPEG, GIF, WebP, BMP...) -> (H, W, 3) uint8 RGB, upright (EXIF
+    orientation applied), transparency composited on white, the first frame of an animation."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if len(data) > MAX_IMAGE_BYTES:
         raise UserError(f"{where} is {len(data) / 1e6:.1f} MB; images up to {MAX_IMAGE_BYTES / 1e6:.0f} MB are accepted.")
@@ -31,6 +32,10 @@ def decode_image(data: bytes, where: str = "image") -> np.ndarray:
         w, h = img.size
         if w * h > MAX_IMAGE_PIXELS:
             raise UserError(f"{where} is {w}x{h} pixels; images up to {MAX_IMAGE_PIXELS} pixels are accepted.")
+        img = ImageOps.exif_transpose(img)  # a phone photo's orientation tag, applied as a viewer does
+        if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:  # transparent -> on white, not black
+            rgba = img.convert("RGBA")
+            img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise UserError(f"{where} could not be decoded as an image ({type(err).__name__}: {err}); "

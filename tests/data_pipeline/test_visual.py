@@ -79,6 +79,40 @@ def test_decode_refuses_corrupt_oversized_and_remote_images():
     assert float(px[0, :, 0, 0].mean()) == 1.0  # the white background
 
 
+def test_decode_reads_images_as_a_viewer_shows_them():
+    """Files as cameras and editors write them: an EXIF-rotated JPEG comes out upright, transparent
+    pixels on white (as the task's background), grey and palette images as RGB, an animation's first frame."""
+    from PIL import Image
+
+    def encoded(img, fmt, **kw) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    wide = Image.new("RGB", (40, 20), (255, 0, 0))
+    wide.paste((0, 0, 255), (0, 0, 20, 20))  # left half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    upright = decode_image(encoded(wide, "JPEG", exif=exif, quality=95))
+    assert upright.shape == (40, 20, 3)  # portrait now
+    top, bottom = upright[5, 10].astype(int), upright[35, 10].astype(int)
+    assert top[2] > 200 and top[0] < 60 and bottom[0] > 200 and bottom[2] < 60  # blue on top after the turn
+    assert decode_image(encoded(wide, "JPEG", quality=95)).shape == (20, 40, 3)  # no tag: as stored
+
+    clear = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    clear.putpixel((1, 1), (0, 255, 0, 255))
+    px = decode_image(encoded(clear, "PNG"))
+    assert px[0, 0].tolist() == [255, 255, 255] and px[1, 1].tolist() == [0, 255, 0]
+    grey = decode_image(encoded(Image.new("L", (6, 4), 90), "PNG"))
+    assert grey.shape == (4, 6, 3) and (grey == 90).all()
+    frames = [Image.new("P", (5, 5), i) for i in (1, 2)]
+    for f in frames:
+        f.putpalette([0, 0, 0, 200, 0, 0, 0, 200, 0] + [0] * 759)
+    gif = io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
+    assert decode_image(gif.getvalue())[0, 0].tolist() == [200, 0, 0]
+
+
 def test_split_images_reads_both_layouts(tmp_path):
     img = visual.render(visual.random_scene(random.Random(2)))
     (tmp_path / "a.png").write_bytes(base64.b64decode(encode_png_data_url(img).split(",", 1)[1]))
