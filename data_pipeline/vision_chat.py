@@ -6,8 +6,10 @@ A message's content may be a string or OpenAI content parts::
      {"type": "image", "image": "pics/0001.png"},                               # a JSONL row's file
      {"type": "text", "text": "How many shapes are there?"}]
 
-or a string with ``<image>`` markers and the files in the row's ``images`` list (the LLaVA /
-LLaMA-Factory layout). ``split_images`` turns either into plain-text messages (each image a
+or a string with ``<image>`` markers and the files in the row's ``images`` list (the LLaMA-Factory
+layout). A dataset row may also be in LLaVA's published layout (LLaVA-Pretrain, LLaVA-Instruct),
+``{"image": "000000033471.jpg", "conversations": [{"from": "human", "value": "<image>\nWhat ..."},
+{"from": "gpt", "value": "..."}]}``; ``row_chat`` reads either. ``split_images`` turns either into plain-text messages (each image a
 ``<image>`` marker) plus the decoded images in order; ``render_with_images`` renders those through
 THE chat format (``render_chat``) and replaces each marker's tokens with the model's
 ``image_tokens`` placeholder ids, which the model fills with the image's embeddings.
@@ -21,6 +23,7 @@ import numpy as np
 
 from data_pipeline.images import decode_image_url, load_image_file
 from data_pipeline.tokenizer.chat_template import render_chat
+from data_pipeline.user_data import FIELDS, to_messages
 from utils.errors import UserError
 
 IMAGE_MARKER = "<image>"
@@ -84,6 +87,27 @@ def split_images(messages: list, row_images: Optional[list] = None, base_dir: Op
     if pending:
         raise UserError(f"{where}: {len(pending)} of the row's images have no <image> marker or image part.")
     return out, images
+
+
+def row_chat(row: dict, base_dir: Optional[Path], where: str) -> tuple[list[dict], list[np.ndarray]]:
+    """A dataset row -> ``split_images``' (messages, images). The row holds ``messages`` (OpenAI chat,
+    content parts or ``<image>`` markers) or ``conversations`` (LLaVA / ShareGPT turns), and its image
+    files in ``images`` (a list) or ``image`` (LLaVA: one file, or a list)."""
+    images = row.get("images", row.get("image"))
+    images = [images] if isinstance(images, str) else images
+    if images is not None and not isinstance(images, list):
+        raise UserError(f"{where}: 'images' must be a list of image files, got {type(images).__name__}.")
+    if "messages" in row:
+        messages = row["messages"]
+    elif "conversations" in row:
+        try:
+            messages = to_messages(row, "sharegpt", FIELDS)
+        except UserError as err:
+            raise UserError(f"{where}: {err}") from None
+    else:
+        raise UserError(f"{where} has keys {sorted(row)[:8]}; an image-chat row holds 'messages' (OpenAI chat) or "
+                        "'conversations' (LLaVA), with its image files in 'images' or 'image'.")
+    return split_images(messages, images, base_dir, where)
 
 
 def drop_images(messages: list[dict]) -> list[dict]:

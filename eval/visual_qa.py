@@ -19,9 +19,9 @@ import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
 
 from data_pipeline.images import to_pixels  # noqa: E402
-from data_pipeline.jsonl import iter_jsonl  # noqa: E402
 from data_pipeline.tokenizer.chat_template import chat_stop_ids  # noqa: E402
-from data_pipeline.vision_chat import drop_images, render_with_images, split_images  # noqa: E402
+from data_pipeline.user_data import read_rows  # noqa: E402
+from data_pipeline.vision_chat import drop_images, render_with_images, row_chat  # noqa: E402
 from eval.common import engine_summary, load_model_and_tokenizer, make_engine, out_dir, parse_eval_args, summary_header  # noqa: E402
 from eval.report import write_results  # noqa: E402
 from utils.cli import main_guard  # noqa: E402
@@ -46,12 +46,12 @@ def load_rows(path: str, limit=None) -> list[dict]:
     """{"messages" (up to the answer), "images", "answer", "question"} per row."""
     base = pathlib.Path(path).parent
     rows = []
-    for i, row in enumerate(iter_jsonl(path)):
+    for where, row in read_rows(path):
         if limit is not None and len(rows) >= limit:
             break
-        messages, images = split_images(row.get("messages"), row.get("images"), base, f"{path} line {i + 1}")
+        messages, images = row_chat(row, base, where)
         if len(messages) < 2 or messages[-1]["role"] != "assistant":
-            raise UserError(f"{path} line {i + 1}: the last message must be the assistant's reference answer.")
+            raise UserError(f"{where}: the last message must be the assistant's reference answer.")
         rows.append({"messages": messages[:-1], "images": images, "answer": messages[-1]["content"],
                      "question": drop_images(messages[-2:-1])[0]["content"].strip()})  # the image before or after
     if not rows:

@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 
 from data_pipeline.images import to_pixels
-from data_pipeline.jsonl import iter_jsonl
-from data_pipeline.vision_chat import drop_images, render_with_images, split_images
+from data_pipeline.user_data import read_rows
+from data_pipeline.vision_chat import drop_images, render_with_images, row_chat
 from finetune.vlm_recipe import VLMRecipe
 from model import ModelConfig, Transformer
 from model.lora import LoRAConfig
@@ -93,9 +93,8 @@ def encode_rows(path: str, image_dir: str, tok, cfg: ModelConfig, seq_len: int, 
     base = Path(image_dir) if image_dir else Path(path).parent
     v = cfg.vision
     rows = []
-    for i, row in enumerate(iter_jsonl(path)):
-        where = f"{path} line {i + 1}"
-        messages, images = split_images(row.get("messages"), row.get("images"), base, where)
+    for where, row in read_rows(path):
+        messages, images = row_chat(row, base, where)
         if not with_images:
             messages, images = drop_images(messages), []
         ids, mask = render_with_images(tok, messages, len(images), v["image_token_id"], cfg.image_tokens)

@@ -2,7 +2,7 @@
 
     stage: align                        # text | align | instruct
     model: {init_from: runs/vlm/text/final}   # a checkpoint; a text-only one gets model.vision added
-    data: {train_path: data/visual/caption_train.jsonl}   # JSONL of messages referencing image files
+    data: {train_path: data/visual/caption_train.jsonl}   # chats referencing image files (or LLaVA's .json)
     train: {out_dir: runs/vlm/align, max_steps: 300, batch_size: 16, seq_len: 128}
     optim: {lr: 1e-3}
 
@@ -27,8 +27,10 @@ STAGES = ("text", "align", "instruct")
 
 @dataclass
 class VLMDataConfig:
-    """Recipe section ``data``: rows ``{"messages": [...], "images": [files]}`` (content parts
-    ``{"type": "image", "image": file}`` or ``<image>`` markers); files relative to ``image_dir``."""
+    """Recipe section ``data``: a .jsonl, .json (a list) or .parquet file of rows ``{"messages": [...],
+    "images": [files]}`` (content parts ``{"type": "image", "image": file}`` or ``<image>`` markers), or
+    in LLaVA's layout ``{"image": file, "conversations": [{"from": "human", "value": "<image>\n..."}, ...]}``
+    (LLaVA-Pretrain's and LLaVA-Instruct's .json files as published); files relative to ``image_dir``."""
 
     train_path: str = field(default="", metadata={"path": "file"})
     extra_paths: list[str] = field(default_factory=list)  # more files of the same layout, mixed in

@@ -3,6 +3,7 @@ the batches, the loss with images, the recipe's refusals."""
 from __future__ import annotations
 
 import base64
+import json
 
 import pytest
 import torch
@@ -133,6 +134,45 @@ def test_batches_and_loss_see_the_images(task):
     assert torch.equal(next(batches)["x"], nxt["x"])  # resumable
     text_rows = encode_rows(str(root / "qa.jsonl"), "", tok, cfg, 200, with_images=False)
     assert all(4 not in r["ids"] and r["pixels"].shape[0] == 0 for r in text_rows)
+
+
+def test_llava_layout_reads_as_the_messages_layout(task):
+    """LLaVA's published files (a .json list of {"id", "image", "conversations": [{"from": "human",
+    "value": "<image>\\n..."}, {"from": "gpt", ...}]}, text-only rows without "image") give the same
+    tokens, masks and pixels as the same chats in the messages layout; eval/visual_qa reads them too."""
+    from data_pipeline.jsonl import iter_jsonl
+    from data_pipeline.vision_chat import split_images
+    from eval.visual_qa import load_rows
+
+    root, tok = task
+    cfg = build_vlm(recipe(root, "instruct")).cfg
+    speaker = {"user": "human", "assistant": "gpt", "system": "system"}
+    messages_rows, llava_rows = [], []
+    for i, row in enumerate(iter_jsonl(root / "qa.jsonl")):
+        chat, _ = split_images(row["messages"], row["images"], root)  # "<image>" markers in strings
+        llava_rows.append({"id": f"{i:012d}", "image": row["images"][0],
+                           "conversations": [{"from": speaker[m["role"]], "value": m["content"]} for m in chat]})
+        messages_rows.append(row)
+    text_only = [{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "5"}]
+    messages_rows.append({"messages": text_only})
+    llava_rows.append({"id": "text", "conversations": [{"from": speaker[m["role"]], "value": m["content"]}
+                                                         for m in text_only]})
+    write_jsonl(root / "as_messages.jsonl", messages_rows)
+    (root / "llava.json").write_text(json.dumps(llava_rows))
+    want = encode_rows(str(root / "as_messages.jsonl"), "", tok, cfg, 200, with_images=True)
+    got = encode_rows(str(root / "llava.json"), "", tok, cfg, 200, with_images=True)
+    assert len(got) == len(want) == len(messages_rows) and got[-1]["pixels"].shape[0] == 0
+    for a, b in zip(got, want):
+        assert a["ids"] == b["ids"] and a["mask"] == b["mask"] and torch.equal(a["pixels"], b["pixels"])
+    assert [r["answer"] for r in load_rows(str(root / "llava.json"))] == [r["answer"] for r in load_rows(
+        str(root / "as_messages.jsonl"))]
+    (root / "bad.json").write_text(json.dumps([{"image": "images/qa0.png", "caption": "a red square"}]))
+    with pytest.raises(UserError, match="bad.json item 0 has keys .* 'conversations' \\(LLaVA\\)"):
+        encode_rows(str(root / "bad.json"), "", tok, cfg, 200, with_images=True)
+    (root / "bad.json").write_text(json.dumps([{"image": "images/qa0.png",
+                                                "conversations": [{"from": "narrator", "value": "hi"}]}]))
+    with pytest.raises(UserError, match="bad.json item 0: conversations\\[0\\] has from='narrator'"):
+        encode_rows(str(root / "bad.json"), "", tok, cfg, 200, with_images=True)
 
 
 def test_recipe_refusals(task):
