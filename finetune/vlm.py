@@ -26,6 +26,7 @@ from data_pipeline.user_data import read_rows
 from data_pipeline.vision_chat import drop_images, render_with_images, row_chat
 from finetune.vlm_recipe import VLMRecipe
 from model import ModelConfig, Transformer
+from model.hf_vision import tower_from_siglip_dir
 from model.lora import LoRAConfig
 from model.kernels import linear_cross_entropy
 from utils.errors import UserError
@@ -51,9 +52,20 @@ def build_vlm(recipe: VLMRecipe) -> Transformer:
     if m.vision is None:
         raise UserError(f"{m.init_from} is a text-only model; add model.vision (the vision tower and projector to "
                         "put in front of it).")
-    model = Transformer(ModelConfig.from_dict({**base.cfg.to_dict(), "vision": m.vision}))
+    vision, tower = dict(m.vision), None
+    if m.vision_tower:  # a pretrained tower: its sizes replace the section's, its weights the fresh ones
+        sizes, tower = tower_from_siglip_dir(m.vision_tower, post_norm=bool(vision.get("post_norm", False)))
+        clash = {k: (vision[k], v) for k, v in sizes.items() if k in vision and vision[k] != v}
+        if clash:
+            raise UserError(f"model.vision sets {', '.join(f'{k}={a!r}' for k, (a, _) in clash.items())} but the tower in "
+                            f"{m.vision_tower} has {', '.join(f'{k}={b!r}' for k, (_, b) in clash.items())}; "
+                            "leave the tower's sizes out of model.vision.")
+        vision.update(sizes)
+    model = Transformer(ModelConfig.from_dict({**base.cfg.to_dict(), "vision": vision}))
     missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("vision.") for k in missing), (missing, unexpected)
+    if tower is not None:
+        model.vision.tower.load_state_dict(tower, strict=True)
     return model
 
 

@@ -44,6 +44,9 @@ class VLMModelConfig:
 
     init_from: str = field(default="", metadata={"path": "dir?"})  # a text LM or a VLM checkpoint
     vision: Optional[dict] = None  # the vision section to add to a text-only init_from (fresh tower + projector)
+    # a pretrained SigLIP tower (a transformers save_pretrained directory of SiglipVisionModel or
+    # SiglipModel): its sizes and weights; model.vision then gives the rest (image_token_id, pool, post_norm)
+    vision_tower: str = field(default="", metadata={"path": "dir?"})
     config: Optional[dict] = None  # a fresh model (init_from ""): its ModelConfig, vision section included
 
 
@@ -68,6 +71,9 @@ class VLMRecipe:
         if self.model.config is not None and self.model.vision is not None:
             raise UserError("model.vision adds a vision part to init_from's text model; with model.config put the "
                             "vision section inside model.config.")
+        if self.model.vision_tower and self.model.vision is None:
+            raise UserError("model.vision_tower needs model.vision too: at least its image_token_id (the placeholder "
+                            "token id), e.g. vision: {image_token_id: 4}; the tower's sizes come from its config.json.")
         if self.model.config is not None and not self.data.tokenizer:
             raise UserError("a fresh model (model.config) needs data.tokenizer: the tokenizer.json it reads with.")
         if self.train_tower and self.stage != "instruct":

@@ -157,8 +157,8 @@ def export_hf(model: torch.nn.Module, out_dir: str | os.PathLike) -> Path:
     return Path(out_dir)
 
 
-def read_hf_config(path: str | os.PathLike) -> ModelConfig:
-    """The ModelConfig of an HF model directory's config.json (UserError naming what is wrong)."""
+def read_hf_json(path: str | os.PathLike) -> dict:
+    """An HF model directory's config.json as a dict (UserError naming what is wrong)."""
     file = Path(path) / "config.json"
     if not file.is_file():
         raise UserError(f"{path} has no config.json; point at a HuggingFace model directory.")
@@ -168,18 +168,20 @@ def read_hf_config(path: str | os.PathLike) -> ModelConfig:
         raise UserError(f"{file} is not valid JSON ({err}).") from None
     if not isinstance(hf_config, dict):
         raise UserError(f"{file} must hold a JSON object.")
-    return config_from_hf(hf_config)
+    return hf_config
 
 
-def load_hf_dir(path: str | os.PathLike) -> tuple[dict, ModelConfig]:
-    """Read an HF model directory (config.json + one or sharded *.safetensors) into our layout."""
+def read_hf_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of an HF model directory's config.json (UserError naming what is wrong)."""
+    return config_from_hf(read_hf_json(path))
+
+
+def read_hf_weights(path: str | os.PathLike) -> dict:
+    """Every tensor of an HF model directory's *.safetensors files (one, or the shards), by HF name."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(path)
-    read_hf_config(path)  # the clear errors first
-    hf_config = json.loads((path / "config.json").read_text())
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise UserError(f"{path} has no *.safetensors weights.")
     state: dict = {}
@@ -188,4 +190,11 @@ def load_hf_dir(path: str | os.PathLike) -> tuple[dict, ModelConfig]:
             state.update(load_file(str(f)))
         except (SafetensorError, OSError, ValueError) as err:
             raise UserError(f"{f} cannot be read ({err}); the download is incomplete or damaged.") from None
-    return from_hf(state, hf_config)
+    return state
+
+
+def load_hf_dir(path: str | os.PathLike) -> tuple[dict, ModelConfig]:
+    """Read an HF model directory (config.json + one or sharded *.safetensors) into our layout."""
+    hf_config = read_hf_json(path)
+    config_from_hf(hf_config)  # the clear errors before reading the weights
+    return from_hf(read_hf_weights(path), hf_config)

@@ -2,10 +2,17 @@
 ``vision_model``, the tower LLaVA-style models hold as ``vision_tower``): same math, other names.
 
 Key renames only; the tower's math is checked against transformers in tests/model/test_vision.py.
+``tower_from_siglip_dir`` reads a published SigLIP checkpoint directory (``save_pretrained`` of
+``SiglipVisionModel`` or ``SiglipModel``) into our sizes and weights, so a VLM can start from a
+pretrained tower as LLaVA does (finetune/vlm.py, ``model.vision_tower``).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+from utils.errors import UserError
 
 # ours -> SigLIP, per encoder layer
 LAYER_KEYS = {
@@ -43,7 +50,7 @@ def tower_from_siglip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     top_back = {v: k for k, v in TOP_KEYS.items()}
     out = {}
     for name, t in state.items():
-        if name.startswith("head."):
+        if name.startswith("head.") or name.endswith("position_ids"):  # the pooling head; a saved index buffer
             continue
         if name.startswith("encoder.layers."):
             _, _, i, rest = name.split(".", 3)
@@ -51,3 +58,42 @@ def tower_from_siglip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         else:
             out[_rename(name, top_back)] = t
     return out
+
+
+# SigLIP's config keys -> our vision section's
+SIZE_KEYS = {"image_size": "image_size", "patch_size": "patch_size", "num_channels": "n_channels",
+             "hidden_size": "d_model", "num_attention_heads": "n_heads", "num_hidden_layers": "n_layers",
+             "intermediate_size": "d_ff", "layer_norm_eps": "norm_eps"}
+HF_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+
+
+def tower_from_siglip_dir(path: str | Path, post_norm: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A SigLIP checkpoint directory -> (our vision section's tower keys, our tower's state dict).
+    ``post_norm=False`` (LLaVA's choice: features before SigLIP's final LayerNorm) leaves that norm out."""
+    from model.hf_interop import read_hf_json, read_hf_weights
+
+    hf = read_hf_json(path)
+    kind = hf.get("model_type")
+    if kind == "siglip":  # the image-text model: its vision half
+        hf = hf.get("vision_config") or {}
+    elif kind != "siglip_vision_model":
+        raise UserError(f"{path} holds a {kind!r} model; a vision tower is read from a SigLIP checkpoint "
+                        "(model_type siglip or siglip_vision_model), whose [-1, 1] pixel normalisation ours matches.")
+    act = hf.get("hidden_act", "gelu_pytorch_tanh")
+    if act not in HF_ACTIVATIONS:
+        raise UserError(f"{path}: hidden_act {act!r} is not one the tower implements ({', '.join(HF_ACTIVATIONS)}).")
+    defaults = {"image_size": 224, "patch_size": 16, "num_channels": 3, "hidden_size": 768, "num_attention_heads": 12,
+                "num_hidden_layers": 12, "intermediate_size": 3072, "layer_norm_eps": 1e-6}  # SiglipVisionConfig's
+    sizes = {ours: hf.get(theirs, defaults[theirs]) for theirs, ours in SIZE_KEYS.items()}
+    sizes["activation"] = HF_ACTIVATIONS[act]
+    weights = read_hf_weights(path)
+    # the tower's names start with "vision_model." (SiglipModel; SiglipVisionModel before transformers 5) or
+    # with nothing (SiglipVisionModel from transformers 5): found from the patch embedding's name
+    anchor = "embeddings.patch_embedding.weight"
+    prefix = next((k[: -len(anchor)] for k in weights if k.endswith(anchor)), None)
+    if prefix is None:
+        raise UserError(f"{path} has no {anchor}; is it a SigLIP vision checkpoint?")
+    tower = {k[len(prefix):]: t for k, t in weights.items() if k.startswith(prefix) and not k.startswith("text_model.")}
+    if not post_norm:
+        tower = {k: t for k, t in tower.items() if not k.startswith("post_layernorm.")}
+    return sizes, tower_from_siglip(tower)

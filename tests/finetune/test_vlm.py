@@ -175,6 +175,50 @@ def test_llava_layout_reads_as_the_messages_layout(task):
         encode_rows(str(root / "bad.json"), "", tok, cfg, 200, with_images=True)
 
 
+@pytest.mark.parametrize("layout", ["SiglipVisionModel", "SiglipModel"])
+def test_a_pretrained_siglip_tower_starts_the_vlm(task, tmp_path, layout):
+    """model.vision_tower: a transformers save_pretrained SigLIP directory (the vision model alone, or the
+    image-text model whose vision half is read) gives the tower its sizes and weights: our tower's
+    features equal transformers' last encoder layer (what LLaVA reads) on the same pixels."""
+    transformers = pytest.importorskip("transformers")
+    root, _ = task
+    vc = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, image_size=24, patch_size=8)
+    torch.manual_seed(1)
+    if layout == "SiglipVisionModel":
+        hf = transformers.SiglipVisionModel(vc).eval()
+        tower = hf
+    else:
+        tc = transformers.SiglipTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=4, vocab_size=100, bos_token_id=1, eos_token_id=2)
+        hf = transformers.SiglipModel(transformers.SiglipConfig(text_config=tc.to_dict(), vision_config=vc.to_dict())).eval()
+        tower = hf.vision_model
+    with torch.no_grad():
+        for p in hf.parameters():  # away from the init's zeros and ones, so a dropped weight shows
+            p.add_(torch.randn_like(p) * 0.05)
+    hf.save_pretrained(tmp_path / "siglip")
+    model = build_vlm(recipe(root, "align", init_from=str(root / "text"), vision={"image_token_id": 4},
+                             vision_tower=str(tmp_path / "siglip")))
+    v = model.cfg.vision
+    assert (v["d_model"], v["n_layers"], v["d_ff"], v["image_size"], v["patch_size"]) == (32, 2, 64, 24, 8)
+    pixels = torch.rand(2, 3, 24, 24) * 2 - 1
+    with torch.no_grad():
+        want = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
+        got = model.vision.tower.eval()(pixels)
+    assert (got - want).abs().max() <= 1e-4
+    with pytest.raises(UserError, match="model.vision sets n_layers=1 but the tower .* has n_layers=2"):
+        build_vlm(recipe(root, "align", init_from=str(root / "text"), vision={"image_token_id": 4, "n_layers": 1},
+                         vision_tower=str(tmp_path / "siglip")))
+    with pytest.raises(UserError, match="needs model.vision too"):
+        recipe(root, "align", init_from=str(root / "text"), vision_tower=str(tmp_path / "siglip"))
+    transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=24,
+        patch_size=8)).save_pretrained(tmp_path / "clip")
+    with pytest.raises(UserError, match="'clip_vision_model' model; a vision tower is read from a SigLIP"):
+        build_vlm(recipe(root, "align", init_from=str(root / "text"), vision={"image_token_id": 4},
+                         vision_tower=str(tmp_path / "clip")))
+
+
 def test_recipe_refusals(task):
     root, _ = task
     with pytest.raises(UserError, match="exactly one of model.init_from"):
