@@ -47,7 +47,7 @@ MOE_DEFAULTS: dict[str, Any] = {
 # The vision part of a vision-language model (model/vision.py): a SigLIP-style ViT whose patch
 # features a projector maps into the LM's embedding space, spliced in at placeholder tokens.
 VISION_DEFAULTS: dict[str, Any] = {
-    "image_size": None,  # square images of image_size x image_size pixels
+    "image_size": None,  # square images of image_size x image_size pixels (384 with 14-pixel patches: 27 x 27 read)
     "patch_size": None,
     "n_channels": 3,
     "d_model": None,  # the ViT's width, heads, depth and MLP width
@@ -275,8 +275,9 @@ class ModelConfig:
         for key in ("image_size", "patch_size", "n_channels", "d_model", "n_heads", "n_layers", "d_ff", "pool"):
             if not isinstance(v[key], int) or v[key] <= 0:
                 bad(f"vision.{key} must be a positive integer, got {v[key]!r}.")
-        if v["image_size"] % v["patch_size"]:
-            bad(f"vision.image_size={v['image_size']} is not a multiple of vision.patch_size={v['patch_size']}.")
+        # a size that is not a multiple of the patch reads whole patches only, as SigLIP does
+        if v["image_size"] < v["patch_size"]:
+            bad(f"vision.image_size={v['image_size']} is smaller than vision.patch_size={v['patch_size']}.")
         if (v["image_size"] // v["patch_size"]) % v["pool"]:
             bad(f"vision.pool={v['pool']} does not divide the {v['image_size'] // v['patch_size']} patches per side.")
         if v["d_model"] % v["n_heads"]:

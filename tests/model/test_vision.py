@@ -55,6 +55,22 @@ def test_tower_matches_siglip():
     assert all(torch.equal(back[k], v) for k, v in ours.state_dict().items()) and set(back) == set(ours.state_dict())
 
 
+def test_a_size_that_is_not_a_multiple_of_the_patch_reads_as_siglip_does():
+    """SigLIP so400m reads 384-pixel images in 14-pixel patches: 27 per side, the last 6 pixels unread.
+    Here 18 pixels in 4-pixel patches: 4 x 4 patches, and the same features as transformers."""
+    cfg = vlm_config(image_size=18, post_norm=True)
+    ours = Transformer(cfg).vision.tower.eval()
+    randomize(ours)
+    hf = transformers.SiglipVisionModel(siglip_config(cfg.vision)).eval()
+    getattr(hf, "vision_model", hf).load_state_dict(tower_to_siglip(ours.state_dict()), strict=True)
+    pixels = torch.rand(2, 3, 18, 18) * 2 - 1
+    with torch.no_grad():
+        want = hf(pixel_values=pixels).last_hidden_state
+        got = ours(pixels)
+    assert got.shape == (2, 16, 32) and cfg.image_tokens == 16
+    assert (got - want).abs().max() <= 1e-4
+
+
 def llava_from_ours(model: Transformer):
     """transformers' LLaVA holding our model's weights: SigLIP tower, projector, Llama."""
     cfg = model.cfg
@@ -114,7 +130,7 @@ def test_splice_counts_must_agree():
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"image_size": 15}, "not a multiple"), ({"pool": 3}, "does not divide"), ({"image_token_id": 100}, "below vocab_size"),
+    ({"image_size": 3}, "smaller than vision.patch_size"), ({"pool": 3}, "does not divide"), ({"image_token_id": 100}, "below vocab_size"),
     ({"activation": "swish"}, "activation"), ({"n_heads": 5}, "divisible"), ({"colour": 1}, "unknown keys"),
 ])
 def test_bad_vision_configs(change, match):
