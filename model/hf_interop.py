@@ -115,6 +115,10 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
         raise UserError(f"this checkpoint's weights are quantized (quantization_config, quant_method={method!r}); "
                         "import reads full-precision weights: use the unquantized (bf16/fp16/fp32) release.")
+    if model_type == "llava":  # a vision-language model: its text model's config with a vision section
+        from model.hf_vision import llava_config_from_hf
+
+        return llava_config_from_hf(hf_config)
     if model_type == "gemma3":
         raise UserError("model_type 'gemma3' is Gemma-3's vision-language model; its text model (model_type "
                         "'gemma3_text', e.g. google/gemma-3-1b-pt) is supported, the vision tower is not.")
@@ -130,6 +134,10 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
 
 def from_hf(hf_state: dict, hf_config: dict) -> tuple[dict, ModelConfig]:
     """HF (state dict, config dict) -> (our state dict, ModelConfig)."""
+    if hf_config.get("model_type") == "llava":
+        from model.hf_vision import llava_from_hf
+
+        return llava_from_hf(hf_state, hf_config)
     cfg = config_from_hf(hf_config)
     return FAMILIES[hf_config["model_type"]].from_hf_state(hf_state, cfg, hf_config), cfg
 

@@ -1,0 +1,129 @@
+"""A published LLaVA checkpoint through the one loader: transformers' ``LlavaForConditionalGeneration``
+(SigLIP tower, GELU projector, a Llama or Qwen2 language model) written with ``save_pretrained`` loads
+with ``load_model`` and gives transformers' logits on prompts holding images (<= 1e-4), in transformers
+5's names and in transformers 4's; the layouts it cannot express are refused by name."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from model import Transformer  # noqa: E402
+from model.hf_interop import to_hf  # noqa: E402
+from model.load import load_model  # noqa: E402
+from tests.model.test_hf_parity import CONFIGS  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+
+IMAGE_TOKEN = 5
+SIGLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=16, patch_size=4)
+
+
+def hf_llava(family: str, feature_layer: int = -1, **extra):
+    cfg = CONFIGS[family]
+    _, text = to_hf(Transformer(cfg).state_dict(), cfg)
+    text_config = transformers.AutoConfig.for_model(**text)
+    llava = transformers.LlavaConfig(
+        vision_config=transformers.SiglipVisionConfig(**SIGLIP), text_config=text_config, image_token_index=IMAGE_TOKEN,
+        vision_feature_select_strategy="full", vision_feature_layer=feature_layer, projector_hidden_act="gelu",
+        image_seq_length=16, **extra)
+    torch.manual_seed(0)
+    hf = transformers.LlavaForConditionalGeneration(llava).eval()
+    with torch.no_grad():
+        for p in hf.parameters():  # away from the init's zeros and ones: a dropped weight shows
+            p.add_(torch.randn_like(p) * 0.05)
+    return hf
+
+
+def prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    img = [IMAGE_TOKEN] * 16
+    ids = torch.tensor([[1, 7, *img, 9, 10, *img, 11], [2, *img, 6, 7, 8, *img, 12]])
+    return ids, torch.rand(4, 3, 16, 16) * 2 - 1
+
+
+def assert_same_logits(hf, path):
+    ours = load_model(path)
+    assert ours.cfg.vision is not None and ours.cfg.image_tokens == 16
+    ids, pixels = prompts()
+    with torch.no_grad():
+        want = hf(input_ids=ids, pixel_values=pixels).logits
+        got = ours(ids, image_embeds=ours.encode_images(pixels))
+    assert (got - want).abs().max() <= 1e-4
+    return ours
+
+
+@pytest.mark.parametrize("family, feature_layer", [("llama3", -1), ("qwen2", -2), ("llama3", 2)])
+def test_a_saved_llava_loads_with_the_same_logits(tmp_path, family, feature_layer):
+    hf = hf_llava(family, feature_layer)
+    hf.save_pretrained(tmp_path / "llava")
+    ours = assert_same_logits(hf, tmp_path / "llava")
+    assert ours.cfg.vision["n_layers"] == (3 if feature_layer == -1 else 2)  # -2 and 2: the second of 3 layers
+
+
+def test_the_engine_generates_what_transformers_generates(tmp_path):
+    """The imported LLaVA through the engine (paged KV cache, images encoded at prefill) decodes greedily
+    the tokens transformers' generate() gives for the same prompts and images."""
+    from inference.engine import LLMEngine
+    from inference.sampling_params import SamplingParams
+
+    hf = hf_llava("qwen2", -2)
+    hf.save_pretrained(tmp_path / "llava")
+    engine = LLMEngine(load_model(tmp_path / "llava"), max_num_seqs=2)
+    ids, pixels = prompts()
+    outs = engine.generate([row.tolist() for row in ids], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True),
+                           images=[pixels[:2], pixels[2:]])
+    for row, image, out in zip(ids, (pixels[:2], pixels[2:]), outs):
+        with torch.no_grad():
+            want = hf.generate(input_ids=row[None], pixel_values=image, max_new_tokens=6, do_sample=False,
+                               min_new_tokens=6)[0, len(row):]
+        assert out.outputs[0].token_ids == want.tolist()
+
+
+# transformers 5.24's save_pretrained writes language_model.model.*, language_model.lm_head.*, vision_tower.*
+# (its SigLIP tower has no vision_model wrapper) and multi_modal_projector.*. transformers 4 (llava-hf's
+# releases) wrote vision_tower.vision_model.*; transformers 5's module names (state_dict()) are model.*.
+LAYOUTS = {
+    "transformers 4": [("vision_tower.", "vision_tower.vision_model.")],
+    "transformers 5 modules": [("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+                               ("vision_tower.", "model.vision_tower."),
+                               ("multi_modal_projector.", "model.multi_modal_projector.")],
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_other_writers_names_load_too(tmp_path, layout):
+    from safetensors.torch import load_file, save_file
+
+    hf = hf_llava("llama3")
+    hf.save_pretrained(tmp_path / "saved")
+    renamed = {}
+    for name, t in load_file(str(tmp_path / "saved/model.safetensors")).items():
+        for written, other in LAYOUTS[layout]:
+            if name.startswith(written):
+                name = other + name[len(written):]
+                break
+        renamed[name] = t
+    assert any(k.startswith(LAYOUTS[layout][-1][1]) for k in renamed)
+    (tmp_path / "other").mkdir()
+    save_file(renamed, str(tmp_path / "other/model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "other/config.json").write_text((tmp_path / "saved/config.json").read_text())
+    assert_same_logits(hf, tmp_path / "other")
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"vision_feature_select_strategy": "default"}, "drops the tower's first feature"),
+    ({"vision_feature_layer": [-2, -1]}, "not the embeddings or a list"),
+    ({"projector_hidden_act": "silu"}, "projector is not linear -> GELU -> linear"),
+    ({"vision_config": {"model_type": "clip_vision_model"}}, "vision tower is 'clip_vision_model'"),
+])
+def test_what_it_cannot_express_is_refused(tmp_path, change, match):
+    hf = hf_llava("llama3")
+    hf.save_pretrained(tmp_path / "llava")
+    config = json.loads((tmp_path / "llava/config.json").read_text())
+    for key, value in change.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    (tmp_path / "llava/config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=match):
+        load_model(tmp_path / "llava")
