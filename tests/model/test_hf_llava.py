@@ -5,6 +5,7 @@ with ``load_model`` and gives transformers' logits on prompts holding images (<=
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -79,6 +80,60 @@ def test_the_engine_generates_what_transformers_generates(tmp_path):
             want = hf.generate(input_ids=row[None], pixel_values=image, max_new_tokens=6, do_sample=False,
                                min_new_tokens=6)[0, len(row):]
         assert out.outputs[0].token_ids == want.tolist()
+
+
+def test_a_published_layout_llava_answers_through_the_server(tmp_path):
+    """A LLaVA directory as published (weights, config, tokenizer with an <image> token and a chat
+    template) behind our server: the official openai client's image_url request gets the reply that
+    transformers' generate() gives for the template's prompt with the image's tokens."""
+    openai = pytest.importorskip("openai")
+    from data_pipeline.images import encode_png_data_url, to_pixels
+    from data_pipeline.synthetic import visual
+    from inference import server
+    from inference.async_engine import AsyncEngine
+    from inference.engine import LLMEngine
+    from model.load import load
+    from tests.data_pipeline.hf_style import save_hf_tokenizer
+    from tests.inference import test_server_helpers as H
+
+    d = tmp_path / "llava"
+    hf_tok = save_hf_tokenizer(d, "chatml")
+    hf_tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    hf_tok.save_pretrained(str(d))
+    image_id = hf_tok.convert_tokens_to_ids("<image>")
+    cfg = CONFIGS["qwen2"]
+    _, text = to_hf(Transformer(cfg).state_dict(), cfg)
+    text.update(vocab_size=len(hf_tok), bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id,
+                max_position_embeddings=128)
+    llava = transformers.LlavaConfig(
+        vision_config=transformers.SiglipVisionConfig(**SIGLIP), text_config=transformers.AutoConfig.for_model(**text),
+        image_token_index=image_id, vision_feature_select_strategy="full", vision_feature_layer=-1,
+        projector_hidden_act="gelu", image_seq_length=16)
+    torch.manual_seed(0)
+    hf = transformers.LlavaForConditionalGeneration(llava).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    hf.save_pretrained(str(d))
+
+    model, tok = load(d)
+    settings = server.ServerSettings(model_name="llava", max_model_len=128, max_tokens_cap=8, n_cap=1)
+    app = server.build_app(AsyncEngine(LLMEngine(model, tokenizer=tok, max_num_seqs=2), max_concurrent=4), tok, settings)
+    image = visual.render(visual.random_scene(random.Random(5)))
+    question = "How many shapes are there?"
+    with H.LiveServer(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        reply = client.chat.completions.create(model="llava", temperature=0, max_tokens=6, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": encode_png_data_url(image)}}, {"type": "text", "text": question}]}])
+    ids = hf_tok.apply_chat_template([{"role": "user", "content": "<image>\n" + question}], add_generation_prompt=True,
+                                     tokenize=True, return_dict=False)
+    at = ids.index(image_id)
+    ids = ids[:at] + [image_id] * 16 + ids[at + 1:]
+    with torch.no_grad():
+        out = hf.generate(input_ids=torch.tensor([ids]), pixel_values=to_pixels([image], 16), max_new_tokens=6,
+                          do_sample=False)[0, len(ids):]
+    assert reply.usage.prompt_tokens == len(ids) and len(out) > 0
+    assert reply.choices[0].message.content == hf_tok.decode(out, skip_special_tokens=True)
 
 
 # transformers 5.24's save_pretrained writes language_model.model.*, language_model.lm_head.*, vision_tower.*
