@@ -104,6 +104,10 @@ def family_of(cfg: ModelConfig) -> str:
 
 def to_hf(state_dict: dict, cfg: ModelConfig) -> tuple[dict, dict]:
     """Our (state_dict, config) -> (HF state dict, HF config dict)."""
+    if cfg.vision is not None:  # a vision-language model: LLaVA around its text model's family
+        from model.hf_vision import llava_to_hf
+
+        return llava_to_hf(state_dict, cfg)
     fam = FAMILIES[family_of(cfg)]
     return fam.to_hf_state(state_dict, cfg), fam.to_hf_config(cfg)
 
@@ -154,7 +158,8 @@ def write_hf(model: torch.nn.Module, directory: Path) -> None:
 
 
 def export_hf(model: torch.nn.Module, out_dir: str | os.PathLike) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` that ``AutoModelForCausalLM`` loads.
+    """Write ``config.json`` + ``model.safetensors`` that ``AutoModelForCausalLM`` loads (a
+    vision-language model: ``LlavaForConditionalGeneration``).
 
     Written into a temporary sibling directory and renamed into place.
     """

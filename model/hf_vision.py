@@ -165,3 +165,36 @@ def llava_from_hf(weights: dict, hf: dict) -> tuple[dict, ModelConfig]:
     projector = next((k[: -len("linear_1.weight")] for k in weights if k.endswith("multi_modal_projector.linear_1.weight")), "")
     state.update({f"vision.projector.{k[len(projector):]}": t for k, t in weights.items() if projector and k.startswith(projector)})
     return state, cfg
+
+
+def llava_to_hf(state: dict, cfg: ModelConfig) -> tuple[dict, dict]:
+    """Our vision-language model -> a ``LlavaForConditionalGeneration`` (state dict, config.json), in the
+    names llava-hf's releases use (transformers 4's, which transformers 5 reads too)."""
+    from model.hf_interop import to_hf
+
+    v = cfg.vision
+    if v["post_norm"] or v["pool"] != 1:
+        raise UserError("LLaVA reads every patch of the tower's last layer before its final LayerNorm; this model "
+                        f"has vision.post_norm={v['post_norm']} and vision.pool={v['pool']}, which it cannot express.")
+    act = {ours: theirs for theirs, ours in HF_ACTIVATIONS.items()}.get(v["activation"])
+    if act is None:
+        raise UserError(f"vision.activation {v['activation']!r} has no SigLIP equivalent ({', '.join(HF_ACTIVATIONS)}).")
+    text_state, text = to_hf({k: t for k, t in state.items() if not k.startswith("vision.")},
+                             ModelConfig.from_dict({**cfg.to_dict(), "vision": None}))
+    out = {("language_model." if k.startswith("lm_head.") else "language_model.model.") + k.removeprefix("model."): t
+           for k, t in text_state.items()}
+    tower = tower_to_siglip({k[len("vision.tower."):]: t for k, t in state.items() if k.startswith("vision.tower.")})
+    d = v["d_model"]
+    tower.update({"post_layernorm.weight": torch.ones(d), "post_layernorm.bias": torch.zeros(d)})  # unread by LLaVA
+    out.update({f"vision_tower.vision_model.{k}": t for k, t in tower.items()})
+    out.update({f"multi_modal_projector.{k[len('vision.projector.'):]}": t for k, t in state.items()
+                if k.startswith("vision.projector.")})
+    vision = {theirs: v[ours] for theirs, ours in SIZE_KEYS.items()}
+    config = {
+        "model_type": "llava", "architectures": ["LlavaForConditionalGeneration"], "text_config": text,
+        "vision_config": {"model_type": "siglip_vision_model", **vision, "hidden_act": act, "vision_use_head": False},
+        "image_token_index": v["image_token_id"], "image_seq_length": cfg.image_tokens, "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "full", "projector_hidden_act": "gelu", "multimodal_projector_bias": True,
+        "tie_word_embeddings": bool(text.get("tie_word_embeddings", False)),
+    }
+    return out, config

@@ -136,6 +136,34 @@ def test_a_published_layout_llava_answers_through_the_server(tmp_path):
     assert reply.choices[0].message.content == hf_tok.decode(out, skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("family", ["llama3", "llama_mqa_tied", "qwen2"])
+def test_our_vlm_exports_as_a_llava_that_transformers_loads(tmp_path, family):
+    """export_hf of our vision-language model: transformers' LlavaForConditionalGeneration loads every
+    weight (none missing, none left over) and gives our logits; load_model reads it back unchanged."""
+    from model import ModelConfig
+    from model.hf_interop import export_hf
+    from tests.model.test_vision import randomize
+
+    vision = {"image_size": 16, "patch_size": 4, "d_model": 32, "n_heads": 4, "n_layers": 2, "d_ff": 64,
+              "image_token_id": IMAGE_TOKEN}
+    model = Transformer(ModelConfig.from_dict({**CONFIGS[family].to_dict(), "vision": vision})).eval()
+    randomize(model)
+    export_hf(model, tmp_path / "out")
+    hf, info = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ids, pixels = prompts()
+    with torch.no_grad():
+        want = hf.eval()(input_ids=ids, pixel_values=pixels).logits
+        got = model(ids, image_embeds=model.encode_images(pixels))
+    assert (got - want).abs().max() <= 1e-4
+    back = load_model(tmp_path / "out").state_dict()
+    assert set(back) == set(model.state_dict()) and all(torch.equal(back[k], t) for k, t in model.state_dict().items())
+    refused = Transformer(ModelConfig.from_dict({**CONFIGS[family].to_dict(), "vision": {**vision, "pool": 2}}))
+    with pytest.raises(UserError, match="cannot express"):
+        export_hf(refused, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+
 # transformers 5.24's save_pretrained writes language_model.model.*, language_model.lm_head.*, vision_tower.*
 # (its SigLIP tower has no vision_model wrapper) and multi_modal_projector.*. transformers 4 (llava-hf's
 # releases) wrote vision_tower.vision_model.*; transformers 5's module names (state_dict()) are model.*.
