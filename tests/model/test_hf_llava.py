@@ -82,21 +82,11 @@ def test_the_engine_generates_what_transformers_generates(tmp_path):
         assert out.outputs[0].token_ids == want.tolist()
 
 
-def test_a_published_layout_llava_answers_through_the_server(tmp_path):
-    """A LLaVA directory as published (weights, config, tokenizer with an <image> token and a chat
-    template) behind our server: the official openai client's image_url request gets the reply that
-    transformers' generate() gives for the template's prompt with the image's tokens."""
-    openai = pytest.importorskip("openai")
-    from data_pipeline.images import encode_png_data_url, to_pixels
-    from data_pipeline.synthetic import visual
-    from inference import server
-    from inference.async_engine import AsyncEngine
-    from inference.engine import LLMEngine
-    from model.load import load
+def published_llava(d):
+    """A LLaVA directory as published: weights and config by save_pretrained, a tokenizer with an <image>
+    token and a ChatML template. Returns (transformers model, transformers tokenizer, <image> id)."""
     from tests.data_pipeline.hf_style import save_hf_tokenizer
-    from tests.inference import test_server_helpers as H
 
-    d = tmp_path / "llava"
     hf_tok = save_hf_tokenizer(d, "chatml")
     hf_tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     hf_tok.save_pretrained(str(d))
@@ -115,7 +105,24 @@ def test_a_published_layout_llava_answers_through_the_server(tmp_path):
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     hf.save_pretrained(str(d))
+    return hf, hf_tok, image_id
 
+
+def test_a_published_layout_llava_answers_through_the_server(tmp_path):
+    """A LLaVA directory as published (weights, config, tokenizer with an <image> token and a chat
+    template) behind our server: the official openai client's image_url request gets the reply that
+    transformers' generate() gives for the template's prompt with the image's tokens."""
+    openai = pytest.importorskip("openai")
+    from data_pipeline.images import encode_png_data_url, to_pixels
+    from data_pipeline.synthetic import visual
+    from inference import server
+    from inference.async_engine import AsyncEngine
+    from inference.engine import LLMEngine
+    from model.load import load
+    from tests.inference import test_server_helpers as H
+
+    d = tmp_path / "llava"
+    hf, hf_tok, image_id = published_llava(d)
     model, tok = load(d)
     settings = server.ServerSettings(model_name="llava", max_model_len=128, max_tokens_cap=8, n_cap=1)
     app = server.build_app(AsyncEngine(LLMEngine(model, tokenizer=tok, max_num_seqs=2), max_concurrent=4), tok, settings)
@@ -162,6 +169,46 @@ def test_our_vlm_exports_as_a_llava_that_transformers_loads(tmp_path, family):
     with pytest.raises(UserError, match="cannot express"):
         export_hf(refused, tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_published_llava_finetunes_on_llava_layout_data(tmp_path):
+    """Stage 2 (finetune/vlm_train.py) from a published LLaVA directory on rows in LLaVA's own layout
+    (a .json list of {image, conversations}): the language model and projector train, the tower does not,
+    and the result loads and is still a LLaVA that exports."""
+    import base64
+
+    from data_pipeline.images import encode_png_data_url
+    from data_pipeline.synthetic import visual
+    from finetune.vlm import run_vlm
+    from finetune.vlm_recipe import VLMRecipe
+    from utils.config import config_from_dict
+
+    d = tmp_path / "llava"
+    published_llava(d)
+    (tmp_path / "pics").mkdir()
+    rows = []
+    for i, ex in enumerate(visual.make_examples(3, "train", "qa")):
+        png = base64.b64decode(encode_png_data_url(ex["image"]).split(",", 1)[1])
+        (tmp_path / f"pics/{i}.png").write_bytes(png)
+        turns = [{"from": "human" if m["role"] == "user" else "gpt",
+                  "value": m["content"] if isinstance(m["content"], str) else "<image>\n" + "".join(
+                      p["text"] for p in m["content"] if p["type"] == "text")} for m in ex["messages"]]
+        rows.append({"id": str(i), "image": f"pics/{i}.png", "conversations": turns})
+    (tmp_path / "llava_instruct.json").write_text(json.dumps(rows))
+    recipe = config_from_dict(VLMRecipe, {
+        "stage": "instruct", "model": {"init_from": str(d)},
+        "data": {"train_path": str(tmp_path / "llava_instruct.json")},
+        "train": {"out_dir": str(tmp_path / "run"), "max_steps": 2, "batch_size": 2, "seq_len": 96, "progress": False,
+                  "resume": "never"},
+        "optim": {"lr": 1e-2, "warmup_steps": 0}})
+    run_vlm(recipe)
+    before, after = load_model(d).state_dict(), load_model(tmp_path / "run/final").state_dict()
+    for name, t in before.items():
+        assert torch.equal(t, after[name]) == name.startswith("vision.tower."), name
+    from model.hf_interop import export_hf
+
+    export_hf(load_model(tmp_path / "run/final"), tmp_path / "export")
+    assert json.loads((tmp_path / "export/config.json").read_text())["model_type"] == "llava"
 
 
 # transformers 5.24's save_pretrained writes language_model.model.*, language_model.lm_head.*, vision_tower.*
