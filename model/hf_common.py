@@ -7,7 +7,10 @@ FAMILIES; model/hf_interop.py is the public door. Nothing here imports ``transfo
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, NoReturn
 
 import torch
@@ -60,10 +63,13 @@ def act_from_hf(name: str, family: str, key: str = "hidden_act") -> str:
 
 
 def reject_keys(h: dict, family: str, checks: dict[str, tuple[Any, str]]) -> None:
-    """Refuse each key whose value differs from the harmless one: {key: (harmless, what it would do)}."""
+    """Refuse each key whose value differs from the harmless one: {key: (harmless, what it would do)}.
+    A flag whose harmless value is False may also be null (transformers tests its truth: Gemma-2's
+    config in transformers 5 writes use_bidirectional_attention: null)."""
     for key, (harmless, why) in checks.items():
-        if h.get(key, harmless) != harmless:
-            refuse(family, key, h[key], why)
+        value = h.get(key, harmless)
+        if value != harmless and not (harmless is False and value is None):
+            refuse(family, key, value, why)
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -270,3 +276,37 @@ def split(sd: dict, parts: dict[str, dict[str, int]]) -> dict:
             for name, chunk in zip(sizes, w.split(list(sizes.values()), dim=0)):
                 out[prefix + name] = chunk.contiguous()
     return out
+
+
+# ----------------------------------------------------------------------------- reading a directory
+
+
+def read_hf_json(path: str | os.PathLike) -> dict:
+    """An HF model directory's config.json as a dict (UserError naming what is wrong)."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise UserError(f"{path} has no config.json; point at a HuggingFace model directory.")
+    try:
+        hf_config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{file} is not valid JSON ({err}).") from None
+    if not isinstance(hf_config, dict):
+        raise UserError(f"{file} must hold a JSON object.")
+    return hf_config
+
+
+def read_hf_weights(path: str | os.PathLike) -> dict:
+    """Every tensor of an HF model directory's *.safetensors files (one, or the shards), by HF name."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{path} has no *.safetensors weights.")
+    state: dict = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise UserError(f"{f} cannot be read ({err}); the download is incomplete or damaged.") from None
+    return state

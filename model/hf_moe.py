@@ -137,7 +137,8 @@ def _qwen2_moe(h: dict) -> ModelConfig:
 
 def _qwen3_moe(h: dict) -> ModelConfig:
     fam = "qwen3_moe"
-    moe = _moe(h, fam, "num_experts", moe_d_ff=required(h, "moe_intermediate_size", fam),
+    experts = "num_experts" if "num_experts" in h else "num_local_experts"  # transformers 5 writes the second
+    moe = _moe(h, fam, experts, moe_d_ff=required(h, "moe_intermediate_size", fam),
                norm_topk_prob=h.get("norm_topk_prob", False), first_k_dense=_first_dense(h, fam))
     bias = h.get("attention_bias", False)
     window = h.get("sliding_window", 4096) if h.get("use_sliding_window", False) else None  # every layer

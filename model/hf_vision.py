@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from model.config import ModelConfig
+from model.hf_common import read_hf_json, read_hf_weights
 from utils.errors import UserError
 
 # ours -> SigLIP, per encoder layer
@@ -73,8 +73,6 @@ SIGLIP_DEFAULTS = {"image_size": 224, "patch_size": 16, "num_channels": 3, "hidd
 def tower_from_siglip_dir(path: str | Path, post_norm: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
     """A SigLIP checkpoint directory -> (our vision section's tower keys, our tower's state dict).
     ``post_norm=False`` (LLaVA's choice: features before SigLIP's final LayerNorm) leaves that norm out."""
-    from model.hf_interop import read_hf_json, read_hf_weights
-
     hf = read_hf_json(path)
     kind = hf.get("model_type")
     if kind == "siglip":  # the image-text model: its vision half
@@ -82,14 +80,14 @@ def tower_from_siglip_dir(path: str | Path, post_norm: bool = False) -> tuple[di
     elif kind != "siglip_vision_model":
         raise UserError(f"{path} holds a {kind!r} model; a vision tower is read from a SigLIP checkpoint "
                         "(model_type siglip or siglip_vision_model), whose [-1, 1] pixel normalisation ours matches.")
-    sizes = _siglip_sizes(hf, str(path))
-    tower = _tower_weights(read_hf_weights(path), str(path))
+    sizes = siglip_sizes(hf, str(path))
+    tower = tower_weights(read_hf_weights(path), str(path))
     if not post_norm:
         tower = {k: t for k, t in tower.items() if not k.startswith("post_layernorm.")}
     return sizes, tower_from_siglip(tower)
 
 
-def _siglip_sizes(hf: dict, where: str) -> dict:
+def siglip_sizes(hf: dict, where: str) -> dict:
     """A SiglipVisionConfig dict -> our vision section's tower keys."""
     act = hf.get("hidden_act", "gelu_pytorch_tanh")
     if act not in HF_ACTIVATIONS:
@@ -98,7 +96,7 @@ def _siglip_sizes(hf: dict, where: str) -> dict:
     return {**sizes, "activation": HF_ACTIVATIONS[act]}
 
 
-def _tower_weights(weights: dict, where: str) -> dict:
+def tower_weights(weights: dict, where: str) -> dict:
     """The SigLIP tower's tensors of a checkpoint, by their names inside the tower. Their prefix is
     "vision_model." (SiglipModel; SiglipVisionModel before transformers 5), nothing (SiglipVisionModel
     from transformers 5) or LLaVA's "vision_tower.vision_model." / "model.vision_tower.": found from the
@@ -108,93 +106,3 @@ def _tower_weights(weights: dict, where: str) -> dict:
     if prefix is None:
         raise UserError(f"{where} has no {anchor}; is it a SigLIP vision checkpoint?")
     return {k[len(prefix):]: t for k, t in weights.items() if k.startswith(prefix) and not k.startswith("text_model.")}
-
-
-# ----------------------------------------------------------------------------- LLaVA
-
-
-def llava_config_from_hf(hf: dict) -> ModelConfig:
-    """A ``LlavaForConditionalGeneration`` config.json -> our ModelConfig: the text model's, with a
-    vision section (SigLIP tower cut at ``vision_feature_layer``, LLaVA's GELU projector)."""
-    from model.hf_interop import config_from_hf
-
-    text, vision = hf.get("text_config"), hf.get("vision_config")
-    if not isinstance(text, dict) or not isinstance(vision, dict):
-        raise UserError("this llava config.json has no text_config / vision_config object.")
-    if vision.get("model_type") != "siglip_vision_model":
-        raise UserError(f"this LLaVA's vision tower is {vision.get('model_type')!r}; towers are read from SigLIP "
-                        "(siglip_vision_model), whose [-1, 1] pixel normalisation and patch-only features ours match; "
-                        "a CLIP tower normalises differently and has a CLS token.")
-    strategy = hf.get("vision_feature_select_strategy", "default")
-    if strategy != "full":
-        raise UserError(f"this LLaVA drops the tower's first feature (vision_feature_select_strategy={strategy!r}, "
-                        "meant for CLIP's CLS token); SigLIP-tower LLaVAs use 'full', which is what is implemented.")
-    if hf.get("projector_hidden_act", "gelu") != "gelu" or not hf.get("multimodal_projector_bias", True):
-        raise UserError("this LLaVA's projector is not linear -> GELU -> linear with biases (projector_hidden_act "
-                        f"{hf.get('projector_hidden_act')!r}, multimodal_projector_bias {hf.get('multimodal_projector_bias')!r}).")
-    sizes = _siglip_sizes(vision, "vision_config")
-    layer, total = hf.get("vision_feature_layer", -2), sizes["n_layers"]
-    if not isinstance(layer, int) or not (-total <= layer <= total) or layer == 0:
-        raise UserError(f"vision_feature_layer {layer!r}: one layer of the tower's {total} (1..{total} or -1..-{total}) "
-                        "is implemented, not the embeddings or a list of layers.")
-    sizes["n_layers"] = layer if layer > 0 else total + 1 + layer  # the layers up to the one read
-    token = hf.get("image_token_id", hf.get("image_token_index"))
-    cfg = config_from_hf(text)
-    return ModelConfig.from_dict({**cfg.to_dict(), "vision": {**sizes, "image_token_id": token, "post_norm": False}})
-
-
-def llava_from_hf(weights: dict, hf: dict) -> tuple[dict, ModelConfig]:
-    """A LLaVA checkpoint's (weights, config.json) -> (our state dict, ModelConfig). Names as transformers 5
-    writes them (model.language_model.*, model.vision_tower.*, model.multi_modal_projector.*, lm_head.*) or
-    transformers 4 (language_model.model.*, language_model.lm_head.*, vision_tower.vision_model.*, ...)."""
-    from model.hf_interop import from_hf
-
-    cfg = llava_config_from_hf(hf)
-    text = {}
-    for name, t in weights.items():
-        for theirs, ours in (("model.language_model.", "model."), ("language_model.model.", "model."),
-                             ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head.")):
-            if name.startswith(theirs):
-                text[ours + name[len(theirs):]] = t
-                break
-    state, _ = from_hf(text, hf["text_config"])
-    n = cfg.vision["n_layers"]
-    tower = {k: t for k, t in _tower_weights(weights, "the LLaVA checkpoint").items()
-             if not k.startswith("post_layernorm.") and not (k.startswith("encoder.layers.") and int(k.split(".")[2]) >= n)}
-    state.update({f"vision.tower.{k}": t for k, t in tower_from_siglip(tower).items()})
-    projector = next((k[: -len("linear_1.weight")] for k in weights if k.endswith("multi_modal_projector.linear_1.weight")), "")
-    state.update({f"vision.projector.{k[len(projector):]}": t for k, t in weights.items() if projector and k.startswith(projector)})
-    return state, cfg
-
-
-def llava_to_hf(state: dict, cfg: ModelConfig) -> tuple[dict, dict]:
-    """Our vision-language model -> a ``LlavaForConditionalGeneration`` (state dict, config.json), in the
-    names llava-hf's releases use (transformers 4's, which transformers 5 reads too)."""
-    from model.hf_interop import to_hf
-
-    v = cfg.vision
-    if v["post_norm"] or v["pool"] != 1:
-        raise UserError("LLaVA reads every patch of the tower's last layer before its final LayerNorm; this model "
-                        f"has vision.post_norm={v['post_norm']} and vision.pool={v['pool']}, which it cannot express.")
-    act = {ours: theirs for theirs, ours in HF_ACTIVATIONS.items()}.get(v["activation"])
-    if act is None:
-        raise UserError(f"vision.activation {v['activation']!r} has no SigLIP equivalent ({', '.join(HF_ACTIVATIONS)}).")
-    text_state, text = to_hf({k: t for k, t in state.items() if not k.startswith("vision.")},
-                             ModelConfig.from_dict({**cfg.to_dict(), "vision": None}))
-    out = {("language_model." if k.startswith("lm_head.") else "language_model.model.") + k.removeprefix("model."): t
-           for k, t in text_state.items()}
-    tower = tower_to_siglip({k[len("vision.tower."):]: t for k, t in state.items() if k.startswith("vision.tower.")})
-    d = v["d_model"]
-    tower.update({"post_layernorm.weight": torch.ones(d), "post_layernorm.bias": torch.zeros(d)})  # unread by LLaVA
-    out.update({f"vision_tower.vision_model.{k}": t for k, t in tower.items()})
-    out.update({f"multi_modal_projector.{k[len('vision.projector.'):]}": t for k, t in state.items()
-                if k.startswith("vision.projector.")})
-    vision = {theirs: v[ours] for theirs, ours in SIZE_KEYS.items()}
-    config = {
-        "model_type": "llava", "architectures": ["LlavaForConditionalGeneration"], "text_config": text,
-        "vision_config": {"model_type": "siglip_vision_model", **vision, "hidden_act": act, "vision_use_head": False},
-        "image_token_index": v["image_token_id"], "image_seq_length": cfg.image_tokens, "vision_feature_layer": -1,
-        "vision_feature_select_strategy": "full", "projector_hidden_act": "gelu", "multimodal_projector_bias": True,
-        "tie_word_embeddings": bool(text.get("tie_word_embeddings", False)),
-    }
-    return out, config

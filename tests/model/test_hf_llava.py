@@ -257,3 +257,19 @@ def test_what_it_cannot_express_is_refused(tmp_path, change, match):
     (tmp_path / "llava/config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match=match):
         load_model(tmp_path / "llava")
+
+
+def test_a_llava_around_gemma_is_refused_both_ways(tmp_path):
+    """transformers' LLaVA scales the image features with Gemma's embeddings and drops its final soft-cap;
+    ours does neither, so both directions refuse rather than differ."""
+    from model import ModelConfig
+    from model.hf_interop import export_hf
+
+    hf_llava("gemma2").save_pretrained(tmp_path / "llava")
+    with pytest.raises(UserError, match="Gemma-style language model"):
+        load_model(tmp_path / "llava")
+    vision = {"image_size": 16, "patch_size": 4, "d_model": 32, "n_heads": 4, "n_layers": 1, "d_ff": 64,
+              "image_token_id": IMAGE_TOKEN}
+    with pytest.raises(UserError, match="Gemma-style language model"):
+        export_hf(Transformer(ModelConfig.from_dict({**CONFIGS["gemma2"].to_dict(), "vision": vision})), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -144,9 +144,9 @@ def hf_model(hf_state, hf_config):
         save_file({k: v.contiguous() for k, v in hf_state.items()}, f"{d}/model.safetensors", metadata={"format": "pt"})
         with open(f"{d}/config.json", "w") as f:
             json.dump(hf_config, f)
-        model, info = transformers.AutoModelForCausalLM.from_pretrained(
-            d, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
-        )
+        auto = (transformers.LlavaForConditionalGeneration if hf_config.get("model_type") == "llava"
+                else transformers.AutoModelForCausalLM)  # a vision-language model exports as a LLaVA
+        model, info = auto.from_pretrained(d, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
     assert not info["unexpected_keys"] and not info["missing_keys"], info
     return model.eval()
 

@@ -127,7 +127,7 @@ FIELD_VALUES = {
     "query_pre_attn_scalar": [None, 24.0], "dropout": [0.1], "kernels": [True], "init_std": [0.05],
     "moe": ["per key"], "mla": ["per key"], "hf_family": ["llama", "phi3", "gemma2"], "extra": [{"note": 1}],
     "vision": [{"image_size": 8, "patch_size": 4, "d_model": 16, "n_heads": 2, "n_layers": 1, "d_ff": 32,
-                "image_token_id": 4}],  # no text-model family holds a vision tower: refused
+                "image_token_id": 4}],  # exported as a LLaVA around the family (GPT-2, Gemma: refused)
 }
 MOE_VALUES = {"n_routed_experts": [16], "n_shared_experts": [0, 1, 2], "shared_expert_gate": [True, False],
               "n_experts_per_tok": [1, 3], "moe_d_ff": [24], "scoring": ["softmax", "sigmoid"], "norm_topk_prob": [True, False],
@@ -266,3 +266,13 @@ def test_export_refuses_a_learned_balance_bias_on_softmax_routing():
     model.layers[0].ffn.expert_bias[0] = 0.1  # what aux-free balancing leaves after training
     with pytest.raises(UserError, match="balance bias"):
         to_hf(model.state_dict(), cfg)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CASES))
+def test_a_config_as_transformers_writes_it_imports(family):
+    """The config.json transformers itself writes (its config class's to_dict: every default spelled out,
+    some as null) imports to the same logits; a flag written as null is not a refusal (Gemma-2's
+    use_bidirectional_attention under transformers 5 was)."""
+    written = transformers.AutoConfig.for_model(**base_config(family)).to_dict()
+    outcome, diff = import_outcome(written)
+    assert outcome == "mapped" and diff <= TOL, (outcome, diff)
