@@ -16,7 +16,9 @@ holds in ``meta.json``'s ``kind``:
 
 and a HuggingFace model directory (``config.json`` + one or more ``*.safetensors``, no
 model_config.json) is the kind ``hf``: converted on load by model/hf_interop.py, its tokenizer
-(tokenizer.json, tokenizer_config.json, generation_config.json) read as an HFTokenizer.
+(tokenizer.json, tokenizer_config.json, generation_config.json) read as an HFTokenizer. A PEFT
+LoRA adapter's directory (``adapter_config.json`` + ``adapter_model.safetensors``) is the kind
+``peft``: merged onto the base its config names (or ``base``) by model/peft_import.py.
 
 An adapter is merged into its base on load by default (``merge=False`` keeps the LoRA layers,
 e.g. to train them further). A QLoRA adapter is applied to the NF4-quantized base it was
@@ -48,12 +50,17 @@ PathLike = Union[str, os.PathLike]
 
 
 def checkpoint_kind(path: PathLike) -> str:
-    """``model`` | ``adapter`` | ``scalar_head`` | ``hf`` for a checkpoint or HuggingFace model
-    directory (UserError when it is neither)."""
+    """``model`` | ``adapter`` | ``scalar_head`` | ``hf`` | ``peft`` for a checkpoint, a HuggingFace
+    model directory or a PEFT LoRA adapter's (UserError when it is none of them)."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"checkpoint {str(path)!r} does not exist; point at a directory written by a training stage "
                         "(e.g. runs/<name>/final or runs/<name>/step_00000100) or a HuggingFace model directory.")
+    if not (path / MODEL_CONFIG).is_file() and (path / "adapter_config.json").is_file():
+        if not (path / "adapter_model.safetensors").is_file():
+            raise UserError(f"{path} has a PEFT adapter_config.json but no adapter_model.safetensors (adapter_model.bin "
+                            "is not read: it is a pickle); save the adapter with safe_serialization.")
+        return "peft"
     if not (path / MODEL_CONFIG).is_file() and (path / HF_CONFIG).is_file():
         if not any(path.glob("*.safetensors")):
             raise UserError(f"{path} has a config.json but no *.safetensors weights; download the model's safetensors "
@@ -72,10 +79,15 @@ def checkpoint_kind(path: PathLike) -> str:
 def read_config(path: PathLike) -> ModelConfig:
     """The ModelConfig stored beside the weights (model_config.json), or a HuggingFace
     directory's config.json mapped onto one, with clear errors."""
-    if checkpoint_kind(path) == "hf":
+    kind = checkpoint_kind(path)
+    if kind == "hf":
         from model.hf_interop import read_hf_config
 
         return read_hf_config(path)
+    if kind == "peft":  # the base's (a merged adapter changes no shape, except a head trained untied)
+        from model.peft_import import peft_base
+
+        return read_config(peft_base(Path(path)))
     try:
         return ModelConfig.from_dict(read_config_dict(path))
     except (TypeError, ValueError) as err:  # e.g. "d_model": "big" fails in the size arithmetic
@@ -126,10 +138,12 @@ def load_model(
     _check_expected(path, kind, expect)
     if kind == "adapter":
         model = _load_adapter(Path(path), config, base, merge)
-    elif kind == "hf":
+    elif kind in ("hf", "peft"):
         from model.hf_interop import load_hf_dir
 
-        state, cfg = load_hf_dir(path)
+        if kind == "peft" and not merge:
+            raise UserError(f"{path} is a PEFT adapter, which is merged as it loads; train a new LoRA on the result.")
+        state, cfg = load_hf_dir(path) if kind == "hf" else _load_peft(Path(path), base)
         model = Transformer(config or cfg)
         load_into(model, state, str(path))
     else:
@@ -184,6 +198,29 @@ def _load_adapter(path: Path, config: Optional[ModelConfig], base: Optional[Path
     return merge_and_unload(model) if merge else model
 
 
+def _load_peft(path: Path, base: Optional[PathLike]) -> tuple[dict, ModelConfig]:
+    """(our state dict, ModelConfig) of a PEFT LoRA adapter's base with the adapter merged in
+    (model/peft_import.py), in the base's HuggingFace names."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from model.hf_interop import from_hf, read_hf_json, read_hf_weights, to_hf
+    from model.peft_import import PEFT_WEIGHTS, merge_peft, peft_base, read_peft_config
+
+    cfg, home = read_peft_config(path), peft_base(path, base)
+    if checkpoint_kind(home) == "hf":
+        hf_state, hf_config = read_hf_weights(home), read_hf_json(home)
+    else:  # one of our checkpoints, in the HF names of its family
+        model = load_model(home, expect="lm")
+        hf_state, hf_config = to_hf({k: v.detach() for k, v in model.state_dict().items()}, model.cfg)
+    try:
+        adapter = load_file(str(path / PEFT_WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"{path / PEFT_WEIGHTS} cannot be read ({err}); the download is incomplete or damaged.") from None
+    merged, untied = merge_peft(hf_state, adapter, cfg, str(path))
+    return from_hf(merged, {**hf_config, "tie_word_embeddings": False} if untied else hf_config)
+
+
 # ----------------------------------------------------------------------------- the tokenizer
 
 
@@ -203,6 +240,10 @@ def tokenizer_path(path: PathLike, override: Optional[PathLike] = None, base: Op
         return Path(path) / TOKENIZER
     if kind == "adapter":
         return tokenizer_path(adapter_base(path, base), required=required)
+    if kind == "peft":
+        from model.peft_import import peft_base
+
+        return tokenizer_path(peft_base(Path(path), base), required=required)
     if not required:
         return None
     raise UserError(f"no {TOKENIZER} in {path}; checkpoints written with a tokenizer carry it beside the weights. "
