@@ -1,6 +1,7 @@
 """Bring a HuggingFace model in, hand a checkpoint back out.
 
     python model/hf_convert.py import --hf_dir path/to/hf_model --out runs/base          # HF dir -> our checkpoint
+    python model/hf_convert.py import --hf_dir path/to/peft_lora --out runs/merged       # a PEFT adapter, merged
     python model/hf_convert.py export --checkpoint runs/sft/final --out exports/sft       # full model, or adapter merged
     python model/hf_convert.py export --checkpoint runs/sft_lora/final --out exports/lora --peft   # the adapter alone
     python model/hf_convert.py gguf --checkpoint runs/sft/final --out exports/sft.gguf --outtype q8_0  # llama.cpp, Ollama
@@ -29,13 +30,14 @@ from typing import Optional, Sequence
 from utils.errors import UserError
 
 
-def import_hf(hf_dir: str, out: str) -> Path:
-    """An HF model directory as one of our checkpoints (weights, config, the tokenizer's files)."""
+def import_hf(hf_dir: str, out: str, base: Optional[str] = None) -> Path:
+    """An HF model directory as one of our checkpoints (weights, config, the tokenizer's files); a PEFT
+    LoRA adapter's directory is merged onto its base (the one its config names, or ``base``)."""
     from model.load import load_model, tokenizer_path
     from utils.checkpoint import save_checkpoint
 
-    model = load_model(hf_dir)
-    tok = tokenizer_path(hf_dir, required=False)
+    model = load_model(hf_dir, base=base)
+    tok = tokenizer_path(hf_dir, base=base, required=False)
     return save_checkpoint(out, model, tokenizer_path=tok, meta={"source": "hf", "hf_dir": str(Path(hf_dir).resolve())})
 
 
@@ -77,6 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     imp = sub.add_parser("import", help="HF model directory -> checkpoint")
     imp.add_argument("--hf_dir", required=True, help="a HuggingFace model directory (config.json, *.safetensors, tokenizer files)")
     imp.add_argument("--out", required=True, help="checkpoint directory to write")
+    imp.add_argument("--base_checkpoint", default=None, help="a PEFT adapter's base, when its config names another")
     exp = sub.add_parser("export", help="checkpoint -> HF model directory")
     exp.add_argument("--checkpoint", required=True, help="a checkpoint: full model, or a LoRA/QLoRA adapter (merged)")
     exp.add_argument("--out", required=True, help="HF directory to write")
@@ -94,7 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         path = export_gguf(args.checkpoint, args.out, args.outtype)
         print(f"exported {args.checkpoint} -> {path} ({args.outtype}; run with llama.cpp: llama-cli -m {path})")
     elif args.command == "import":
-        path = import_hf(args.hf_dir, args.out)
+        path = import_hf(args.hf_dir, args.out, args.base_checkpoint)
         print(f"imported {args.hf_dir} -> {path} (train from it with model.init_from={path})")
     else:
         path = export(args.checkpoint, args.out, args.peft, args.dtype)

@@ -117,3 +117,15 @@ def test_a_pickled_adapter_and_a_foreign_base_are_refused(tmp_path):
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(other)
     with pytest.raises(UserError, match="update is .* but its weight is"):
         load_model(tmp_path / "adapter", base=other)
+
+
+def test_hf_convert_import_merges_a_peft_adapter_into_a_checkpoint(tmp_path):
+    """`python model/hf_convert.py import --hf_dir <adapter> --out <dir> [--base_checkpoint <base>]`."""
+    from model.hf_convert import main
+
+    pm = adapt(base(tmp_path), tmp_path, r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"])
+    main(["import", "--hf_dir", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged"),
+          "--base_checkpoint", str(tmp_path / "base")])
+    assert checkpoint_kind(tmp_path / "merged") == "model"
+    with torch.no_grad():
+        assert (load_model(tmp_path / "merged")(IDX) - pm(IDX).logits).abs().max().item() <= 1e-4
