@@ -61,7 +61,12 @@ def export(checkpoint: str, out: str, peft: bool = False, dtype: Optional[str] =
 
             write_peft_adapter(load_model(checkpoint, merge=False), read_adapter_config(checkpoint), tmp)
         else:
-            write_hf(load_model(checkpoint, dtype=dtype), tmp)
+            model = load_model(checkpoint, dtype=dtype)
+            write_hf(model, tmp)
+            if model.cfg.vision is not None and tok is not None:  # a LLaVA: AutoProcessor's files too
+                from model.hf_vision import write_llava_processor
+
+                write_llava_processor(tmp, model.cfg, tok.id_to_token(model.cfg.vision["image_token_id"]))
         if tok is not None:
             tok.save_hf(tmp)
     return Path(out)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from model.config import ModelConfig
 from model.hf_common import read_hf_json, read_hf_weights
 from utils.errors import UserError
 
@@ -106,3 +107,21 @@ def tower_weights(weights: dict, where: str) -> dict:
     if prefix is None:
         raise UserError(f"{where} has no {anchor}; is it a SigLIP vision checkpoint?")
     return {k[len(prefix):]: t for k, t in weights.items() if k.startswith(prefix) and not k.startswith("text_model.")}
+
+
+def write_llava_processor(out: Path, cfg: ModelConfig, image_token: str) -> None:
+    """preprocessor_config.json + processor_config.json beside an exported LLaVA, so transformers'
+    ``AutoProcessor`` prepares images and prompts as our engine does: resized to the tower's size
+    (bilinear), scaled to [-1, 1] (SigLIP's mean = std = 0.5), each ``image_token`` expanded to the
+    image's tokens."""
+    import json
+
+    v = cfg.vision
+    image = {"image_processor_type": "SiglipImageProcessor", "processor_class": "LlavaProcessor",
+             "do_resize": True, "size": {"height": v["image_size"], "width": v["image_size"]}, "resample": 2,
+             "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5] * 3,
+             "image_std": [0.5] * 3, "do_convert_rgb": True}
+    processor = {"processor_class": "LlavaProcessor", "image_token": image_token, "patch_size": v["patch_size"],
+                 "vision_feature_select_strategy": "full", "num_additional_image_tokens": 0}
+    (out / "preprocessor_config.json").write_text(json.dumps(image, indent=2))
+    (out / "processor_config.json").write_text(json.dumps(processor, indent=2))

@@ -273,3 +273,38 @@ def test_a_llava_around_gemma_is_refused_both_ways(tmp_path):
     with pytest.raises(UserError, match="Gemma-style language model"):
         export_hf(Transformer(ModelConfig.from_dict({**CONFIGS["gemma2"].to_dict(), "vision": vision})), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_exported_vlm_runs_in_transformers_with_its_processor(tmp_path):
+    """`hf_convert.py export` of our vision-language checkpoint writes AutoProcessor's files too:
+    transformers' LlavaProcessor expands the image token (the tokenizer's <|pad|>) to the image's tokens
+    and prepares the pixels as our engine does, and the exported model's logits on that input are ours."""
+    from PIL import Image
+
+    from data_pipeline.images import to_pixels
+    from data_pipeline.synthetic import visual
+    from model import ModelConfig
+    from model.hf_convert import main as convert
+    from tests.inference import test_server_helpers as H
+    from tests.model.test_vision import randomize
+    from utils.checkpoint import save_checkpoint
+
+    tok_path = H.train_tokenizer(tmp_path / "tokenizer.json")
+    vision = {"image_size": 24, "patch_size": 8, "d_model": 32, "n_heads": 4, "n_layers": 2, "d_ff": 64,
+              "image_token_id": 4}  # <|pad|>
+    cfg = ModelConfig.from_dict({**CONFIGS["llama3"].to_dict(), "vocab_size": 400, "vision": vision})
+    ours = Transformer(cfg).eval()
+    randomize(ours)
+    save_checkpoint(tmp_path / "vlm", ours, tokenizer_path=tok_path)
+    convert(["export", "--checkpoint", str(tmp_path / "vlm"), "--out", str(tmp_path / "hf")])
+    processor = transformers.AutoProcessor.from_pretrained(tmp_path / "hf")
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    image = visual.render(visual.random_scene(random.Random(2)))
+    batch = processor(text="<|pad|>\nHow many shapes are there?", images=Image.fromarray(image), return_tensors="pt")
+    assert int((batch["input_ids"] == 4).sum()) == cfg.image_tokens == 9
+    pixels = to_pixels([image], 24)
+    assert (batch["pixel_values"] - pixels).abs().max() <= 1e-5
+    with torch.no_grad():
+        want = hf(**batch).logits
+        got = ours(batch["input_ids"], image_embeds=ours.encode_images(pixels))
+    assert (got - want).abs().max() <= 1e-4
