@@ -211,7 +211,7 @@ def llava_config_from_hf(hf: dict) -> ModelConfig:
                         f"(projector_hidden_act {act!r}, multimodal_projector_bias {bias!r}).")
     sizes = hf_vision.siglip_sizes(vision, "vision_config")
     layer, total = hf.get("vision_feature_layer", -2), sizes["n_layers"]
-    if not isinstance(layer, int) or not (-total <= layer <= total) or layer == 0:
+    if not isinstance(layer, int) or isinstance(layer, bool) or not (-total <= layer <= total) or layer == 0:
         raise UserError(f"vision_feature_layer {layer!r}: one layer of the tower's {total} (1..{total} or "
                         f"-1..-{total}) is implemented, not the embeddings or a list of layers.")
     sizes["n_layers"] = layer if layer > 0 else total + 1 + layer  # the layers up to the one read

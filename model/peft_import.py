@@ -67,8 +67,11 @@ def peft_base(path: Path, base: Optional[Any] = None) -> Path:
 def _pattern(patterns: dict, module: str, default: Any) -> Any:
     """PEFT's per-module override: the first key that matches the module's name or its tail."""
     for key, value in (patterns or {}).items():
-        if re.fullmatch(rf"(.*\.)?{key}", module):
-            return value
+        try:
+            if re.fullmatch(rf"(.*\.)?{key}", module):
+                return value
+        except re.error as err:
+            raise UserError(f"the adapter's rank_pattern / alpha_pattern key {key!r} is not a valid pattern ({err}).") from None
     return default
 
 
