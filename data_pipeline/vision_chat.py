@@ -9,8 +9,8 @@ A message's content may be a string or OpenAI content parts::
 or a string with ``<image>`` markers and the files in the row's ``images`` list (the LLaMA-Factory
 layout). A dataset row may also be in LLaVA's published layout (LLaVA-Pretrain, LLaVA-Instruct),
 ``{"image": "000000033471.jpg", "conversations": [{"from": "human", "value": "<image>\nWhat ..."},
-{"from": "gpt", "value": "..."}]}``; ``row_chat`` reads either. ``split_images`` turns either into plain-text messages (each image a
-``<image>`` marker) plus the decoded images in order; ``render_with_images`` renders those through
+{"from": "gpt", "value": "..."}]}``; ``row_chat`` reads either. ``split_images`` turns the messages
+into plain-text ones (each image a ``<image>`` marker) plus the decoded images in order; ``render_with_images`` renders those through
 THE chat format (``render_chat``) and replaces each marker's tokens with the model's
 ``image_tokens`` placeholder ids, which the model fills with the image's embeddings.
 """
