@@ -10,9 +10,10 @@ or a string with ``<image>`` markers and the files in the row's ``images`` list 
 layout). A dataset row may also be in LLaVA's published layout (LLaVA-Pretrain, LLaVA-Instruct),
 ``{"image": "000000033471.jpg", "conversations": [{"from": "human", "value": "<image>\nWhat ..."},
 {"from": "gpt", "value": "..."}]}``; ``row_chat`` reads either. ``split_images`` turns the messages
-into plain-text ones (each image a ``<image>`` marker) plus the decoded images in order; ``render_with_images`` renders those through
-THE chat format (``render_chat``) and replaces each marker's tokens with the model's
-``image_tokens`` placeholder ids, which the model fills with the image's embeddings.
+into plain-text ones (each image a ``<image>`` marker) plus the decoded images in order;
+``render_with_images`` renders those through THE chat format (``render_chat``) and replaces each
+marker's tokens with the model's ``image_tokens`` placeholder ids, which the model fills with the
+image's embeddings.
 """
 from __future__ import annotations
 
