@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,16 +30,21 @@ def decode_image(data: bytes, where: str = "image") -> np.ndarray:
     if len(data) > MAX_IMAGE_BYTES:
         raise UserError(f"{where} is {len(data) / 1e6:.1f} MB; images up to {MAX_IMAGE_BYTES / 1e6:.0f} MB are accepted.")
     try:
-        img = Image.open(io.BytesIO(data))
-        w, h = img.size
-        if w * h > MAX_IMAGE_PIXELS:
-            raise UserError(f"{where} is {w}x{h} pixels; images up to {MAX_IMAGE_PIXELS} pixels are accepted.")
-        img = ImageOps.exif_transpose(img)  # a phone photo's orientation tag, applied as a viewer does
-        if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:  # transparent -> on white, not black
-            rgba = img.convert("RGBA")
-            img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        with warnings.catch_warnings():  # Pillow warns about damaged metadata it skips; the log is no place for it
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise UserError(f"{where} is {w}x{h} pixels; images up to {MAX_IMAGE_PIXELS} pixels are accepted.")
+            try:
+                img = ImageOps.exif_transpose(img)  # a phone photo's orientation tag, applied as a viewer does
+            except Exception:  # noqa: BLE001  a damaged EXIF block: the pixels as stored
+                pass
+            if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:  # transparent -> on white, not black
+                rgba = img.convert("RGBA")
+                img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error, Image.DecompressionBombError) as err:
         raise UserError(f"{where} could not be decoded as an image ({type(err).__name__}: {err}); "
                         "send a PNG, JPEG, GIF, WebP or BMP file.") from None
 
