@@ -98,6 +98,8 @@ def test_the_base_and_the_tokenizer_come_from_where_they_are_named(tmp_path):
     ({"init_lora_weights": "pissa"}, "relative to a base that initialisation changed"),
     ({"peft_type": "IA3"}, "holds a PEFT 'IA3' adapter"),
     ({"rank_pattern": {"q_proj(": 2}}, "not a valid pattern"),
+    ({"lora_alpha": "16"}, "lora_alpha a number"),
+    ({"alpha_pattern": {"q_proj": "x"}}, "map module names to numbers"),
 ])
 def test_what_the_merge_cannot_express_is_refused(tmp_path, change, match):
     adapt(base(tmp_path), tmp_path, r=4, lora_alpha=8, target_modules=["q_proj"])
