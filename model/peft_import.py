@@ -49,17 +49,20 @@ def read_peft_config(path: Path) -> dict:
         if cfg.get(key) not in (harmless, None, [], {}):
             raise UserError(f"{path}: {key}={cfg[key]!r} ({what}) is not implemented; LoRA adapters without it are.")
     r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1 or isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+    if not (_number(r) and r == int(r) and r >= 1 and _number(alpha)):
         raise UserError(f"{path / PEFT_CONFIG}: r must be a positive integer and lora_alpha a number, got r={r!r}, "
                         f"lora_alpha={alpha!r}.")
-    patterns = (cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {})
-    if not all(isinstance(p, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p.values())
-               for p in patterns):
-        raise UserError(f"{path / PEFT_CONFIG}: rank_pattern and alpha_pattern map module names to numbers.")
+    for patterns in (cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}):
+        if not isinstance(patterns, dict) or not all(map(_number, patterns.values())):
+            raise UserError(f"{path / PEFT_CONFIG}: rank_pattern and alpha_pattern map module names to numbers.")
     if cfg.get("init_lora_weights", True) not in PLAIN_INITS:
         raise UserError(f"{path}: init_lora_weights={cfg['init_lora_weights']!r} adapters are relative to a base that "
                         "initialisation changed; convert it with PEFT's path_initial_model_for_weight_conversion first.")
     return cfg
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def peft_base(path: Path, base: Optional[Any] = None) -> Path:
