@@ -3,12 +3,17 @@ data URLs reach the engine; remote URLs, corrupt images, images for a text-only 
 images than the context holds are 400s in the OpenAI error shape."""
 from __future__ import annotations
 
+import base64
+import io
 import random
 
+import httpx
 import numpy as np
 import openai
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from data_pipeline.images import encode_png_data_url, to_pixels
 from data_pipeline.synthetic import visual
@@ -156,3 +161,48 @@ def test_a_direct_generate_on_the_served_engine_is_refused(live):
     _, engine = live
     with pytest.raises(UserError, match="second LLMEngine"):
         engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2))
+
+
+def _encoded(fmt: str) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(IMAGE).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+ENCODED = {fmt: _encoded(fmt) for fmt in ("PNG", "JPEG", "GIF", "WEBP", "BMP")}
+
+
+@st.composite
+def damaged_data_url(draw) -> str:
+    """A real image's bytes with a few of them changed or the tail cut, as a data URL under some MIME type."""
+    data = bytearray(ENCODED[draw(st.sampled_from(sorted(ENCODED)))])
+    for _ in range(draw(st.integers(0, 6))):
+        data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+    data = data[: draw(st.integers(1, len(data)))]
+    mime = draw(st.sampled_from(["image/png", "image/jpeg", "image/webp", "text/plain", "image/x"]))
+    return f"data:{mime};base64," + base64.b64encode(bytes(data)).decode()
+
+
+url_values = damaged_data_url() | st.text(max_size=30) | st.none() | st.integers() | st.just("data:image/png;base64,")
+part = st.one_of(
+    st.fixed_dictionaries({"type": st.just("image_url"), "image_url": st.fixed_dictionaries(
+        {"url": url_values}, optional={"detail": st.sampled_from(["auto", "low", "high", "huge", None])})}),
+    st.fixed_dictionaries({"type": st.just("image_url"), "image_url": url_values}),
+    st.fixed_dictionaries({"type": st.sampled_from(["text", "image", "input_image", "bogus"])},
+                          optional={"text": st.text(max_size=20) | st.integers(), "image": url_values}),
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=st.lists(part, max_size=4), stream=st.booleans())
+def test_fuzzed_image_parts_never_500(live, parts, stream):
+    """Content parts shaped like the real thing, with damaged images (changed bytes, cut tails, wrong MIME
+    types), non-URL values and unknown part types: every answer is a 200 or a 400 in the OpenAI shape."""
+    body = {"model": MODEL, "max_tokens": 2, "temperature": 0, "stream": stream,
+            "messages": [{"role": "user", "content": parts or "hi"}]}
+    r = httpx.post(f"{live[0]}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code in (200, 400), (r.status_code, r.text[:300])
+    if r.status_code == 400:
+        H.assert_error_shape(r, 400)
