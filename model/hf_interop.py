@@ -126,7 +126,8 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
         raise UserError("model_type 'gemma3' is Gemma-3's vision-language model; its text model (model_type "
                         "'gemma3_text', e.g. google/gemma-3-1b-pt) is supported, the vision tower is not.")
     if model_type not in FAMILIES:
-        raise UserError(f"HF model_type {model_type!r} is not supported; supported: {sorted(FAMILIES)}.")
+        raise UserError(f"HF model_type {model_type!r} is not supported; supported: {sorted(FAMILIES)}, and llava "
+                        "(a SigLIP tower around one of them).")
     try:
         cfg = FAMILIES[model_type].from_hf_config(hf_config)
     except (KeyError, TypeError, ValueError, AttributeError) as err:  # a hand-edited or truncated config.json
