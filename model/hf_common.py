@@ -7,7 +7,6 @@ FAMILIES; model/hf_interop.py is the public door. Nothing here imports ``transfo
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 
 from model.config import ModelConfig
 from utils.errors import UserError
+from utils.fs import read_json_object
 
 
 @dataclass
@@ -286,27 +286,26 @@ def read_hf_json(path: str | os.PathLike) -> dict:
     file = Path(path) / "config.json"
     if not file.is_file():
         raise UserError(f"{path} has no config.json; point at a HuggingFace model directory.")
-    try:
-        hf_config = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{file} is not valid JSON ({err}).") from None
-    if not isinstance(hf_config, dict):
-        raise UserError(f"{file} must hold a JSON object.")
-    return hf_config
+    return read_json_object(file)
 
 
 def read_hf_weights(path: str | os.PathLike) -> dict:
     """Every tensor of an HF model directory's *.safetensors files (one, or the shards), by HF name."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise UserError(f"{path} has no *.safetensors weights.")
     state: dict = {}
     for f in files:
-        try:
-            state.update(load_file(str(f)))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise UserError(f"{f} cannot be read ({err}); the download is incomplete or damaged.") from None
+        state.update(read_safetensors(f))
     return state
+
+
+def read_safetensors(file: Path) -> dict:
+    """One downloaded .safetensors file's tensors (UserError when it is damaged or cut short)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"{file} cannot be read ({err}); the download is incomplete or damaged.") from None

@@ -201,23 +201,18 @@ def _load_adapter(path: Path, config: Optional[ModelConfig], base: Optional[Path
 def _load_peft(path: Path, base: Optional[PathLike]) -> tuple[dict, ModelConfig]:
     """(our state dict, ModelConfig) of a PEFT LoRA adapter's base with the adapter merged in
     (model/peft_import.py), in the base's HuggingFace names."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    from model.hf_common import read_safetensors
     from model.hf_interop import from_hf, read_hf_json, read_hf_weights, to_hf
     from model.peft_import import PEFT_WEIGHTS, merge_peft, peft_base, read_peft_config
 
-    cfg, home = read_peft_config(path), peft_base(path, base)
+    cfg = read_peft_config(path)
+    home = peft_base(path, base, cfg)
     if checkpoint_kind(home) == "hf":
         hf_state, hf_config = read_hf_weights(home), read_hf_json(home)
     else:  # one of our checkpoints, in the HF names of its family
         model = load_model(home, expect="lm")
         hf_state, hf_config = to_hf({k: v.detach() for k, v in model.state_dict().items()}, model.cfg)
-    try:
-        adapter = load_file(str(path / PEFT_WEIGHTS))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"{path / PEFT_WEIGHTS} cannot be read ({err}); the download is incomplete or damaged.") from None
-    merged, untied = merge_peft(hf_state, adapter, cfg, str(path))
+    merged, untied = merge_peft(hf_state, read_safetensors(path / PEFT_WEIGHTS), cfg, str(path))
     return from_hf(merged, {**hf_config, "tie_word_embeddings": False} if untied else hf_config)
 
 

@@ -18,13 +18,13 @@ further, put a new LoRA on it.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
 from typing import Any, Optional
 
 from utils.errors import UserError
+from utils.fs import read_json_object
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 # settings that change what the saved tensors mean: (key, its harmless value, what it does)
@@ -38,13 +38,9 @@ PLAIN_INITS = (True, False, "gaussian")  # PiSSA/OLoRA/... adapters are relative
 
 def read_peft_config(path: Path) -> dict:
     """The adapter's adapter_config.json, checked for what this merge can express."""
-    try:
-        cfg = json.loads((path / PEFT_CONFIG).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path / PEFT_CONFIG} is not valid JSON ({err}).") from None
-    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
-        kind = cfg.get("peft_type") if isinstance(cfg, dict) else None
-        raise UserError(f"{path} holds a PEFT {kind!r} adapter; LoRA adapters (peft_type LORA) are read.")
+    cfg = read_json_object(path / PEFT_CONFIG)
+    if cfg.get("peft_type") != "LORA":
+        raise UserError(f"{path} holds a PEFT {cfg.get('peft_type')!r} adapter; LoRA adapters (peft_type LORA) are read.")
     for key, harmless, what in UNSUPPORTED:
         if cfg.get(key) not in (harmless, None, [], {}):
             raise UserError(f"{path}: {key}={cfg[key]!r} ({what}) is not implemented; LoRA adapters without it are.")
@@ -65,10 +61,10 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def peft_base(path: Path, base: Optional[Any] = None) -> Path:
-    """The base the adapter goes on: ``base`` if given, else the directory its config names."""
-    recorded = read_peft_config(path).get("base_model_name_or_path")
-    chosen = base or recorded
+def peft_base(path: Path, base: Optional[Any] = None, cfg: Optional[dict] = None) -> Path:
+    """The base the adapter goes on: ``base`` if given, else the directory its config (``cfg``, read
+    when not given) names."""
+    chosen = base or (cfg or read_peft_config(path)).get("base_model_name_or_path")
     if not chosen or not Path(chosen).is_dir():
         raise UserError(f"the PEFT adapter {path} goes on {str(chosen or 'a base it does not name')!r}, which is not a "
                         "directory here; pass the base model's directory (base_checkpoint=<dir>).")

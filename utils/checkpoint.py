@@ -31,7 +31,7 @@ from typing import Any, Optional
 import torch
 
 from utils.errors import UserError
-from utils.fs import atomic_dir, atomic_file
+from utils.fs import atomic_dir, atomic_file, read_json_object
 
 WEIGHTS, MODEL_CONFIG, RECIPE, TRAIN_STATE, META, TOKENIZER = (
     "model.safetensors", "model_config.json", "recipe.yaml", "train_state.pt", "meta.json", "tokenizer.json",
@@ -118,15 +118,7 @@ def verify_checksum(path: str | os.PathLike, name: str) -> None:
 def read_meta(path: str | os.PathLike) -> dict:
     """meta.json of a checkpoint ({} when absent); UserError when it is not a JSON object."""
     file = Path(path) / META
-    if not file.is_file():
-        return {}
-    try:
-        meta = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{file} is not valid JSON ({err}); the checkpoint is damaged.") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"{file} must hold a JSON object; the checkpoint is damaged.")
-    return meta
+    return read_json_object(file, "; the checkpoint is damaged") if file.is_file() else {}
 
 
 def read_config_dict(path: str | os.PathLike) -> dict:

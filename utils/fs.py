@@ -7,6 +7,7 @@ survives a power cut. A killed writer leaves only its hidden ``.<name>.tmp-*`` s
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -141,3 +142,15 @@ def file_hash(path: str | os.PathLike) -> str:
     import hashlib
 
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def read_json_object(file: Path, damaged: str = "") -> dict:
+    """A JSON file that must hold one object (a config, a meta.json): its dict, or a UserError naming
+    the file and what is wrong with it (``damaged``: what to add, e.g. "; the checkpoint is damaged")."""
+    try:
+        data = json.loads(Path(file).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{file} is not valid JSON ({err}){damaged}.") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{file} must hold a JSON object{damaged}.")
+    return data
